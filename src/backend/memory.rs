@@ -1,0 +1,605 @@
+//! The in-memory backend: the reference implementation every other backend is measured against.
+//!
+//! Exact and single-process: all clones of a [`MemoryStore`] share one store; nothing survives
+//! the process. Key TTLs expire on time (watchers see the delete), locks have leases renewed by
+//! a background task per guard, waiters are served first-in first-out and woken by a channel,
+//! never by polling. Fencing tokens and versions come from one store-wide revision counter, like
+//! etcd's revision, so tokens are comparable across locks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::caps::Capabilities;
+use crate::error::{Error, ErrorKind, Result};
+use crate::key::{matches_prefix, validate_key, validate_lock_name, validate_prefix};
+use crate::kv::{
+    Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream,
+};
+use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
+
+const NAME: &str = "memory";
+
+/// The largest value the memory backend accepts (16 MiB), so that oversized input is an error
+/// here as on every other backend.
+pub const MAX_VALUE_SIZE: usize = 16 * 1024 * 1024;
+
+/// An in-memory store. Cloning gives another handle on the same data and locks.
+#[derive(Clone, Default)]
+pub struct MemoryStore {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.shared.lock();
+        f.debug_struct("MemoryStore")
+            .field("keys", &state.data.len())
+            .field("locks", &state.locks.len())
+            .finish()
+    }
+}
+
+#[derive(Default)]
+struct Shared {
+    state: Mutex<State>,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No code path panics while holding the lock; recover anyway rather than propagate.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    rev: u64,
+    next_id: u64,
+    data: BTreeMap<String, Item>,
+    expiries: BTreeSet<(Instant, String)>,
+    watchers: Vec<Watcher>,
+    locks: HashMap<String, LockState>,
+}
+
+struct Item {
+    value: Vec<u8>,
+    version: u64,
+    expires: Option<Instant>,
+}
+
+struct Watcher {
+    prefix: String,
+    tx: mpsc::UnboundedSender<Result<WatchEvent>>,
+}
+
+#[derive(Default)]
+struct LockState {
+    holder: Option<Holder>,
+    waiters: VecDeque<Waiter>,
+}
+
+struct Holder {
+    id: u64,
+    ttl: Duration,
+    deadline: Instant,
+    lost: CancellationToken,
+}
+
+struct Waiter {
+    id: u64,
+    ttl: Duration,
+    tx: oneshot::Sender<Grant>,
+}
+
+struct Grant {
+    token: u64,
+    lost: CancellationToken,
+}
+
+impl State {
+    fn next_rev(&mut self) -> u64 {
+        self.rev += 1;
+        self.rev
+    }
+
+    fn notify(&mut self, event: &WatchEvent) {
+        self.watchers.retain(|w| {
+            if !matches_prefix(event.key(), &w.prefix) {
+                return !w.tx.is_closed();
+            }
+            w.tx.send(Ok(event.clone())).is_ok()
+        });
+    }
+
+    /// Removes every key whose TTL has run out, telling watchers.
+    fn purge_expired(&mut self, now: Instant) {
+        while let Some((at, key)) = self.expiries.first().cloned() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop_first();
+            let expired = matches!(self.data.get(&key), Some(item) if item.expires == Some(at));
+            if expired {
+                self.data.remove(&key);
+                self.next_rev();
+                self.notify(&WatchEvent::Delete { key });
+            }
+        }
+    }
+
+    fn write(
+        &mut self,
+        key: &str,
+        value: Vec<u8>,
+        ttl: Option<Duration>,
+    ) -> (u64, Option<Instant>) {
+        let version = self.next_rev();
+        let expires = ttl.map(|t| Instant::now() + t);
+        if let Some(old) = self.data.get(key).and_then(|i| i.expires) {
+            self.expiries.remove(&(old, key.to_string()));
+        }
+        if let Some(at) = expires {
+            self.expiries.insert((at, key.to_string()));
+        }
+        self.notify(&WatchEvent::Put(Entry {
+            key: key.to_string(),
+            value: value.clone(),
+            version: Version::from_raw(version),
+        }));
+        self.data.insert(
+            key.to_string(),
+            Item {
+                value,
+                version,
+                expires,
+            },
+        );
+        (version, expires)
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(item) = self.data.remove(key) {
+            if let Some(at) = item.expires {
+                self.expiries.remove(&(at, key.to_string()));
+            }
+            self.next_rev();
+            self.notify(&WatchEvent::Delete {
+                key: key.to_string(),
+            });
+        }
+    }
+
+    /// Hands a free lock to the first waiter still waiting.
+    fn grant_next(&mut self, name: &str) {
+        let token = self.rev + 1;
+        let Some(ls) = self.locks.get_mut(name) else {
+            return;
+        };
+        if ls.holder.is_some() {
+            return;
+        }
+        while let Some(w) = ls.waiters.pop_front() {
+            let lost = CancellationToken::new();
+            let grant = Grant {
+                token,
+                lost: lost.clone(),
+            };
+            if w.tx.send(grant).is_ok() {
+                ls.holder = Some(Holder {
+                    id: w.id,
+                    ttl: w.ttl,
+                    deadline: Instant::now() + w.ttl,
+                    lost,
+                });
+                self.rev = token;
+                return;
+            }
+        }
+        self.locks.remove(name);
+    }
+
+    /// Ends the holding `id` of lock `name` (release or expiry), waking the next waiter.
+    fn end_hold(&mut self, name: &str, id: u64) -> bool {
+        let Some(ls) = self.locks.get_mut(name) else {
+            return false;
+        };
+        match &ls.holder {
+            Some(h) if h.id == id => {
+                h.lost.cancel();
+                ls.holder = None;
+                self.grant_next(name);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+impl MemoryStore {
+    /// A new, empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn check_value(key: &str, value: &[u8]) -> Result<()> {
+        if value.len() > MAX_VALUE_SIZE {
+            return Err(Error::new(
+                ErrorKind::ValueTooLarge,
+                NAME,
+                format!(
+                    "{} bytes exceeds the limit of {MAX_VALUE_SIZE} bytes",
+                    value.len()
+                ),
+            )
+            .with_key(key));
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        let mut state = self.shared.lock();
+        state.purge_expired(Instant::now());
+        state
+    }
+
+    fn schedule_expiry(&self, at: Instant) {
+        let weak: Weak<Shared> = Arc::downgrade(&self.shared);
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            if let Some(shared) = weak.upgrade() {
+                shared.lock().purge_expired(Instant::now());
+            }
+        });
+    }
+
+    fn guard(&self, name: &str, id: u64, ttl: Duration, grant: Grant) -> LockGuard {
+        let handle = MemoryLock {
+            shared: Arc::downgrade(&self.shared),
+            name: name.to_string(),
+            id,
+            suspended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        };
+        handle.spawn_lease(ttl, grant.lost.clone());
+        LockGuard::new(
+            name,
+            FencingToken::from_raw(grant.token),
+            grant.lost,
+            Box::new(handle),
+        )
+    }
+
+    fn check_lock_args(name: &str, opts: &LockOptions) -> Result<()> {
+        validate_lock_name(name)?;
+        if opts.ttl.is_zero() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                NAME,
+                "lock TTL must be positive",
+            )
+            .with_key(name));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl KvStore for MemoryStore {
+    async fn get(&self, key: &str, _consistency: Consistency) -> Result<Option<Entry>> {
+        validate_key(key)?;
+        let state = self.state();
+        Ok(state.data.get(key).map(|item| Entry {
+            key: key.to_string(),
+            value: item.value.clone(),
+            version: Version::from_raw(item.version),
+        }))
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
+        validate_key(key)?;
+        Self::check_value(key, &value)?;
+        if opts.ttl.is_some_and(|t| t.is_zero()) {
+            return Err(
+                Error::new(ErrorKind::InvalidArgument, NAME, "TTL must be positive").with_key(key),
+            );
+        }
+        let (version, expires) = self.state().write(key, value, opts.ttl);
+        if let Some(at) = expires {
+            self.schedule_expiry(at);
+        }
+        Ok(Version::from_raw(version))
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        validate_key(key)?;
+        self.state().remove(key);
+        Ok(())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        new: Option<Vec<u8>>,
+    ) -> Result<Option<Version>> {
+        validate_key(key)?;
+        if let Some(v) = &new {
+            Self::check_value(key, v)?;
+        }
+        let mut state = self.state();
+        let current = state.data.get(key).map(|i| i.version);
+        let holds = match expect {
+            Expect::Absent => current.is_none(),
+            Expect::Version(v) => current == Some(v.as_raw()),
+        };
+        if !holds {
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                NAME,
+                format!("expected {expect:?}, found {}", describe(current)),
+            )
+            .with_key(key));
+        }
+        Ok(match new {
+            Some(value) => Some(Version::from_raw(state.write(key, value, None).0)),
+            None => {
+                state.remove(key);
+                None
+            }
+        })
+    }
+
+    async fn list(&self, prefix: &str, _consistency: Consistency) -> Result<Vec<Entry>> {
+        validate_prefix(prefix)?;
+        let state = self.state();
+        Ok(state
+            .data
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| matches_prefix(k, prefix))
+            .map(|(k, item)| Entry {
+                key: k.clone(),
+                value: item.value.clone(),
+                version: Version::from_raw(item.version),
+            })
+            .collect())
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<WatchStream> {
+        validate_prefix(prefix)?;
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        self.state().watchers.push(Watcher {
+            prefix: prefix.to_string(),
+            tx,
+        });
+        Ok(Box::pin(futures::stream::poll_fn(move |cx| {
+            rx.poll_recv(cx)
+        })))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        let mut caps = Capabilities::new(NAME);
+        caps.max_value_size = MAX_VALUE_SIZE;
+        caps
+    }
+}
+
+fn describe(current: Option<u64>) -> String {
+    match current {
+        Some(v) => format!("version {v}"),
+        None => "no key".to_string(),
+    }
+}
+
+/// A waiter's place in the queue; dropping it (timeout, cancelled future) leaves the queue, or
+/// releases the lock if it was granted in the meantime.
+struct Ticket {
+    shared: Arc<Shared>,
+    name: String,
+    id: u64,
+    rx: Option<oneshot::Receiver<Grant>>,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else {
+            return;
+        };
+        let mut state = self.shared.lock();
+        if let Some(ls) = state.locks.get_mut(&self.name) {
+            ls.waiters.retain(|w| w.id != self.id);
+        }
+        if rx.try_recv().is_ok() {
+            state.end_hold(&self.name, self.id);
+        } else if state
+            .locks
+            .get(&self.name)
+            .is_some_and(|ls| ls.holder.is_none() && ls.waiters.is_empty())
+        {
+            state.locks.remove(&self.name);
+        }
+    }
+}
+
+#[async_trait]
+impl DistLock for MemoryStore {
+    async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
+        Self::check_lock_args(name, opts)?;
+        let (tx, rx) = oneshot::channel();
+        let id = {
+            let mut state = self.state();
+            state.next_id += 1;
+            let id = state.next_id;
+            state
+                .locks
+                .entry(name.to_string())
+                .or_default()
+                .waiters
+                .push_back(Waiter {
+                    id,
+                    ttl: opts.ttl,
+                    tx,
+                });
+            state.grant_next(name);
+            id
+        };
+        let mut ticket = Ticket {
+            shared: self.shared.clone(),
+            name: name.to_string(),
+            id,
+            rx: Some(rx),
+        };
+        let rx = ticket.rx.as_mut().ok_or_else(|| {
+            Error::new(ErrorKind::Backend, NAME, "lock ticket without receiver").with_key(name)
+        })?;
+        let granted = match opts.wait {
+            Some(wait) => tokio::time::timeout(wait, rx).await,
+            None => Ok(rx.await),
+        };
+        match granted {
+            Ok(Ok(grant)) => {
+                ticket.rx = None;
+                Ok(self.guard(name, id, opts.ttl, grant))
+            }
+            Ok(Err(_)) => Err(Error::new(
+                ErrorKind::Unavailable,
+                NAME,
+                "the store dropped the lock request",
+            )
+            .with_key(name)),
+            Err(_) => {
+                // Granted at the very deadline? Then take it rather than waste it.
+                if let Some(Ok(grant)) = ticket.rx.as_mut().map(|rx| rx.try_recv()) {
+                    ticket.rx = None;
+                    return Ok(self.guard(name, id, opts.ttl, grant));
+                }
+                Err(Error::new(
+                    ErrorKind::Timeout,
+                    NAME,
+                    format!(
+                        "lock not acquired within {:?}",
+                        opts.wait.unwrap_or_default()
+                    ),
+                )
+                .with_key(name))
+            }
+        }
+    }
+
+    async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
+        Self::check_lock_args(name, opts)?;
+        let (tx, mut rx) = oneshot::channel();
+        let id = {
+            let mut state = self.state();
+            let busy = state
+                .locks
+                .get(name)
+                .is_some_and(|ls| ls.holder.is_some() || !ls.waiters.is_empty());
+            if busy {
+                return Ok(None);
+            }
+            state.next_id += 1;
+            let id = state.next_id;
+            state
+                .locks
+                .entry(name.to_string())
+                .or_default()
+                .waiters
+                .push_back(Waiter {
+                    id,
+                    ttl: opts.ttl,
+                    tx,
+                });
+            state.grant_next(name);
+            id
+        };
+        match rx.try_recv() {
+            Ok(grant) => Ok(Some(self.guard(name, id, opts.ttl, grant))),
+            Err(_) => Err(
+                Error::new(ErrorKind::Backend, NAME, "free lock was not granted").with_key(name),
+            ),
+        }
+    }
+}
+
+/// The memory backend's side of a held lock.
+struct MemoryLock {
+    shared: Weak<Shared>,
+    name: String,
+    id: u64,
+    suspended: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl MemoryLock {
+    /// Renews the lease every TTL/3 (unless suspended) and expires it when its deadline passes.
+    fn spawn_lease(&self, ttl: Duration, lost: CancellationToken) {
+        let shared = self.shared.clone();
+        let name = self.name.clone();
+        let id = self.id;
+        let suspended = self.suspended.clone();
+        tokio::spawn(async move {
+            let renew_every = ttl / 3;
+            loop {
+                let deadline = {
+                    let Some(shared) = shared.upgrade() else {
+                        return;
+                    };
+                    let mut state = shared.lock();
+                    let now = Instant::now();
+                    let Some(holder) = state
+                        .locks
+                        .get_mut(&name)
+                        .and_then(|ls| ls.holder.as_mut())
+                        .filter(|h| h.id == id)
+                    else {
+                        return;
+                    };
+                    if !suspended.load(std::sync::atomic::Ordering::SeqCst) {
+                        holder.deadline = now + holder.ttl;
+                    }
+                    if holder.deadline <= now {
+                        state.end_hold(&name, id);
+                        return;
+                    }
+                    holder.deadline
+                };
+                let wake = if suspended.load(std::sync::atomic::Ordering::SeqCst) {
+                    deadline
+                } else {
+                    (Instant::now() + renew_every).min(deadline)
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => {}
+                    _ = lost.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    fn release_now(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.lock().end_hold(&self.name, self.id);
+        }
+    }
+}
+
+#[async_trait]
+impl LockHandle for MemoryLock {
+    async fn release(self: Box<Self>) -> Result<()> {
+        self.release_now();
+        Ok(())
+    }
+
+    fn release_detached(self: Box<Self>) {
+        self.release_now();
+    }
+
+    fn suspend_keep_alive(&self) {
+        self.suspended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,346 @@
+//! Lock conformance tests.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{bounded, ok, Harness};
+use crate::error::ErrorKind;
+use crate::lock::{DistLockExt, FencingToken, LockOptions};
+
+/// A lock TTL short enough to test lapses, and long enough for the backend.
+fn short_ttl(min: Duration) -> Duration {
+    min.max(Duration::from_secs(2))
+}
+
+fn opts() -> LockOptions {
+    LockOptions::new().ttl(Duration::from_secs(20))
+}
+
+/// 16 tasks over 4 clients each take the lock several times and do a non-atomic
+/// read-modify-write of a shared counter inside it (with a pause between read and write). The
+/// final count is exact, no two tasks are ever inside at once, and the fencing tokens, in the
+/// order the critical sections ran, strictly increase.
+pub async fn lock_mutual_exclusion(h: &Harness) {
+    const TASKS: usize = 16;
+    const ROUNDS: usize = 4;
+    let name = format!("{}counter", h.scope("mutex"));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(h.open().await);
+    }
+    let counter = Arc::new(AtomicU64::new(0));
+    let inside = Arc::new(AtomicUsize::new(0));
+    let tokens = Arc::new(Mutex::new(Vec::<FencingToken>::new()));
+    let mut tasks: Vec<tokio::task::JoinHandle<crate::Result<()>>> = Vec::new();
+    for t in 0..TASKS {
+        let client = clients[t % clients.len()].clone();
+        let (counter, inside, tokens, name) = (
+            counter.clone(),
+            inside.clone(),
+            tokens.clone(),
+            name.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            for _ in 0..ROUNDS {
+                let guard = client.lock(&name, &opts()).await?;
+                let now_inside = inside.fetch_add(1, Ordering::SeqCst);
+                assert_eq!(now_inside, 0, "two holders inside the critical section");
+                tokens
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(guard.token());
+                let read = counter.load(Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                counter.store(read + 1, Ordering::SeqCst);
+                inside.fetch_sub(1, Ordering::SeqCst);
+                assert!(!guard.is_lost(), "lock lost during the critical section");
+                guard.release().await?;
+            }
+            crate::Result::Ok(())
+        }));
+    }
+    for t in tasks {
+        match tokio::time::timeout(Duration::from_secs(120), t).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => panic!("[{}] contender failed: {e}", h.name()),
+            Ok(Err(e)) => panic!("[{}] contender panicked: {e}", h.name()),
+            Err(_) => panic!("[{}] contenders did not finish within 120 s", h.name()),
+        }
+    }
+    let expected = (TASKS * ROUNDS) as u64;
+    assert_eq!(
+        counter.load(Ordering::SeqCst),
+        expected,
+        "[{}] lost updates",
+        h.name()
+    );
+    let tokens = tokens.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    assert_eq!(tokens.len() as u64, expected);
+    for w in tokens.windows(2) {
+        assert!(
+            w[0] < w[1],
+            "[{}] fencing tokens not strictly increasing: {tokens:?}",
+            h.name()
+        );
+    }
+}
+
+/// Successive acquisitions of one lock, from one client and from another, get strictly
+/// increasing tokens.
+pub async fn fencing_tokens_increase(h: &Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    let name = format!("{}tokens", h.scope("fencing"));
+    let mut last: Option<FencingToken> = None;
+    for i in 0..6 {
+        let client = if i % 2 == 0 { &a } else { &b };
+        let guard = ok("lock", client.lock(&name, &opts())).await;
+        if let Some(prev) = last {
+            assert!(
+                guard.token() > prev,
+                "[{}] token {} after {prev}",
+                h.name(),
+                guard.token()
+            );
+        }
+        last = Some(guard.token());
+        ok("release", guard.release()).await;
+    }
+}
+
+/// `try_lock` on a held lock returns `None` at once (and takes it once it is free).
+pub async fn try_lock_on_held_lock(h: &Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    let name = format!("{}held", h.scope("trylock"));
+    let held = ok("lock", a.lock(&name, &opts())).await;
+    let started = Instant::now();
+    let second = ok("try_lock held", b.try_lock(&name, &opts())).await;
+    assert!(second.is_none(), "[{}] try_lock got a held lock", h.name());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "[{}] try_lock waited {:?}",
+        h.name(),
+        started.elapsed()
+    );
+    let same_client = ok("try_lock held, same client", a.try_lock(&name, &opts())).await;
+    assert!(
+        same_client.is_none(),
+        "[{}] same client took a held lock twice",
+        h.name()
+    );
+    let token = held.token();
+    ok("release", held.release()).await;
+    let got = ok("try_lock free", b.try_lock(&name, &opts())).await;
+    let got = got.unwrap_or_else(|| panic!("[{}] try_lock on a free lock returned None", h.name()));
+    assert!(got.token() > token);
+    ok("release", got.release()).await;
+}
+
+/// `lock` with a bounded wait on a held lock gives `Timeout` close to the bound, and leaves no
+/// trace: the next contender gets the lock as soon as it is released.
+pub async fn lock_wait_times_out(h: &Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    let name = format!("{}busy", h.scope("timeout"));
+    let held = ok("lock", a.lock(&name, &opts())).await;
+    let wait = Duration::from_secs(1);
+    let started = Instant::now();
+    let r = bounded("lock with wait", b.lock(&name, &opts().wait(wait))).await;
+    let took = started.elapsed();
+    match r {
+        Err(e) if e.kind() == ErrorKind::Timeout => {}
+        Err(e) => panic!("[{}] expected Timeout, got {e}", h.name()),
+        Ok(g) => panic!("[{}] acquired a held lock: {g:?}", h.name()),
+    }
+    assert!(
+        took + Duration::from_millis(20) >= wait,
+        "[{}] gave up after {took:?}",
+        h.name()
+    );
+    assert!(
+        took < wait + Duration::from_secs(2),
+        "[{}] gave up only after {took:?}",
+        h.name()
+    );
+    ok("release", held.release()).await;
+    let started = Instant::now();
+    let next = ok(
+        "lock after release",
+        b.lock(&name, &opts().wait(Duration::from_secs(10))),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "[{}] the timed-out waiter left a trace: next lock took {:?}",
+        h.name(),
+        started.elapsed()
+    );
+    ok("release", next.release()).await;
+}
+
+/// A holder whose keep-alive stops loses the lock after its TTL: `lost()` fires, `is_lost()`
+/// turns true, and another client takes the lock with a larger token.
+pub async fn lost_fires_when_lease_lapses(h: &Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    let caps = a.capabilities();
+    let ttl = short_ttl(caps.min_lock_ttl);
+    let name = format!("{}lapse", h.scope("lost"));
+    let guard = ok("lock", a.lock(&name, &LockOptions::new().ttl(ttl))).await;
+    assert!(!guard.is_lost());
+    let lost = guard.lost();
+    // Renewal keeps it held past the TTL.
+    tokio::time::sleep(ttl + ttl / 2).await;
+    assert!(
+        !guard.is_lost(),
+        "[{}] lock lost although its lease was renewed",
+        h.name()
+    );
+    guard.suspend_keep_alive();
+    let paused = Instant::now();
+    let bound = ttl * (caps.lease_expiry_factor + 1) + Duration::from_secs(10);
+    let waiter = {
+        let b = b.clone();
+        let name = name.clone();
+        tokio::spawn(async move {
+            b.lock(&name, &LockOptions::new().ttl(ttl).wait(bound))
+                .await
+        })
+    };
+    if tokio::time::timeout(bound, lost).await.is_err() {
+        panic!(
+            "[{}] lost() did not fire within {bound:?} of the lease lapsing",
+            h.name()
+        );
+    }
+    assert!(guard.is_lost());
+    let next = match tokio::time::timeout(bound, waiter).await {
+        Ok(Ok(Ok(g))) => g,
+        Ok(Ok(Err(e))) => panic!("[{}] next client failed to lock: {e}", h.name()),
+        Ok(Err(e)) => panic!("[{}] waiter panicked: {e}", h.name()),
+        Err(_) => panic!(
+            "[{}] next client did not get the lock within {bound:?}",
+            h.name()
+        ),
+    };
+    let took = paused.elapsed();
+    assert!(
+        next.token() > guard.token(),
+        "[{}] token did not increase",
+        h.name()
+    );
+    // The last renewal may have come up to half a TTL before the pause.
+    assert!(
+        took + Duration::from_millis(100) >= ttl / 2,
+        "[{}] lock taken over {took:?} after the pause, well before the TTL {ttl:?}",
+        h.name()
+    );
+    match bounded("release lost guard", guard.release()).await {
+        Err(e) if e.kind() == ErrorKind::LockLost => {}
+        other => panic!(
+            "[{}] releasing a lost lock: expected LockLost, got {other:?}",
+            h.name()
+        ),
+    }
+    assert!(
+        !next.is_lost(),
+        "[{}] releasing the lost guard broke the new holder",
+        h.name()
+    );
+    ok("release", next.release()).await;
+}
+
+/// Releasing hands the lock to a waiting client promptly (well under a second here; the
+/// benchmarks measure the real figure).
+pub async fn release_hands_over_promptly(h: &Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    let name = format!("{}handoff", h.scope("handoff"));
+    let held = ok("lock", a.lock(&name, &opts())).await;
+    let token = held.token();
+    let waiter = {
+        let name = name.clone();
+        tokio::spawn(async move {
+            let g = b.lock(&name, &opts().wait(Duration::from_secs(20))).await;
+            (g, Instant::now())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiter.is_finished(),
+        "[{}] waiter got a held lock",
+        h.name()
+    );
+    let released = Instant::now();
+    ok("release", held.release()).await;
+    let (next, acquired) = match tokio::time::timeout(Duration::from_secs(20), waiter).await {
+        Ok(Ok((Ok(g), at))) => (g, at),
+        other => panic!("[{}] waiter did not get the lock: {other:?}", h.name()),
+    };
+    let handoff = acquired.duration_since(released);
+    assert!(
+        handoff < Duration::from_secs(1),
+        "[{}] handoff took {handoff:?}",
+        h.name()
+    );
+    assert!(next.token() > token);
+    ok("release", next.release()).await;
+}
+
+/// Dropping a guard releases the lock in the background.
+pub async fn dropped_guard_releases(h: &Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    let name = format!("{}dropped", h.scope("drop"));
+    let held = ok("lock", a.lock(&name, &opts())).await;
+    drop(held);
+    let started = Instant::now();
+    let next = ok(
+        "lock after drop",
+        b.lock(&name, &opts().wait(Duration::from_secs(10))),
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "[{}] dropped guard released only after {:?}",
+        h.name(),
+        started.elapsed()
+    );
+    ok("release", next.release()).await;
+}
+
+/// `run_locked` runs the job under the lock with its fencing token, releases afterwards, and
+/// excludes a concurrent `try_lock` while the job runs.
+pub async fn run_locked_job(h: &Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    let name = format!("{}job", h.scope("job"));
+    let first = ok("lock", a.lock(&name, &opts())).await;
+    let before = first.token();
+    ok("release", first.release()).await;
+    let b2 = b.clone();
+    let name2 = name.clone();
+    let (token, excluded) = ok(
+        "run_locked",
+        a.run_locked(&name, &opts(), move |ctx| async move {
+            assert!(!ctx.is_lost());
+            let other = b2.try_lock(&name2, &opts()).await;
+            (ctx.token(), matches!(other, Ok(None)))
+        }),
+    )
+    .await;
+    assert!(
+        token > before,
+        "[{}] job token {token} not above {before}",
+        h.name()
+    );
+    assert!(
+        excluded,
+        "[{}] another client got the lock during the job",
+        h.name()
+    );
+    let after = ok("try_lock after job", b.try_lock(&name, &opts())).await;
+    assert!(after.is_some(), "[{}] run_locked did not release", h.name());
+}

@@ -1,0 +1,152 @@
+//! The conformance suite: what every backend must do, as public async functions.
+//!
+//! Each function takes a [`Harness`] (how to open clients of the backend under test) and panics
+//! with a message when the backend breaks the contract. Backends outside this crate can run the
+//! same suite. A test file runs it all with one line:
+//!
+//! ```ignore
+//! coordkit::conformance_tests!(coordkit::conformance::Harness::new("memory", || async {
+//!     Ok(std::sync::Arc::new(coordkit::MemoryStore::new()) as _)
+//! }));
+//! ```
+//!
+//! (For memory, the harness must hand out clones of one store so that "clients" share data.)
+//!
+//! Every test works under its own fresh key prefix and lock names, so the suite can run against
+//! a shared server (or a real Consul) without tests seeing each other. Tests that depend on an
+//! optional capability (key TTLs, watch) check [`Capabilities`](crate::Capabilities) and test
+//! the declared error instead.
+
+mod kv_tests;
+mod lock_tests;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use kv_tests::*;
+pub use lock_tests::*;
+
+use crate::error::Result;
+use crate::Backend;
+
+type OpenFn =
+    dyn Fn() -> Pin<Box<dyn Future<Output = Result<Arc<dyn Backend>>> + Send>> + Send + Sync;
+
+/// How the suite opens clients of the backend under test.
+#[derive(Clone)]
+pub struct Harness {
+    name: String,
+    open: Arc<OpenFn>,
+}
+
+impl std::fmt::Debug for Harness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Harness").field("name", &self.name).finish()
+    }
+}
+
+static SCOPE_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+/// The bound on any single call made by the suite: a call that takes longer fails the test
+/// rather than hanging it.
+pub const CALL_BOUND: Duration = Duration::from_secs(30);
+
+impl Harness {
+    /// A harness named `name` whose `open` connects a new client to the backend under test.
+    /// Clients opened by the same harness must see the same data and locks.
+    pub fn new<F, Fut>(name: impl Into<String>, open: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<Arc<dyn Backend>>> + Send + 'static,
+    {
+        Harness {
+            name: name.into(),
+            open: Arc::new(move || Box::pin(open())),
+        }
+    }
+
+    /// The backend's name, as given to [`Harness::new`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Opens a new client. Panics if it cannot (a test failure).
+    pub async fn open(&self) -> Arc<dyn Backend> {
+        match tokio::time::timeout(CALL_BOUND, (self.open)()).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => panic!("[{}] cannot open a client: {e}", self.name),
+            Err(_) => panic!("[{}] opening a client took over {CALL_BOUND:?}", self.name),
+        }
+    }
+
+    /// A key prefix (ending in `/`) used by no other test of this process or any other run.
+    pub fn scope(&self, test: &str) -> String {
+        let n = SCOPE_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        format!("ct-{}-{nanos}-{n}/{test}/", std::process::id())
+    }
+}
+
+/// Awaits `fut` for at most [`CALL_BOUND`]; panics naming `what` otherwise.
+pub async fn bounded<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(CALL_BOUND, fut).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: no answer within {CALL_BOUND:?} (hang)"),
+    }
+}
+
+/// Awaits a backend call for at most [`CALL_BOUND`] and unwraps it, panicking with the error.
+pub async fn ok<T>(what: &str, fut: impl Future<Output = Result<T>>) -> T {
+    match bounded(what, fut).await {
+        Ok(v) => v,
+        Err(e) => panic!("{what}: unexpected error: {e}"),
+    }
+}
+
+/// The names of every conformance test, in the order [`conformance_tests!`](crate::conformance_tests) runs them.
+pub const ALL: &[&str] = &[
+    "values_round_trip",
+    "cas_create_update_delete",
+    "list_by_prefix",
+    "key_ttl_expiry",
+    "watch_order_and_start",
+    "invalid_keys_rejected",
+    "oversized_value_rejected",
+    "lock_mutual_exclusion",
+    "fencing_tokens_increase",
+    "try_lock_on_held_lock",
+    "lock_wait_times_out",
+    "lost_fires_when_lease_lapses",
+    "release_hands_over_promptly",
+    "dropped_guard_releases",
+    "run_locked_job",
+];
+
+/// Generates one `#[tokio::test]` per conformance test, each calling
+/// `coordkit::conformance::<test>(&harness)`. `$harness` is evaluated once per test.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        $crate::conformance_tests!(@each $harness;
+            values_round_trip, cas_create_update_delete, list_by_prefix, key_ttl_expiry,
+            watch_order_and_start, invalid_keys_rejected, oversized_value_rejected,
+            lock_mutual_exclusion, fencing_tokens_increase, try_lock_on_held_lock,
+            lock_wait_times_out, lost_fires_when_lease_lapses, release_hands_over_promptly,
+            dropped_guard_releases, run_locked_job);
+    };
+    (@each $harness:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $name() {
+                let harness = $harness;
+                $crate::conformance::$name(&harness).await;
+            }
+        )*
+    };
+}

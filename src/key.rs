@@ -1,0 +1,164 @@
+//! The portable key grammar, checked in one place for every backend.
+//!
+//! A key that is valid here is stored the same way on every backend, so switching the backend
+//! in the configuration never turns a working key into an error. The grammar is the intersection
+//! of what etcd, ZooKeeper znode paths and Consul's KV HTTP API all accept without escaping
+//! surprises:
+//!
+//! - a key is one or more **segments** joined by a single `/`;
+//! - a segment is one or more of `A–Z a–z 0–9 _ - .`, and is not `.` or `..`;
+//! - no leading `/`, no trailing `/`, no empty segment (`//`);
+//! - at most [`MAX_KEY_LEN`] bytes in all.
+//!
+//! Examples: `jobs/nightly-report`, `config/v2/db.primary`, `a`. Not keys: `""`, `/a`, `a/`,
+//! `a//b`, `a/../b`, `a b`, `a:b`, `ü`.
+//!
+//! A **prefix** (for [`crate::KvStore::list`] and [`crate::KvStore::watch`]) is empty (everything)
+//! or a string of the same characters, not starting with `/` and without `//`; it matches keys
+//! by plain string prefix, so `a/` matches `a/b` but not `ab`, and `a/b` matches `a/b` and
+//! `a/bc`. End a prefix with `/` to select one "directory".
+//!
+//! **Lock names** follow the key grammar too, and live in a namespace of their own: taking the
+//! lock `a` never creates, changes or lists a key.
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The longest key, prefix or lock name, in bytes.
+pub const MAX_KEY_LEN: usize = 512;
+
+fn allowed(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
+}
+
+fn invalid(what: &str, input: &str, why: &str) -> Error {
+    Error::new(
+        ErrorKind::InvalidKey,
+        "coordkit",
+        format!("{what} {why}; keys are segments of [A-Za-z0-9_.-] joined by '/'"),
+    )
+    .with_key(input.chars().take(80).collect::<String>())
+}
+
+fn check_segments(what: &str, input: &str, segments: &[&str]) -> Result<()> {
+    for seg in segments {
+        if seg.is_empty() {
+            return Err(invalid(
+                what,
+                input,
+                "has an empty segment (leading, trailing or double '/')",
+            ));
+        }
+        if *seg == "." || *seg == ".." {
+            return Err(invalid(what, input, "has a '.' or '..' segment"));
+        }
+    }
+    Ok(())
+}
+
+fn check_chars(what: &str, input: &str) -> Result<()> {
+    if input.len() > MAX_KEY_LEN {
+        return Err(invalid(
+            what,
+            input,
+            &format!("is {} bytes, longer than {MAX_KEY_LEN}", input.len()),
+        ));
+    }
+    if let Some(c) = input
+        .chars()
+        .find(|&c| c != '/' && !(c.is_ascii() && allowed(c as u8)))
+    {
+        return Err(invalid(what, input, &format!("contains {c:?}")));
+    }
+    Ok(())
+}
+
+/// Checks that `key` is a valid key (see the [module docs](self)).
+///
+/// # Errors
+/// [`ErrorKind::InvalidKey`], with the offending key in the error.
+pub fn validate_key(key: &str) -> Result<()> {
+    validate_named("key", key)
+}
+
+/// Checks that `name` is a valid lock name (same grammar as keys).
+///
+/// # Errors
+/// [`ErrorKind::InvalidKey`], naming the lock.
+pub fn validate_lock_name(name: &str) -> Result<()> {
+    validate_named("lock name", name)
+}
+
+fn validate_named(what: &str, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(invalid(what, key, "is empty"));
+    }
+    check_chars(what, key)?;
+    let segments: Vec<&str> = key.split('/').collect();
+    check_segments(what, key, &segments)
+}
+
+/// Checks that `prefix` is a valid prefix: empty, or key characters without a leading `/` or
+/// `//`; every complete segment (one followed by `/`) must be a valid segment.
+///
+/// # Errors
+/// [`ErrorKind::InvalidKey`], naming the prefix.
+pub fn validate_prefix(prefix: &str) -> Result<()> {
+    if prefix.is_empty() {
+        return Ok(());
+    }
+    check_chars("prefix", prefix)?;
+    let mut segments: Vec<&str> = prefix.split('/').collect();
+    // The last piece is either empty (prefix ends with '/') or a partial segment.
+    segments.pop();
+    check_segments("prefix", prefix, &segments)
+}
+
+/// Whether `key` is selected by `prefix` (plain string prefix).
+pub fn matches_prefix(key: &str, prefix: &str) -> bool {
+    key.starts_with(prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_portable_keys() {
+        for k in [
+            "a",
+            "jobs/nightly-report",
+            "config/v2/db.primary",
+            "A_b-9",
+            ".hidden/x",
+            "a..b",
+        ] {
+            assert!(validate_key(k).is_ok(), "{k}");
+        }
+        assert!(validate_key(&"k".repeat(MAX_KEY_LEN)).is_ok());
+    }
+
+    #[test]
+    fn rejects_everything_else() {
+        let long = "k".repeat(MAX_KEY_LEN + 1);
+        for k in [
+            "", "/a", "a/", "a//b", "a/../b", "..", ".", "a/./b", "a b", "a:b", "ü", "a\0b",
+            "a\nb", "a\\b", "a?b", "a%2Fb", &long,
+        ] {
+            let e = validate_key(k).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::InvalidKey, "{k:?}");
+        }
+    }
+
+    #[test]
+    fn prefixes() {
+        for p in ["", "a", "a/", "a/b", "a/b/", "a/."] {
+            assert!(validate_prefix(p).is_ok(), "{p}");
+        }
+        for p in ["/", "/a", "a//", "a//b", "../", "a/../", "a b"] {
+            assert!(validate_prefix(p).is_err(), "{p}");
+        }
+        assert!(matches_prefix("a/b", "a/"));
+        assert!(!matches_prefix("ab", "a/"));
+        assert!(matches_prefix("a/bc", "a/b"));
+    }
+}

@@ -1,0 +1,66 @@
+//! # coordkit
+//!
+//! One async API for **key-value storage** and **fenced distributed locks** over the
+//! coordinators services already run — etcd, ZooKeeper, Consul — plus an in-memory backend, with
+//! client-side hash sharding across several backend clusters.
+//!
+//! - [`KvStore`]: get / put (with TTL) / delete / compare-and-swap / list / watch, with a
+//!   per-read [`Consistency`].
+//! - [`DistLock`]: locks whose [`LockGuard`] carries a strictly increasing [`FencingToken`],
+//!   renews its lease in the background, and tells its holder when the lock is lost.
+//! - [`DistLockExt::run_locked`]: run a job while holding a lock.
+//! - [`connect`]: pick the backend from a URL (`memory://`, `etcd://…`, `zk://…`, `consul://…`).
+//!
+//! ```
+//! use coordkit::{connect, DistLockExt, KvStore, LockOptions, PutOptions, Consistency};
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> coordkit::Result<()> {
+//! let store = connect("memory://").await?;
+//! store.put("config/greeting", b"hello".to_vec(), PutOptions::default()).await?;
+//! let entry = store.get("config/greeting", Consistency::Strong).await?;
+//! assert_eq!(entry.map(|e| e.value), Some(b"hello".to_vec()));
+//!
+//! let ran_with = store
+//!     .run_locked("jobs/nightly", &LockOptions::new(), |ctx| async move { ctx.token() })
+//!     .await?;
+//! println!("ran under fencing token {ran_with}");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Features
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `zookeeper` | yes | the ZooKeeper backend (`zk://`) |
+//! | `consul` | yes | the Consul backend (`consul://`) |
+//! | `cli` | yes | the `coordkit` command-line tool |
+//! | `etcd` | no | the etcd backend (`etcd://`); its build needs `protoc` and the protobuf include files |
+//!
+//! The in-memory backend is always built.
+#![warn(missing_docs)]
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod caps;
+pub mod config;
+pub mod conformance;
+pub mod error;
+pub mod fencing;
+pub mod key;
+pub mod kv;
+pub mod lock;
+
+pub use backend::memory::MemoryStore;
+pub use caps::{Capabilities, FencingScope};
+pub use config::{connect, connect_from_env};
+pub use error::{Error, ErrorKind, Result};
+pub use fencing::FencedResource;
+pub use kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream};
+pub use lock::{
+    DistLock, DistLockExt, FencingToken, JobContext, LockGuard, LockHandle, LockOptions,
+};
+
+/// A backend: key-value storage and locks from one client. What [`connect`] returns.
+pub trait Backend: KvStore + DistLock {}
+
+impl<T: KvStore + DistLock + ?Sized> Backend for T {}

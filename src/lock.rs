@@ -1,0 +1,337 @@
+//! The lock contract: [`DistLock`], [`LockGuard`] with its fencing token and lost signal, and
+//! the lock-guarded job helper [`DistLockExt::run_locked`].
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// The default lock TTL: how long a holder that stops renewing (crashed, paused, partitioned)
+/// keeps others out.
+pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(15);
+
+/// Options of [`DistLock::lock`] and [`DistLock::try_lock`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LockOptions {
+    /// The lease/session TTL. The lock is renewed in the background while held; if renewal
+    /// stops, the lock is lost at most this long later (times the backend's
+    /// [`lease_expiry_factor`](crate::Capabilities::lease_expiry_factor)). Default 15 s.
+    pub ttl: Duration,
+    /// How long [`DistLock::lock`] waits before giving up with `Timeout`. `None` waits without
+    /// bound. Ignored by `try_lock`.
+    pub wait: Option<Duration>,
+}
+
+impl Default for LockOptions {
+    fn default() -> Self {
+        LockOptions {
+            ttl: DEFAULT_LOCK_TTL,
+            wait: None,
+        }
+    }
+}
+
+impl LockOptions {
+    /// The defaults: 15 s TTL, unbounded wait.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the TTL.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Bounds the wait of [`DistLock::lock`].
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+}
+
+/// A number that strictly increases with every acquisition of a lock.
+///
+/// Hand it to the resource the lock protects, and have the resource reject any write that
+/// carries a token lower than the highest it has seen (see [`crate::fencing::FencedResource`]).
+/// That is what keeps a paused holder, whose lease expired without it noticing, from
+/// overwriting the work of the next holder.
+///
+/// Where it comes from: etcd, the lock key's create revision; ZooKeeper, the lock node's czxid;
+/// Consul, the ModifyIndex of the acquiring write; memory, a store-wide counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FencingToken(u64);
+
+impl FencingToken {
+    /// Wraps a backend's raw token. For backend implementations.
+    pub const fn from_raw(raw: u64) -> Self {
+        FencingToken(raw)
+    }
+
+    /// The token as a number.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for FencingToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// The backend side of a held lock. Backends implement it; users see only [`LockGuard`].
+#[async_trait]
+pub trait LockHandle: Send + Sync + 'static {
+    /// Releases the lock and stops its keep-alive. Idempotent with respect to a lock that was
+    /// already lost.
+    ///
+    /// # Errors
+    /// `Unavailable`/`Timeout` if the backend cannot be told; the lease then runs out by itself.
+    async fn release(self: Box<Self>) -> Result<()>;
+
+    /// Releases without waiting: called when a [`LockGuard`] is dropped. Must not block and
+    /// must not panic, also outside a tokio runtime (then the TTL frees the lock).
+    fn release_detached(self: Box<Self>) {
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = self.release().await {
+                    tracing::debug!(error = %e, "background lock release failed");
+                }
+            });
+        }
+    }
+
+    /// Stops renewing the lease, as if the holder process were paused; the lock is then lost
+    /// once the TTL runs out. For fault tests.
+    fn suspend_keep_alive(&self);
+}
+
+/// A held lock.
+///
+/// # Contract
+/// - [`token`](Self::token) strictly increases with every acquisition of the same lock.
+/// - While the guard lives, the lease is renewed in the background.
+/// - [`lost`](Self::lost) resolves as soon as the lock may no longer be held: lease or session
+///   expired, keep-alive failing for the TTL, lock key deleted by someone else, or the guard
+///   released. After that, writes made under the lock must be fenced by the token to be safe.
+/// - [`release`](Self::release) releases now; dropping the guard releases in the background
+///   without blocking or panicking.
+pub struct LockGuard {
+    name: String,
+    token: FencingToken,
+    lost: CancellationToken,
+    handle: Option<Box<dyn LockHandle>>,
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("name", &self.name)
+            .field("token", &self.token)
+            .field("lost", &self.lost.is_cancelled())
+            .finish()
+    }
+}
+
+impl LockGuard {
+    /// Builds a guard. For backend implementations: `lost` must be cancelled by the backend the
+    /// moment the lock may no longer be held.
+    pub fn new(
+        name: impl Into<String>,
+        token: FencingToken,
+        lost: CancellationToken,
+        handle: Box<dyn LockHandle>,
+    ) -> Self {
+        LockGuard {
+            name: name.into(),
+            token,
+            lost,
+            handle: Some(handle),
+        }
+    }
+
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The fencing token of this acquisition.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// Whether the lock may no longer be held.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// A future that resolves as soon as the lock may no longer be held. It does not borrow the
+    /// guard, so it can be moved into another task or a `select!`.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let token = self.lost.clone();
+        async move { token.cancelled_owned().await }
+    }
+
+    /// Stops renewing the lease, as if this process were paused. For fault tests.
+    pub fn suspend_keep_alive(&self) {
+        if let Some(h) = &self.handle {
+            h.suspend_keep_alive();
+        }
+    }
+
+    /// Releases the lock.
+    ///
+    /// # Errors
+    /// `LockLost` if the lock had already been lost (the backend's state is cleaned up anyway);
+    /// `Unavailable`/`Timeout` if the backend could not be told, in which case the lease runs
+    /// out by itself after the TTL.
+    pub async fn release(mut self) -> Result<()> {
+        let was_lost = self.is_lost();
+        let result = match self.handle.take() {
+            Some(h) => h.release().await,
+            None => Ok(()),
+        };
+        self.lost.cancel();
+        result?;
+        if was_lost {
+            return Err(Error::new(
+                ErrorKind::LockLost,
+                "coordkit",
+                "the lock was lost before it was released",
+            )
+            .with_key(self.name.clone()));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            h.release_detached();
+        }
+        self.lost.cancel();
+    }
+}
+
+/// Distributed locks over a coordinator.
+///
+/// Lock names follow the key grammar ([`crate::key`]) in a namespace of their own.
+///
+/// # Contract
+/// - At most one [`LockGuard`] for a name is un-lost at any time, across all clients of the
+///   same backend cluster, as long as leases are renewed in time. A holder that cannot renew
+///   sees [`LockGuard::lost`] fire; correctness under pauses needs the fencing token.
+/// - Waiters are served in arrival order where the backend orders them (all built-in
+///   backends do), are woken by the backend (no polling), and each waits only on its
+///   predecessor.
+/// - A crashed holder blocks others for at most the TTL (times the backend's
+///   `lease_expiry_factor`).
+#[async_trait]
+pub trait DistLock: Send + Sync + fmt::Debug {
+    /// Acquires the lock `name`, waiting at most `opts.wait`.
+    ///
+    /// # Errors
+    /// `Timeout` when `opts.wait` runs out (no trace of the attempt is left behind);
+    /// `InvalidKey` for a bad name; `InvalidArgument` for a TTL below
+    /// [`min_lock_ttl`](crate::Capabilities::min_lock_ttl); `Unavailable`.
+    async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard>;
+
+    /// Acquires the lock `name` if it is free right now; `Ok(None)` at once if it is held (or
+    /// others are already queued for it).
+    ///
+    /// # Errors
+    /// As [`lock`](Self::lock), without `Timeout` from waiting.
+    async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>>;
+}
+
+/// What a lock-guarded job receives: the fencing token and the lost signal.
+#[derive(Debug, Clone)]
+pub struct JobContext {
+    name: String,
+    token: FencingToken,
+    lost: CancellationToken,
+}
+
+impl JobContext {
+    /// The lock's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The fencing token: pass it with every write to the protected resource.
+    pub fn token(&self) -> FencingToken {
+        self.token
+    }
+
+    /// Whether the lock may no longer be held.
+    pub fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
+    }
+
+    /// Resolves when the lock may no longer be held.
+    pub fn lost(&self) -> impl Future<Output = ()> + Send + 'static {
+        let token = self.lost.clone();
+        async move { token.cancelled_owned().await }
+    }
+}
+
+/// Conveniences over any [`DistLock`].
+#[async_trait]
+pub trait DistLockExt: DistLock {
+    /// Runs `job` while holding the lock `name`, then releases it.
+    ///
+    /// The job receives a [`JobContext`] with the fencing token and the lost signal. If the lock
+    /// is lost while the job runs, the job's future is dropped at its next await point
+    /// (cancelled) and the call returns `LockLost`; jobs that must not stop half-way should
+    /// watch [`JobContext::lost`] themselves and fence their writes with the token.
+    ///
+    /// # Errors
+    /// Whatever [`DistLock::lock`] returns; `LockLost` if the lock was lost during the job.
+    /// A failure to release after the job completed is logged, not returned: the lease runs out
+    /// by itself.
+    async fn run_locked<F, Fut, T>(&self, name: &str, opts: &LockOptions, job: F) -> Result<T>
+    where
+        F: FnOnce(JobContext) -> Fut + Send,
+        Fut: Future<Output = T> + Send,
+        T: Send,
+    {
+        let guard = self.lock(name, opts).await?;
+        let ctx = JobContext {
+            name: guard.name().to_string(),
+            token: guard.token(),
+            lost: guard.lost.child_token(),
+        };
+        let lost = guard.lost();
+        let out = tokio::select! {
+            biased;
+            _ = lost => None,
+            out = job(ctx) => Some(out),
+        };
+        match out {
+            Some(out) => {
+                if let Err(e) = guard.release().await {
+                    tracing::warn!(lock = name, error = %e, "releasing after a locked job failed");
+                }
+                Ok(out)
+            }
+            None => {
+                let _ = guard.release().await;
+                Err(Error::new(
+                    ErrorKind::LockLost,
+                    "coordkit",
+                    "the lock was lost while the job ran; the job was cancelled",
+                )
+                .with_key(name))
+            }
+        }
+    }
+}
+
+impl<T: DistLock + ?Sized> DistLockExt for T {}
