@@ -37,10 +37,21 @@ fn known_schemes() -> String {
 ///
 /// Each backend's module documents its query options.
 ///
+/// The backend is wrapped in [`Traced`](crate::trace::Traced): every call runs in a `tracing`
+/// span, silent unless the application installs a subscriber.
+///
 /// # Errors
 /// `InvalidConfig` for a malformed URL, an unknown scheme (the message lists the known ones),
 /// or a scheme whose feature this build lacks; otherwise what the backend's connect returns.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
+    connect_untraced(url).await.map(crate::trace::traced)
+}
+
+/// [`connect`] without the [`Traced`](crate::trace::Traced) wrapper.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_untraced(url: &str) -> Result<Arc<dyn Backend>> {
     let parsed = Url::parse(url.trim()).map_err(|e| {
         Error::config(format!(
             "malformed backend URL {:?}: {e}; expected one of {}",

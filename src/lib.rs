@@ -43,16 +43,19 @@
 pub mod backend;
 pub mod caps;
 pub mod config;
+pub mod config_file;
 pub mod conformance;
 pub mod error;
 pub mod fencing;
 pub mod key;
 pub mod kv;
 pub mod lock;
+pub mod trace;
 
 pub use backend::memory::MemoryStore;
 pub use caps::{Capabilities, FencingScope};
 pub use config::{connect, connect_from_env};
+pub use config_file::connect_config;
 pub use error::{Error, ErrorKind, Result};
 pub use fencing::FencedResource;
 pub use kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream};
