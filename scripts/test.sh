@@ -14,6 +14,8 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/share/java/zookeeper.jar ] || need+=(zookeeper)
 [ -f /usr/share/java/curator-recipes.jar ] || need+=(libcurator-recipes-java)
 command -v javac >/dev/null 2>&1 || need+=(openjdk-17-jdk-headless)
+# The compose-file validator (tests/compose.rs): PyYAML and jsonschema.
+python3 -c 'import yaml, jsonschema' >/dev/null 2>&1 || need+=(python3-yaml python3-jsonschema)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
