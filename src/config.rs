@@ -52,6 +52,13 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
 /// # Errors
 /// As [`connect`].
 pub async fn connect_untraced(url: &str) -> Result<Arc<dyn Backend>> {
+    // etcd URLs may list several host:port pairs, which `Url` cannot parse.
+    #[cfg(feature = "etcd")]
+    if url.trim().starts_with("etcd://") {
+        return Ok(Arc::new(
+            crate::backend::etcd::EtcdStore::connect_str(url).await?,
+        ));
+    }
     let parsed = Url::parse(url.trim()).map_err(|e| {
         Error::config(format!(
             "malformed backend URL {:?}: {e}; expected one of {}",
