@@ -41,6 +41,14 @@ fn known_schemes() -> String {
 /// `InvalidConfig` for a malformed URL, an unknown scheme (the message lists the known ones),
 /// or a scheme whose feature this build lacks; otherwise what the backend's connect returns.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
+    // zk:// may list several hosts, which `Url` cannot parse.
+    #[cfg(feature = "zookeeper")]
+    if url.trim().starts_with("zk://") {
+        let cfg = crate::backend::zookeeper::ZkConfig::from_url_str(url)?;
+        return Ok(Arc::new(
+            crate::backend::zookeeper::ZkStore::connect(cfg).await?,
+        ));
+    }
     let parsed = Url::parse(url.trim()).map_err(|e| {
         Error::config(format!(
             "malformed backend URL {:?}: {e}; expected one of {}",

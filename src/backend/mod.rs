@@ -8,3 +8,5 @@
 //! | Consul | `consul` | `consul` (default) | `consul://host:port`, `consul+https://host:port` |
 
 pub mod memory;
+#[cfg(feature = "zookeeper")]
+pub mod zookeeper;
