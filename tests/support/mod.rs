@@ -9,6 +9,7 @@
 #![allow(dead_code)]
 
 pub mod zookeeper;
+pub mod consul_sim;
 
 use std::collections::HashSet;
 use std::io::Write;
