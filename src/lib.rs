@@ -51,6 +51,7 @@ pub mod key;
 pub mod kv;
 pub mod lock;
 pub mod trace;
+pub mod shard;
 
 pub use backend::memory::MemoryStore;
 pub use caps::{Capabilities, FencingScope};
