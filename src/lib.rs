@@ -50,8 +50,8 @@ pub mod fencing;
 pub mod key;
 pub mod kv;
 pub mod lock;
-pub mod trace;
 pub mod shard;
+pub mod trace;
 
 pub use backend::memory::MemoryStore;
 pub use caps::{Capabilities, FencingScope};

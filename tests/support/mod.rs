@@ -8,8 +8,8 @@
 //! never killed by name.
 #![allow(dead_code)]
 
-pub mod zookeeper;
 pub mod consul_sim;
+pub mod zookeeper;
 
 use std::collections::HashSet;
 use std::io::Write;

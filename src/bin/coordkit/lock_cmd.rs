@@ -18,6 +18,11 @@ pub const NAME_ENV: &str = "COORDKIT_LOCK_NAME";
 
 /// Extra time, beyond `--wait`, granted to a backend to report its own timeout.
 const WAIT_GRACE: Duration = Duration::from_secs(5);
+/// After a lock attempt is abandoned (its wait ran out), backends withdraw it in the background
+/// (delete the waiter's key or node). The process waits this long before exiting so that the
+/// withdrawal completes rather than being cut off, which would leave the attempt queued until
+/// its lease or session expires and delay the next holder.
+const ABANDON_GRACE: Duration = Duration::from_millis(1500);
 /// Bound on releasing the lock after CMD exits.
 const RELEASE_BOUND: Duration = Duration::from_secs(10);
 
@@ -59,11 +64,12 @@ pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<LockGuard, CliErr
             ),
         )
     };
-    match job.wait {
+    let result = match job.wait {
         Some(w) if w.is_zero() => b
             .try_lock(&job.name, &opts)
-            .await?
-            .ok_or_else(|| timed_out(w)),
+            .await
+            .map_err(CliError::from)
+            .and_then(|g| g.ok_or_else(|| timed_out(w))),
         Some(w) => {
             let opts = opts.wait(w);
             let attempt = b.lock(&job.name, &opts);
@@ -74,7 +80,11 @@ pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<LockGuard, CliErr
             }
         }
         None => b.lock(&job.name, &opts).await.map_err(CliError::from),
+    };
+    if result.is_err() {
+        tokio::time::sleep(ABANDON_GRACE).await;
     }
+    result
 }
 
 fn signal_group(pgid: Option<u32>, sig: i32) {
