@@ -1,34 +1,26 @@
 //! The TOML configuration file: [`ConfigFile`], [`connect_config`], and duration parsing.
 //!
-//! A configuration file names one backend, either by URL or by a table per backend, with its
-//! timeouts, TLS and authentication settings. Secrets can stay out of the file: every secret
-//! has a `*_env` form naming an environment variable to read it from. Environment variables
-//! override the file (see [`ENV_OVERRIDES`]). The file is turned into a backend URL with query
-//! options ([`Resolved`]), which [`connect`](crate::connect) opens.
+//! A configuration file names one backend: by URL, by a table that holds the backend's own
+//! configuration struct (`[etcd]` is an `EtcdConfig`, `[zookeeper]` a `ZkConfig`, `[consul]` a
+//! `ConsulConfig`, `[sharded]` a [`ShardedConfig`](crate::shard::ShardedConfig)), or `[memory]`.
+//!
+//! Secrets can stay out of the file: any setting `X` may instead be written `X_env = "VAR"`,
+//! which reads the value from the environment variable `VAR` (an unset variable is an error).
+//! Environment variables override the file: `COORDKIT_URL` replaces the whole backend choice,
+//! and `COORDKIT_<TABLE>_<SETTING>` (for example `COORDKIT_ETCD_PASSWORD`,
+//! `COORDKIT_ZOOKEEPER_SESSION_TIMEOUT`) replaces one setting of the backend table.
 //!
 //! ```toml
-//! # One backend by URL …
-//! url = "etcd://10.0.0.1:2379,10.0.0.2:2379"
-//!
-//! [timeouts]
-//! connect = "5s"
-//! request = "3s"
-//!
-//! [auth]
-//! username = "app"
-//! password_env = "ETCD_PASSWORD"   # read the password from this variable
+//! [etcd]
+//! endpoints = ["10.0.0.1:2379", "10.0.0.2:2379", "10.0.0.3:2379"]
+//! namespace = "myapp/"
+//! request_timeout = "3s"
+//! user = "app"
+//! password_env = "ETCD_PASSWORD"   # the password comes from this variable
 //! ```
 //!
-//! ```toml
-//! # … or by a table for the backend.
-//! [zookeeper]
-//! endpoints = ["zk1:2181", "zk2:2181", "zk3:2181"]
-//! chroot = "/myapp"
-//! timeouts = { connect = "5s", session = "10s" }
-//! ```
-//!
-//! The complete format, with every setting, is `docs/configuration.md` and the commented
-//! example `docs/coordkit.example.toml`.
+//! The complete format is `docs/configuration.md`, with the commented example
+//! `docs/coordkit.example.toml`.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -41,25 +33,17 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::Backend;
 
-/// The environment variables that override settings of a configuration file, with what each
-/// overrides. They apply whatever shape the file has (`url` or a backend table).
-pub const ENV_OVERRIDES: &[(&str, &str)] = &[
-    (
-        "COORDKIT_URL",
-        "the backend URL (replaces `url` or the backend table's endpoints)",
-    ),
-    ("COORDKIT_CONNECT_TIMEOUT", "`timeouts.connect`"),
-    ("COORDKIT_REQUEST_TIMEOUT", "`timeouts.request`"),
-    ("COORDKIT_USERNAME", "`auth.username`"),
-    ("COORDKIT_PASSWORD", "`auth.password` / `auth.password_env`"),
-    ("COORDKIT_TOKEN", "`auth.token` / `auth.token_env`"),
-    ("COORDKIT_TLS_CA_FILE", "`tls.ca_file`"),
-    ("COORDKIT_TLS_CERT_FILE", "`tls.cert_file`"),
-    ("COORDKIT_TLS_KEY_FILE", "`tls.key_file`"),
-];
+/// Query options whose values are secret: hidden by [`redact_url`].
+const SECRET_OPTIONS: &[&str] = &["password", "token", "acl_token", "auth", "digest"];
 
-/// Query options whose values are secret: hidden by [`redact_url`] and in `Debug` output.
-const SECRET_OPTIONS: &[&str] = &["password", "token", "acl_token", "auth"];
+/// The backend tables a configuration file may hold, with the feature each needs.
+pub const TABLES: &[(&str, &str)] = &[
+    ("memory", "always built"),
+    ("etcd", "feature `etcd`"),
+    ("zookeeper", "feature `zookeeper`"),
+    ("consul", "feature `consul`"),
+    ("sharded", "always built"),
+];
 
 /// Parses a duration such as `500ms`, `10s`, `2m`, `1h`, `1m30s` or `1.5s`.
 ///
@@ -119,193 +103,6 @@ pub fn format_duration(d: Duration) -> String {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
-    }
-}
-
-/// A duration written as a string in the file (`"5s"`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct ConfigDuration(pub Duration);
-
-impl fmt::Debug for ConfigDuration {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&format_duration(self.0))
-    }
-}
-
-impl<'de> Deserialize<'de> for ConfigDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        parse_duration(&s)
-            .map(ConfigDuration)
-            .map_err(|e| serde::de::Error::custom(e.message()))
-    }
-}
-
-/// `[timeouts]`: how long to wait. Each maps onto the backend's query option of the same
-/// meaning (see `docs/configuration.md`).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct Timeouts {
-    /// Establishing a connection (`connect_timeout`).
-    pub connect: Option<ConfigDuration>,
-    /// Any single request (`request_timeout`).
-    pub request: Option<ConfigDuration>,
-    /// ZooKeeper only: the session timeout (`session_timeout`).
-    pub session: Option<ConfigDuration>,
-}
-
-/// `[auth]`: credentials. Prefer the `*_env` forms, which name an environment variable holding
-/// the secret, over writing the secret into the file.
-#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct Auth {
-    /// User name (etcd user, ZooKeeper digest user).
-    pub username: Option<String>,
-    /// Password, written in the file.
-    pub password: Option<String>,
-    /// The environment variable holding the password.
-    pub password_env: Option<String>,
-    /// Token (Consul ACL token), written in the file.
-    pub token: Option<String>,
-    /// The environment variable holding the token.
-    pub token_env: Option<String>,
-}
-
-impl fmt::Debug for Auth {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let hide = |o: &Option<String>| o.as_ref().map(|_| "***");
-        f.debug_struct("Auth")
-            .field("username", &self.username)
-            .field("password", &hide(&self.password))
-            .field("password_env", &self.password_env)
-            .field("token", &hide(&self.token))
-            .field("token_env", &self.token_env)
-            .finish()
-    }
-}
-
-/// `[tls]`: TLS files, as paths (PEM).
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct Tls {
-    /// The CA certificate(s) to verify servers with (`ca_file`).
-    pub ca_file: Option<String>,
-    /// The client certificate (`cert_file`).
-    pub cert_file: Option<String>,
-    /// The client certificate's private key (`key_file`).
-    pub key_file: Option<String>,
-}
-
-/// A value in an `[options]` table: passed to the backend as a URL query option.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(untagged)]
-pub enum OptionValue {
-    /// A string.
-    String(String),
-    /// An integer.
-    Integer(i64),
-    /// A boolean.
-    Bool(bool),
-}
-
-impl fmt::Display for OptionValue {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            OptionValue::String(s) => f.write_str(s),
-            OptionValue::Integer(i) => write!(f, "{i}"),
-            OptionValue::Bool(b) => write!(f, "{b}"),
-        }
-    }
-}
-
-/// A per-backend table: `[etcd]`, `[zookeeper]`, `[consul]` or `[memory]`.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct BackendTable {
-    /// `host:port` of each server (etcd members, ZooKeeper servers, one Consul agent).
-    /// Not used by `[memory]`.
-    #[serde(default)]
-    pub endpoints: Vec<String>,
-    /// ZooKeeper only: the chroot path every node lives under (`/myapp`).
-    pub chroot: Option<String>,
-    /// Consul only: talk HTTPS (`consul+https://`).
-    #[serde(default)]
-    pub https: bool,
-    /// Timeouts.
-    #[serde(default)]
-    pub timeouts: Timeouts,
-    /// Credentials.
-    #[serde(default)]
-    pub auth: Auth,
-    /// TLS files.
-    #[serde(default)]
-    pub tls: Tls,
-    /// Further backend options, passed as URL query options verbatim (for example
-    /// `namespace = "myapp/"`; each backend's documentation lists its options).
-    #[serde(default)]
-    pub options: BTreeMap<String, OptionValue>,
-}
-
-/// A parsed configuration file. Build it with [`ConfigFile::parse`] or [`ConfigFile::load`],
-/// then [`resolve`](ConfigFile::resolve) it to a URL, or call [`connect_config`].
-///
-/// # Contract
-/// Exactly one of `url`, `[memory]`, `[etcd]`, `[zookeeper]`, `[consul]` is given (or
-/// `COORDKIT_URL` is set). Unknown settings are errors, so a misspelt setting is never ignored.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-#[non_exhaustive]
-pub struct ConfigFile {
-    /// The backend URL (see [`connect`](crate::connect)).
-    pub url: Option<String>,
-    /// Timeouts (with `url`).
-    #[serde(default)]
-    pub timeouts: Timeouts,
-    /// Credentials (with `url`).
-    #[serde(default)]
-    pub auth: Auth,
-    /// TLS files (with `url`).
-    #[serde(default)]
-    pub tls: Tls,
-    /// Further URL query options (with `url`).
-    #[serde(default)]
-    pub options: BTreeMap<String, OptionValue>,
-    /// The in-memory backend.
-    pub memory: Option<BackendTable>,
-    /// An etcd cluster.
-    pub etcd: Option<BackendTable>,
-    /// A ZooKeeper ensemble.
-    pub zookeeper: Option<BackendTable>,
-    /// A Consul agent.
-    pub consul: Option<BackendTable>,
-}
-
-/// A configuration resolved to a backend URL with its options. `Debug` and
-/// [`redacted`](Self::redacted) hide passwords and tokens.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Resolved {
-    url: String,
-}
-
-impl Resolved {
-    /// The URL to pass to [`connect`](crate::connect). It contains secrets: do not log it.
-    pub fn url(&self) -> &str {
-        &self.url
-    }
-
-    /// The URL with passwords and tokens replaced by `***`, for messages and logs.
-    pub fn redacted(&self) -> String {
-        redact_url(&self.url)
-    }
-}
-
-impl fmt::Debug for Resolved {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("Resolved").field(&self.redacted()).finish()
     }
 }
 
@@ -451,13 +248,257 @@ impl RawUrl {
     }
 }
 
-/// Where environment variables come from during [`ConfigFile::resolve`]: the process
-/// environment in normal use, a map in tests.
-pub type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+/// A parsed configuration file. Build it with [`ConfigFile::parse`] or [`ConfigFile::load`],
+/// then [`resolve`](ConfigFile::resolve) it and [`connect`](Resolved::connect), or call
+/// [`connect_config`].
+///
+/// # Contract
+/// Exactly one of `url`, `[memory]`, `[etcd]`, `[zookeeper]`, `[consul]`, `[sharded]` is given
+/// (or `COORDKIT_URL` is set). Unknown settings are errors, so a misspelt setting is never
+/// silently ignored.
+#[derive(Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct ConfigFile {
+    /// The backend URL, as for [`connect`](crate::connect).
+    pub url: Option<String>,
+    /// With `url`: the environment variable holding the whole URL instead.
+    pub url_env: Option<String>,
+    /// With `url`: the environment variable holding the password to put into the URL's user
+    /// information (`etcd://user@host` becomes `etcd://user:<password>@host`).
+    pub password_env: Option<String>,
+    /// The in-memory backend (an empty table).
+    pub memory: Option<toml::Table>,
+    /// An etcd cluster: the fields of `EtcdConfig`.
+    pub etcd: Option<toml::Table>,
+    /// A ZooKeeper ensemble: the fields of `ZkConfig`.
+    pub zookeeper: Option<toml::Table>,
+    /// A Consul agent: the fields of `ConsulConfig`.
+    pub consul: Option<toml::Table>,
+    /// Several backends with client-side sharding: the fields of
+    /// [`ShardedConfig`](crate::shard::ShardedConfig).
+    pub sharded: Option<toml::Table>,
+}
 
-/// Reads the process environment; unset and empty variables are both "not set".
-pub fn process_env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
+impl fmt::Debug for ConfigFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let table =
+            |t: &Option<toml::Table>| t.as_ref().map(|t| t.keys().cloned().collect::<Vec<_>>());
+        f.debug_struct("ConfigFile")
+            .field("url", &self.url.as_deref().map(redact_url))
+            .field("url_env", &self.url_env)
+            .field("password_env", &self.password_env)
+            .field("memory", &table(&self.memory))
+            .field("etcd", &table(&self.etcd))
+            .field("zookeeper", &table(&self.zookeeper))
+            .field("consul", &table(&self.consul))
+            .field("sharded", &table(&self.sharded))
+            .finish()
+    }
+}
+
+/// What a configuration resolved to: the backend to connect to. `Debug` hides secrets (it
+/// uses the backends' own redacting `Debug`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Resolved {
+    /// A backend URL (from `url`, `url_env` or `COORDKIT_URL`).
+    Url(RedactedUrl),
+    /// `[memory]`.
+    Memory,
+    /// `[etcd]`.
+    #[cfg(feature = "etcd")]
+    Etcd(crate::backend::etcd::EtcdConfig),
+    /// `[zookeeper]`.
+    #[cfg(feature = "zookeeper")]
+    Zookeeper(crate::backend::zookeeper::ZkConfig),
+    /// `[consul]`.
+    #[cfg(feature = "consul")]
+    Consul(crate::backend::consul::ConsulConfig),
+    /// `[sharded]`.
+    Sharded(crate::shard::ShardedConfig),
+}
+
+/// A URL that may carry secrets: `Debug` and `Display` hide them; [`expose`](Self::expose)
+/// gives the real one.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedactedUrl(String);
+
+impl RedactedUrl {
+    /// Wraps a URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedactedUrl(url.into())
+    }
+
+    /// The URL with its secrets, to pass to [`connect`](crate::connect). Do not log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for RedactedUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl fmt::Display for RedactedUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+impl Resolved {
+    /// Connects to the configured backend, wrapped in [`Traced`](crate::trace::Traced) as
+    /// [`connect`](crate::connect) does.
+    ///
+    /// # Errors
+    /// What the backend's connect returns.
+    pub async fn connect(&self) -> Result<Arc<dyn Backend>> {
+        let backend: Arc<dyn Backend> = match self {
+            Resolved::Url(u) => return crate::config::connect(u.expose()).await,
+            Resolved::Memory => Arc::new(crate::MemoryStore::new()),
+            #[cfg(feature = "etcd")]
+            Resolved::Etcd(c) => {
+                Arc::new(crate::backend::etcd::EtcdStore::connect(c.clone()).await?)
+            }
+            #[cfg(feature = "zookeeper")]
+            Resolved::Zookeeper(c) => {
+                Arc::new(crate::backend::zookeeper::ZkStore::connect(c.clone()).await?)
+            }
+            #[cfg(feature = "consul")]
+            Resolved::Consul(c) => {
+                Arc::new(crate::backend::consul::ConsulStore::connect(c.clone()).await?)
+            }
+            Resolved::Sharded(c) => Arc::new(c.connect().await?),
+        };
+        Ok(crate::trace::traced(backend))
+    }
+}
+
+/// The environment as seen by [`ConfigFile::resolve`]: the process environment in normal use
+/// ([`process_env`]), a map in tests. Empty variables count as unset.
+pub type Env = BTreeMap<String, String>;
+
+/// A snapshot of the process environment (non-UTF-8 and empty variables left out).
+pub fn process_env() -> Env {
+    std::env::vars_os()
+        .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+        .filter(|(_, v)| !v.is_empty())
+        .collect()
+}
+
+fn lookup<'a>(env: &'a Env, name: &str) -> Option<&'a str> {
+    env.get(name).map(String::as_str).filter(|v| !v.is_empty())
+}
+
+/// Replaces every `X_env = "VAR"` in `table` (and nested tables and arrays of tables) by
+/// `X = <value of VAR>`.
+fn expand_env_refs(table: &mut toml::Table, env: &Env, path: &str) -> Result<()> {
+    let keys: Vec<String> = table.keys().cloned().collect();
+    for key in keys {
+        let here = if path.is_empty() {
+            key.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        if let Some(setting) = key.strip_suffix("_env") {
+            let Some(toml::Value::String(var)) = table.get(&key).cloned() else {
+                return Err(Error::config(format!(
+                    "{here} must be the name of an environment variable (a string)"
+                )));
+            };
+            if table.contains_key(setting) {
+                return Err(Error::config(format!(
+                    "both {setting} and {key} are set{}; keep one",
+                    if path.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" in [{path}]")
+                    }
+                )));
+            }
+            let value = lookup(env, &var).ok_or_else(|| {
+                Error::config(format!(
+                    "{here} names the environment variable {var}, which is not set"
+                ))
+            })?;
+            table.remove(&key);
+            table.insert(setting.to_string(), toml::Value::String(value.to_string()));
+            continue;
+        }
+        match table.get_mut(&key) {
+            Some(toml::Value::Table(t)) => expand_env_refs(t, env, &here)?,
+            Some(toml::Value::Array(items)) => {
+                for (i, item) in items.iter_mut().enumerate() {
+                    if let toml::Value::Table(t) = item {
+                        expand_env_refs(t, env, &format!("{here}[{i}]"))?;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Applies `COORDKIT_<TABLE>_<SETTING>` variables to a backend table. The value takes the type
+/// of the setting it replaces (a list is split at commas); a setting not in the file is a list
+/// for `endpoints`/`servers`, a boolean for `true`/`false`, an integer for digits, else a
+/// string.
+fn apply_overrides(table_name: &str, table: &mut toml::Table, env: &Env) -> Result<()> {
+    let prefix = format!("COORDKIT_{}_", table_name.to_ascii_uppercase());
+    for (var, value) in env.range(prefix.clone()..) {
+        let Some(setting) = var.strip_prefix(&prefix) else {
+            break;
+        };
+        if setting.is_empty() || value.is_empty() {
+            continue;
+        }
+        let key = setting.to_ascii_lowercase();
+        let bad = |what: &str| Error::config(format!("{var}: expected {what}, got {value:?}"));
+        let list = || {
+            toml::Value::Array(
+                value
+                    .split(',')
+                    .map(|s| toml::Value::String(s.trim().to_string()))
+                    .filter(|v| v.as_str() != Some(""))
+                    .collect(),
+            )
+        };
+        let new = match table.get(&key) {
+            Some(toml::Value::Array(_)) => list(),
+            Some(toml::Value::Integer(_)) => {
+                toml::Value::Integer(value.trim().parse().map_err(|_| bad("an integer"))?)
+            }
+            Some(toml::Value::Boolean(_)) => {
+                toml::Value::Boolean(value.trim().parse().map_err(|_| bad("true or false"))?)
+            }
+            Some(toml::Value::Float(_)) => {
+                toml::Value::Float(value.trim().parse().map_err(|_| bad("a number"))?)
+            }
+            Some(_) => toml::Value::String(value.clone()),
+            None if matches!(key.as_str(), "endpoints" | "servers") => list(),
+            None if value == "true" || value == "false" => toml::Value::Boolean(value == "true"),
+            None if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+                toml::Value::Integer(value.parse().map_err(|_| bad("an integer"))?)
+            }
+            None => toml::Value::String(value.clone()),
+        };
+        // An override replaces the `_env` form of the same setting too.
+        table.remove(&format!("{key}_env"));
+        table.insert(key, new);
+    }
+    Ok(())
+}
+
+fn typed<T: serde::de::DeserializeOwned>(name: &str, table: toml::Table) -> Result<T> {
+    T::deserialize(toml::Value::Table(table)).map_err(|e| {
+        Error::config(format!(
+            "[{name}]: {}",
+            e.to_string().trim().replace('\n', " ")
+        ))
+    })
 }
 
 impl ConfigFile {
@@ -491,73 +532,132 @@ impl ConfigFile {
             .map_err(|e| Error::config(format!("{}: {}", path.display(), e.message())))
     }
 
-    /// Resolves the configuration, with environment overrides from `env`, to a backend URL.
+    /// Resolves the configuration with environment overrides from `env` (see the
+    /// [module docs](self)).
     ///
     /// # Errors
-    /// `InvalidConfig` when no backend or more than one is given, a backend table lacks
-    /// endpoints, an environment variable named by a `*_env` setting is unset, a secret is
-    /// given twice (in the file and through `*_env`), or an option is set twice.
-    pub fn resolve(&self, env: EnvLookup<'_>) -> Result<Resolved> {
-        let tables: Vec<(&str, &BackendTable)> = [
+    /// `InvalidConfig` when no backend or more than one is given, a table's settings do not fit
+    /// the backend's configuration struct (unknown or malformed setting), a table needs a
+    /// feature this build lacks, an `X_env` variable is unset, or a setting is given both
+    /// directly and as `X_env`.
+    pub fn resolve(&self, env: &Env) -> Result<Resolved> {
+        let tables: Vec<(&str, &toml::Table)> = [
             ("memory", &self.memory),
             ("etcd", &self.etcd),
             ("zookeeper", &self.zookeeper),
             ("consul", &self.consul),
+            ("sharded", &self.sharded),
         ]
         .into_iter()
         .filter_map(|(n, t)| t.as_ref().map(|t| (n, t)))
         .collect();
-        let given = tables.len() + usize::from(self.url.is_some());
-        if given > 1 {
-            let mut names: Vec<&str> = tables.iter().map(|(n, _)| *n).collect();
-            if self.url.is_some() {
-                names.insert(0, "url");
-            }
+        let url_given = self.url.is_some() || self.url_env.is_some();
+        let mut names: Vec<&str> = tables.iter().map(|(n, _)| *n).collect();
+        if url_given {
+            names.insert(0, "url");
+        }
+        if names.len() > 1 {
             return Err(Error::config(format!(
                 "the configuration names more than one backend ({}); give exactly one",
                 names.join(", ")
             )));
         }
-        let table_settings_at_top = self.timeouts != Timeouts::default()
-            || self.auth != Auth::default()
-            || self.tls != Tls::default()
-            || !self.options.is_empty();
-        if !tables.is_empty() && table_settings_at_top {
+        if self.url.is_some() && self.url_env.is_some() {
+            return Err(Error::config("both url and url_env are set; keep one"));
+        }
+        if self.password_env.is_some() && !url_given {
             return Err(Error::config(
-                "with a backend table, put timeouts, auth, tls and options inside it \
-                 (for example [etcd.timeouts]), not at the top level",
+                "password_env at the top level goes with url; in a backend table, write the \
+                 table's own setting with _env (for example password_env in [etcd])",
             ));
         }
-        let env_url = env("COORDKIT_URL");
-        let (base, timeouts, auth, tls, options) = match (&self.url, tables.first()) {
-            (Some(url), _) => (
-                env_url.unwrap_or_else(|| url.clone()),
-                &self.timeouts,
-                &self.auth,
-                &self.tls,
-                &self.options,
-            ),
-            (None, Some((name, table))) => (
-                match env_url {
-                    Some(u) => u,
-                    None => table_url(name, table)?,
-                },
-                &table.timeouts,
-                &table.auth,
-                &table.tls,
-                &table.options,
-            ),
-            (None, None) => match env_url {
-                Some(u) => (u, &self.timeouts, &self.auth, &self.tls, &self.options),
-                None => {
-                    return Err(Error::config(
-                        "the configuration names no backend: set `url`, or add one of the \
-                         tables [memory], [etcd], [zookeeper], [consul], or set COORDKIT_URL",
-                    ))
+        if let Some(url) = lookup(env, "COORDKIT_URL") {
+            return Ok(Resolved::Url(RedactedUrl(url.to_string())));
+        }
+        if url_given {
+            let url = match (&self.url, &self.url_env) {
+                (Some(u), _) => u.clone(),
+                (None, Some(var)) => lookup(env, var)
+                    .ok_or_else(|| {
+                        Error::config(format!(
+                            "url_env names the environment variable {var}, which is not set"
+                        ))
+                    })?
+                    .to_string(),
+                (None, None) => String::new(),
+            };
+            let url = match &self.password_env {
+                None => url,
+                Some(var) => {
+                    let pw = lookup(env, var).ok_or_else(|| {
+                        Error::config(format!(
+                            "password_env names the environment variable {var}, which is not set"
+                        ))
+                    })?;
+                    with_password(&url, pw)?
                 }
-            },
+            };
+            return Ok(Resolved::Url(RedactedUrl(url)));
+        }
+        let Some((name, table)) = tables.first() else {
+            return Err(Error::config(
+                "the configuration names no backend: set `url`, or add one of the tables \
+                 [memory], [etcd], [zookeeper], [consul], [sharded], or set COORDKIT_URL",
+            ));
         };
-        build_url(&base, timeouts, auth, tls, options, env)
+        let mut table = (*table).clone();
+        expand_env_refs(&mut table, env, name)?;
+        apply_overrides(name, &mut table, env)?;
+        #[allow(unused_variables)] // used only when a backend feature is off
+        let feature_missing = |feature: &str| {
+            Error::config(format!(
+                "the [{name}] table needs the {feature}, which this build lacks"
+            ))
+        };
+        match *name {
+            "memory" => {
+                if let Some(k) = table.keys().next() {
+                    return Err(Error::config(format!(
+                        "[memory] takes no settings (found {k:?})"
+                    )));
+                }
+                Ok(Resolved::Memory)
+            }
+            "etcd" => {
+                #[cfg(feature = "etcd")]
+                {
+                    let c: crate::backend::etcd::EtcdConfig = typed(name, table)?;
+                    c.validate()?;
+                    Ok(Resolved::Etcd(c))
+                }
+                #[cfg(not(feature = "etcd"))]
+                Err(feature_missing("feature `etcd`"))
+            }
+            "zookeeper" => {
+                #[cfg(feature = "zookeeper")]
+                {
+                    let c: crate::backend::zookeeper::ZkConfig = typed(name, table)?;
+                    c.validate()?;
+                    Ok(Resolved::Zookeeper(c))
+                }
+                #[cfg(not(feature = "zookeeper"))]
+                Err(feature_missing("feature `zookeeper`"))
+            }
+            "consul" => {
+                #[cfg(feature = "consul")]
+                {
+                    let c: crate::backend::consul::ConsulConfig = typed(name, table)?;
+                    Ok(Resolved::Consul(c))
+                }
+                #[cfg(not(feature = "consul"))]
+                Err(feature_missing("feature `consul`"))
+            }
+            _ => {
+                let c: crate::shard::ShardedConfig = typed(name, table)?;
+                c.validate()?;
+                Ok(Resolved::Sharded(c))
+            }
+        }
     }
 
     /// [`resolve`](Self::resolve) with the process environment.
@@ -565,165 +665,29 @@ impl ConfigFile {
     /// # Errors
     /// As [`resolve`](Self::resolve).
     pub fn resolve_from_env(&self) -> Result<Resolved> {
-        self.resolve(&process_env)
+        self.resolve(&process_env())
     }
 }
 
-fn table_url(name: &str, t: &BackendTable) -> Result<String> {
-    let wrong = |what: &str| {
-        Error::config(format!(
-            "[{name}] has `{what}`, which only applies to another backend"
-        ))
-    };
-    if t.chroot.is_some() && name != "zookeeper" {
-        return Err(wrong("chroot"));
-    }
-    if t.https && name != "consul" {
-        return Err(wrong("https"));
-    }
-    if name == "memory" {
-        if !t.endpoints.is_empty() {
-            return Err(wrong("endpoints"));
+/// `url` with `password` set in its user information.
+fn with_password(url: &str, password: &str) -> Result<String> {
+    let mut u = RawUrl::parse(url)?;
+    match &mut u.userinfo {
+        Some((user, pass)) if !user.is_empty() => {
+            if pass.is_some() {
+                return Err(Error::config(
+                    "the url already holds a password; remove it or password_env",
+                ));
+            }
+            *pass = Some(password.to_string());
         }
-        return Ok("memory://".to_string());
-    }
-    if t.endpoints.is_empty() {
-        return Err(Error::config(format!(
-            "[{name}] needs `endpoints`, a list of \"host:port\" strings"
-        )));
-    }
-    if let Some(bad) = t
-        .endpoints
-        .iter()
-        .find(|e| e.trim().is_empty() || e.contains(['/', ',', '@', '?', '#', ' ']))
-    {
-        return Err(Error::config(format!(
-            "[{name}] endpoint {bad:?} is not of the form \"host:port\""
-        )));
-    }
-    if name == "consul" && t.endpoints.len() > 1 {
-        return Err(Error::config(
-            "[consul] takes one endpoint: the agent to talk to (the agent forwards to the servers)",
-        ));
-    }
-    let hosts = t.endpoints.join(",");
-    Ok(match name {
-        "etcd" => format!("etcd://{hosts}"),
-        "zookeeper" => {
-            let chroot = match t.chroot.as_deref() {
-                None | Some("") | Some("/") => String::new(),
-                Some(c) if c.starts_with('/') => c.trim_end_matches('/').to_string(),
-                Some(c) => {
-                    return Err(Error::config(format!(
-                        "[zookeeper] chroot {c:?} must start with '/'"
-                    )))
-                }
-            };
-            format!("zk://{hosts}{chroot}")
-        }
-        _ if t.https => format!("consul+https://{hosts}"),
-        _ => format!("consul://{hosts}"),
-    })
-}
-
-fn secret(
-    what: &str,
-    in_file: &Option<String>,
-    var: &Option<String>,
-    override_var: &str,
-    env: EnvLookup<'_>,
-) -> Result<Option<String>> {
-    if let Some(v) = env(override_var) {
-        return Ok(Some(v));
-    }
-    match (in_file, var) {
-        (Some(_), Some(_)) => Err(Error::config(format!(
-            "auth.{what} and auth.{what}_env are both set; keep one"
-        ))),
-        (Some(v), None) => Ok(Some(v.clone())),
-        (None, Some(var)) => env(var).map(Some).ok_or_else(|| {
-            Error::config(format!(
-                "auth.{what}_env names the environment variable {var}, which is not set"
+        _ => {
+            return Err(Error::config(
+                "password_env needs a user name in the url (scheme://user@host…)",
             ))
-        }),
-        (None, None) => Ok(None),
-    }
-}
-
-fn build_url(
-    base: &str,
-    timeouts: &Timeouts,
-    auth: &Auth,
-    tls: &Tls,
-    options: &BTreeMap<String, OptionValue>,
-    env: EnvLookup<'_>,
-) -> Result<Resolved> {
-    let mut url = RawUrl::parse(base)?;
-    let mut pairs: Vec<(String, String)> = std::mem::take(&mut url.query);
-    let mut add = |k: &str, v: String| -> Result<()> {
-        if pairs.iter().any(|(have, _)| have == k) {
-            return Err(Error::config(format!(
-                "the option {k:?} is set twice (in the URL and in the configuration)"
-            )));
-        }
-        pairs.push((k.to_string(), v));
-        Ok(())
-    };
-    let dur = |name: &str, file: Option<ConfigDuration>| -> Result<Option<Duration>> {
-        match env(name) {
-            Some(v) => parse_duration(&v)
-                .map(Some)
-                .map_err(|e| Error::config(format!("{name}: {}", e.message()))),
-            None => Ok(file.map(|d| d.0)),
-        }
-    };
-    if let Some(d) = dur("COORDKIT_CONNECT_TIMEOUT", timeouts.connect)? {
-        add("connect_timeout", format_duration(d))?;
-    }
-    if let Some(d) = dur("COORDKIT_REQUEST_TIMEOUT", timeouts.request)? {
-        add("request_timeout", format_duration(d))?;
-    }
-    if let Some(d) = timeouts.session {
-        add("session_timeout", format_duration(d.0))?;
-    }
-    let file_or_env = |var: &str, file: &Option<String>| env(var).or_else(|| file.clone());
-    for (opt, var, file) in [
-        ("ca_file", "COORDKIT_TLS_CA_FILE", &tls.ca_file),
-        ("cert_file", "COORDKIT_TLS_CERT_FILE", &tls.cert_file),
-        ("key_file", "COORDKIT_TLS_KEY_FILE", &tls.key_file),
-    ] {
-        if let Some(v) = file_or_env(var, file) {
-            add(opt, v)?;
         }
     }
-    if let Some(token) = secret("token", &auth.token, &auth.token_env, "COORDKIT_TOKEN", env)? {
-        add("token", token)?;
-    }
-    for (k, v) in options {
-        add(k, v.to_string())?;
-    }
-    let username = file_or_env("COORDKIT_USERNAME", &auth.username);
-    let password = secret(
-        "password",
-        &auth.password,
-        &auth.password_env,
-        "COORDKIT_PASSWORD",
-        env,
-    )?;
-    let have_user = url.userinfo.as_ref().is_some_and(|(u, _)| !u.is_empty());
-    if password.is_some() && username.is_none() && !have_user {
-        return Err(Error::config(
-            "a password is set without a username; set auth.username",
-        ));
-    }
-    if username.is_some() || password.is_some() {
-        let (old_user, old_pass) = url.userinfo.take().unwrap_or_default();
-        url.userinfo = Some((username.unwrap_or(old_user), password.or(old_pass)));
-    }
-    url.query = pairs;
-    Ok(Resolved {
-        url: url.to_url_string(),
-    })
+    Ok(u.to_url_string())
 }
 
 /// Loads the configuration file at `path`, applies the environment overrides, and connects.
@@ -736,24 +700,26 @@ fn build_url(
 ///
 /// # Errors
 /// `InvalidConfig` for an unreadable or invalid file (see [`ConfigFile::resolve`]); otherwise
-/// what [`connect`](crate::connect) returns.
+/// what the backend's connect returns.
 pub async fn connect_config(path: impl AsRef<Path>) -> Result<Arc<dyn Backend>> {
-    let resolved = ConfigFile::load(path)?.resolve_from_env()?;
-    crate::config::connect(resolved.url()).await
+    let path = path.as_ref();
+    ConfigFile::load(path)?
+        .resolve_from_env()
+        .map_err(|e| e.context(path.display()))?
+        .connect()
+        .await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ErrorKind;
-    use std::collections::HashMap;
 
-    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs
+    fn env_of(pairs: &[(&str, &str)]) -> Env {
+        pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| m.get(k).cloned()
+            .collect()
     }
 
     fn resolve(text: &str, env: &[(&str, &str)]) -> Result<Resolved> {
@@ -790,134 +756,117 @@ mod tests {
     }
 
     #[test]
-    fn url_form_with_timeouts_tls_and_env_password() {
+    fn url_form_with_password_from_env() {
         let r = resolve(
-            r#"
-url = "etcd://10.0.0.1:2379,10.0.0.2:2379"
-[timeouts]
-connect = "5s"
-request = "1500ms"
-[auth]
-username = "app"
-password_env = "ETCD_PW"
-[tls]
-ca_file = "/etc/ca.pem"
-[options]
-namespace = "myapp/"
-"#,
-            &[("ETCD_PW", "s3cret")],
+            "url = \"etcd://app@10.0.0.1:2379,10.0.0.2:2379?namespace=myapp/\"\npassword_env = \"PW\"\n",
+            &[("PW", "p@ss:w/rd")],
         )
         .unwrap();
-        let u = RawUrl::parse(r.url()).unwrap();
-        assert_eq!(u.scheme, "etcd");
-        assert_eq!(u.hosts, "10.0.0.1:2379,10.0.0.2:2379");
-        assert_eq!(u.userinfo, Some(("app".into(), Some("s3cret".into()))));
-        let q: HashMap<_, _> = u.query.into_iter().collect();
-        assert_eq!(q["connect_timeout"], "5s");
-        assert_eq!(q["request_timeout"], "1500ms");
-        assert_eq!(q["ca_file"], "/etc/ca.pem");
-        assert_eq!(q["namespace"], "myapp/");
-        assert!(!format!("{r:?}").contains("s3cret"));
-        assert!(!r.redacted().contains("s3cret"));
-        assert!(r
-            .redacted()
+        let Resolved::Url(u) = &r else {
+            panic!("{r:?}")
+        };
+        let raw = RawUrl::parse(u.expose()).unwrap();
+        assert_eq!(raw.userinfo, Some(("app".into(), Some("p@ss:w/rd".into()))));
+        assert_eq!(raw.hosts, "10.0.0.1:2379,10.0.0.2:2379");
+        assert_eq!(raw.query, vec![("namespace".into(), "myapp/".into())]);
+        assert!(!format!("{r:?}").contains("p@ss"), "{r:?}");
+        assert!(u
+            .to_string()
             .starts_with("etcd://app:***@10.0.0.1:2379,10.0.0.2:2379?"));
-        // Special characters in secrets survive the round trip through the URL.
-        let r = resolve(
-            "url = \"etcd://h:1\"\n[auth]\nusername = \"a b\"\npassword = \"p@ss:w/rd%\"\n",
-            &[],
-        )
-        .unwrap();
-        let u = RawUrl::parse(r.url()).unwrap();
-        assert_eq!(u.userinfo, Some(("a b".into(), Some("p@ss:w/rd%".into()))));
-        assert_eq!(u.hosts, "h:1");
+        let r = resolve("url_env = \"U\"\n", &[("U", "memory://")]).unwrap();
+        assert!(matches!(r, Resolved::Url(u) if u.expose() == "memory://"));
     }
 
     #[test]
-    fn backend_tables() {
+    fn coordkit_url_overrides_everything() {
         let r = resolve(
-            "[zookeeper]\nendpoints = [\"a:2181\", \"b:2181\"]\nchroot = \"/app/\"\n\
-             timeouts = { session = \"10s\" }\n",
-            &[],
+            "[memory]\n",
+            &[("COORDKIT_URL", "consul://h:8500?token=t0k")],
         )
         .unwrap();
-        assert_eq!(r.url(), "zk://a:2181,b:2181/app?session_timeout=10s");
-        let r = resolve(
-            "[consul]\nendpoints = [\"c:8501\"]\nhttps = true\n[consul.auth]\ntoken_env = \"T\"\n",
-            &[("T", "tok-123")],
-        )
-        .unwrap();
-        assert_eq!(r.url(), "consul+https://c:8501?token=tok-123");
-        assert_eq!(r.redacted(), "consul+https://c:8501?token=***");
-        assert_eq!(resolve("[memory]\n", &[]).unwrap().url(), "memory://");
+        assert!(matches!(&r, Resolved::Url(u) if u.expose() == "consul://h:8500?token=t0k"));
+        assert!(!format!("{r:?}").contains("t0k"));
+        assert!(matches!(
+            resolve("", &[("COORDKIT_URL", "memory://")]),
+            Ok(Resolved::Url(_))
+        ));
     }
 
     #[test]
-    fn environment_overrides_the_file() {
-        let text = "url = \"etcd://a:1\"\n[timeouts]\nrequest = \"3s\"\n[auth]\nusername = \"u\"\npassword = \"in-file\"\n";
-        let r = resolve(
-            text,
-            &[
-                ("COORDKIT_URL", "etcd://b:2"),
-                ("COORDKIT_REQUEST_TIMEOUT", "250ms"),
-                ("COORDKIT_PASSWORD", "from-env"),
-            ],
+    fn env_refs_and_overrides_in_tables() {
+        let mut t: toml::Table = toml::from_str(
+            "endpoints = [\"a:1\"]\nmax = 3\ntls = false\npassword_env = \"PW\"\n[[shards]]\nurl_env = \"S1\"\n",
         )
         .unwrap();
-        assert_eq!(r.url(), "etcd://u:from-env@b:2?request_timeout=250ms");
-        // COORDKIT_URL alone is a complete configuration.
-        let r = resolve("", &[("COORDKIT_URL", "memory://")]).unwrap();
-        assert_eq!(r.url(), "memory://");
+        let env = env_of(&[
+            ("PW", "secret"),
+            ("S1", "memory://"),
+            ("COORDKIT_ETCD_ENDPOINTS", "b:2, c:3"),
+            ("COORDKIT_ETCD_MAX", "9"),
+            ("COORDKIT_ETCD_TLS", "true"),
+            ("COORDKIT_ETCD_NAMESPACE", "ns/"),
+            ("COORDKIT_ETCDX", "ignored"),
+        ]);
+        expand_env_refs(&mut t, &env, "etcd").unwrap();
+        apply_overrides("etcd", &mut t, &env).unwrap();
+        let want: toml::Table = toml::from_str(
+            "endpoints = [\"b:2\", \"c:3\"]\nmax = 9\ntls = true\npassword = \"secret\"\nnamespace = \"ns/\"\n[[shards]]\nurl = \"memory://\"\n",
+        )
+        .unwrap();
+        assert_eq!(t, want);
+        let e =
+            apply_overrides("etcd", &mut t, &env_of(&[("COORDKIT_ETCD_MAX", "many")])).unwrap_err();
+        assert!(e.message().contains("COORDKIT_ETCD_MAX"), "{e}");
+    }
+
+    #[test]
+    fn memory_and_sharded_tables() {
+        assert!(matches!(resolve("[memory]\n", &[]), Ok(Resolved::Memory)));
+        let r = resolve(
+            "[sharded]\nstrategy = \"ring\"\n[[sharded.shards]]\nurl = \"memory://\"\nname = \"a\"\n[[sharded.shards]]\nurl_env = \"B\"\nname = \"b\"\n",
+            &[("B", "memory://?b")],
+        )
+        .unwrap();
+        let Resolved::Sharded(c) = r else { panic!() };
+        assert_eq!(c.shards.len(), 2);
+        assert_eq!(c.shards[1].url, "memory://?b");
     }
 
     #[test]
     fn invalid_configurations_are_named() {
         let cases: &[(&str, &[(&str, &str)], &str)] = &[
             ("", &[], "names no backend"),
+            ("url = \"memory://\"\n[memory]\n", &[], "more than one"),
+            ("urll = 1\n", &[], "unknown field"),
+            ("[memory]\nx = 1\n", &[], "takes no settings"),
+            ("url_env = \"NOPE\"\n", &[], "NOPE"),
             (
-                "url = \"memory://\"\n[etcd]\nendpoints=[\"a:1\"]\n",
+                "url = \"etcd://h:1\"\npassword_env = \"PW\"\n",
+                &[("PW", "x")],
+                "user name",
+            ),
+            (
+                "password_env = \"PW\"\n[memory]\n",
+                &[("PW", "x")],
+                "goes with url",
+            ),
+            (
+                "[memory]\npassword_env = \"PW\"\n",
+                &[("PW", "x")],
+                "takes no settings",
+            ),
+            ("[sharded]\nshards = []\n", &[], "shard"),
+            (
+                "[sharded]\nstrategy = \"bogus\"\nshards = []\n",
                 &[],
-                "more than one",
-            ),
-            ("[etcd]\n", &[], "needs `endpoints`"),
-            ("[etcd]\nendpoints = [\"a/b\"]\n", &[], "host:port"),
-            (
-                "[etcd]\nendpoints=[\"a:1\"]\nchroot=\"/x\"\n",
-                &[],
-                "chroot",
-            ),
-            ("url = \"etcd://a:1\"\nurll = 1\n", &[], "unknown field"),
-            (
-                "url = \"etcd://a:1\"\n[timeouts]\nconnect = \"5\"\n",
-                &[],
-                "unit is missing",
+                "[sharded]",
             ),
             (
-                "url = \"etcd://a:1\"\n[auth]\nusername=\"u\"\npassword_env = \"NOPE\"\n",
-                &[],
-                "NOPE",
+                "[sharded]\n[[sharded.shards]]\nurl = \"memory://\"\nurl_env = \"X\"\n",
+                &[("X", "memory://")],
+                "keep one",
             ),
-            (
-                "url = \"etcd://a:1\"\n[auth]\npassword = \"x\"\n",
-                &[],
-                "without a username",
-            ),
-            (
-                "url = \"etcd://a:1?request_timeout=1s\"\n[timeouts]\nrequest = \"2s\"\n",
-                &[],
-                "set twice",
-            ),
-            ("url = \"not a url\"\n", &[], "malformed"),
-            (
-                "[etcd]\nendpoints=[\"a:1\"]\n[timeouts]\nrequest=\"1s\"\n",
-                &[],
-                "inside it",
-            ),
-            (
-                "url = \"etcd://a:1\"\n",
-                &[("COORDKIT_REQUEST_TIMEOUT", "fast")],
-                "COORDKIT_REQUEST_TIMEOUT",
-            ),
+            ("[sharded]\nshards_env = 3\n", &[], "environment variable"),
         ];
         for (text, env, needle) in cases {
             let e = resolve(text, env).unwrap_err();
@@ -926,15 +875,52 @@ namespace = "myapp/"
         }
     }
 
+    #[cfg(feature = "etcd")]
     #[test]
-    fn auth_debug_hides_secrets() {
-        let a = Auth {
-            password: Some("pw".into()),
-            token: Some("tk".into()),
-            ..Auth::default()
+    fn etcd_table_is_an_etcd_config() {
+        let r = resolve(
+            "[etcd]\nendpoints = [\"10.0.0.1:2379\"]\nnamespace = \"app/\"\nrequest_timeout = \"3s\"\nuser = \"u\"\npassword_env = \"PW\"\n",
+            &[("PW", "hunter2")],
+        )
+        .unwrap();
+        let Resolved::Etcd(c) = &r else {
+            panic!("{r:?}")
         };
-        let s = format!("{a:?}");
-        assert!(!s.contains("pw\"") && !s.contains("tk"), "{s}");
+        assert_eq!(c.endpoints, vec!["10.0.0.1:2379".to_string()]);
+        assert_eq!(c.request_timeout, Duration::from_secs(3));
+        assert_eq!(c.password.as_deref(), Some("hunter2"));
+        assert!(!format!("{r:?}").contains("hunter2"));
+        let e = resolve("[etcd]\nendpoints = [\"a:1\"]\ntimeout = \"3s\"\n", &[]).unwrap_err();
+        assert!(
+            e.message().contains("[etcd]") && e.message().contains("timeout"),
+            "{e}"
+        );
+    }
+
+    #[cfg(feature = "zookeeper")]
+    #[test]
+    fn zookeeper_table_is_a_zk_config() {
+        let r = resolve(
+            "[zookeeper]\nservers = [\"a:2181\", \"b:2181\"]\nchroot = \"/app\"\nsession_timeout = \"10s\"\n",
+            &[("COORDKIT_ZOOKEEPER_SESSION_TIMEOUT", "20s")],
+        )
+        .unwrap();
+        let Resolved::Zookeeper(c) = r else { panic!() };
+        assert_eq!(c.servers.len(), 2);
+        assert_eq!(c.session_timeout, Duration::from_secs(20));
+    }
+
+    #[cfg(feature = "consul")]
+    #[test]
+    fn consul_table_is_a_consul_config() {
+        let r = resolve(
+            "[consul]\naddress = \"127.0.0.1:8500\"\ntoken_env = \"CONSUL_HTTP_TOKEN\"\n",
+            &[("CONSUL_HTTP_TOKEN", "tok-123")],
+        )
+        .unwrap();
+        assert!(!format!("{r:?}").contains("tok-123"), "{r:?}");
+        let Resolved::Consul(c) = r else { panic!() };
+        assert_eq!(c.token.as_deref(), Some("tok-123"));
     }
 
     #[tokio::test]
@@ -943,7 +929,11 @@ namespace = "myapp/"
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
         std::fs::write(&path, "[memory]\n").unwrap();
-        let store = connect_config(&path).await.unwrap();
+        let r = ConfigFile::load(&path)
+            .unwrap()
+            .resolve(&Env::new())
+            .unwrap();
+        let store = r.connect().await.unwrap();
         assert_eq!(store.capabilities().backend, "memory");
         let e = connect_config(dir.join("missing.toml")).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidConfig);

@@ -214,7 +214,7 @@ fn invalid_config_file_names_the_problem() {
     // An unset secret variable is named.
     std::fs::write(
         &path,
-        "url = \"memory://\"\n[auth]\nusername = \"u\"\npassword_env = \"COORDKIT_TEST_UNSET_PW\"\n",
+        "url = \"etcd://u@127.0.0.1:1\"\npassword_env = \"COORDKIT_TEST_UNSET_PW\"\n",
     )
     .unwrap();
     let out = run_cmd(ck(&["--config", path.to_str().unwrap(), "ls"]), None);
@@ -595,24 +595,38 @@ mod etcd {
         std::fs::write(
             &path,
             format!(
-                "[etcd]\nendpoints = [{}]\n[etcd.timeouts]\nconnect = \"5s\"\n",
+                "[etcd]\nendpoints = [{}]\nconnect_timeout = \"5s\"\nnamespace_env = \"CLI_TEST_NS\"\n",
                 endpoints.join(", ")
             ),
         )
         .unwrap();
         let k = format!("{}/k", unique("cfg"));
-        let out = run_cmd(
-            ck(&["--config", path.to_str().unwrap(), "put", &k, "from-config"]),
-            None,
-        );
+        let mut cmd = ck(&["--config", path.to_str().unwrap(), "put", &k, "from-config"]);
+        cmd.env("CLI_TEST_NS", "cfgns/");
+        let out = run_cmd(cmd, None);
         assert_eq!(out.code, 0, "{out:?}");
-        // COORDKIT_CONFIG and COORDKIT_URL work the same way.
+        // COORDKIT_CONFIG works the same way; the namespace from the environment applied.
         let mut cmd = ck(&["get", &k]);
-        cmd.env("COORDKIT_CONFIG", &path);
+        cmd.env("COORDKIT_CONFIG", &path)
+            .env("CLI_TEST_NS", "cfgns/");
         assert_eq!(run_cmd(cmd, None).text(), "from-config\n");
+        // COORDKIT_ETCD_NAMESPACE overrides the file: another namespace, no such key.
         let mut cmd = ck(&["get", &k]);
-        cmd.env("COORDKIT_URL", url());
-        assert_eq!(run_cmd(cmd, None).text(), "from-config\n");
+        cmd.env("COORDKIT_CONFIG", &path)
+            .env("CLI_TEST_NS", "cfgns/")
+            .env("COORDKIT_ETCD_NAMESPACE", "other/");
+        assert_eq!(run_cmd(cmd, None).code, 3);
+        // The namespace is honoured: the key is stored under it.
+        let (ok, keys, err) = etcd::etcdctl(
+            &etcd::shared().endpoints(),
+            &["get", "--prefix", "--keys-only", "cfgns/kv/"],
+        );
+        assert!(ok, "{err}");
+        assert!(keys.contains(&format!("cfgns/kv/{k}")), "{keys}");
+        // Unset secret variable: exit 2, names it.
+        let out = run_cmd(ck(&["--config", path.to_str().unwrap(), "get", &k]), None);
+        assert_eq!(out.code, 2);
+        assert!(out.stderr.contains("CLI_TEST_NS"), "{}", out.stderr);
     }
 
     #[test]

@@ -83,20 +83,24 @@ fn run_cli(cli: Cli) -> Result<i32, CliError> {
         }
         _ => None,
     };
-    let url = run::process_backend_url(cli.url.as_deref(), cli.config.as_deref())?;
+    let target = run::process_backend(cli.url.as_deref(), cli.config.as_deref())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| CliError::new(exit::FAILED, "runtime", format!("cannot start: {e}")))?;
-    let result = rt.block_on(dispatch(cli, url, stdin_value));
+    let result = rt.block_on(dispatch(cli, target, stdin_value));
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
     result
 }
 
-async fn dispatch(cli: Cli, url: String, stdin_value: Option<Vec<u8>>) -> Result<i32, CliError> {
+async fn dispatch(
+    cli: Cli,
+    target: coordkit::config_file::Resolved,
+    stdin_value: Option<Vec<u8>>,
+) -> Result<i32, CliError> {
     let t = cli.timeout;
-    let backend = run::connect(&url, t).await?;
+    let backend = run::connect(&target, t).await?;
     let b = &*backend;
     let mut out = std::io::stdout().lock();
     match cli.command {

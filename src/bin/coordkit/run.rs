@@ -6,14 +6,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coordkit::config_file::{process_env, ConfigFile};
+use coordkit::config_file::{process_env, ConfigFile, Env, RedactedUrl, Resolved};
 use coordkit::{Backend, Consistency, Entry, PutOptions, WatchEvent};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
 use crate::exit::{CliError, FAILED, NOT_FOUND, OK};
 
-/// Where the backend comes from: the URL to connect to.
+/// Where the backend comes from.
 ///
 /// `--url` wins; else `--config` (or `COORDKIT_CONFIG`), with environment overrides; else
 /// `COORDKIT_URL`.
@@ -21,29 +21,32 @@ use crate::exit::{CliError, FAILED, NOT_FOUND, OK};
 /// # Errors
 /// A usage error when both `--url` and `--config` are given or nothing names a backend; the
 /// configuration's error when the file is invalid.
-pub fn backend_url(
+pub fn choose_backend(
     url: Option<&str>,
     config: Option<&Path>,
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<String, CliError> {
+    env: &Env,
+) -> Result<Resolved, CliError> {
     match (url, config) {
         (Some(_), Some(_)) => Err(CliError::usage(
             "give either --url or --config (COORDKIT_CONFIG), not both",
         )),
-        (Some(url), None) => Ok(url.to_string()),
-        (None, Some(path)) => Ok(ConfigFile::load(path)?.resolve(env)?.url().to_string()),
-        (None, None) => env("COORDKIT_URL").ok_or_else(|| {
-            CliError::usage(
+        (Some(url), None) => Ok(Resolved::Url(RedactedUrl::new(url))),
+        (None, Some(path)) => Ok(ConfigFile::load(path)?
+            .resolve(env)
+            .map_err(|e| e.context(path.display()))?),
+        (None, None) => match env.get("COORDKIT_URL").filter(|u| !u.is_empty()) {
+            Some(url) => Ok(Resolved::Url(RedactedUrl::new(url.clone()))),
+            None => Err(CliError::usage(
                 "no backend given: use --url URL (e.g. --url etcd://127.0.0.1:2379), \
                  --config FILE, or set COORDKIT_URL",
-            )
-        }),
+            )),
+        },
     }
 }
 
 /// Connects within `timeout`.
-pub async fn connect(url: &str, timeout: Duration) -> Result<Arc<dyn Backend>, CliError> {
-    bounded(timeout, "connecting", coordkit::connect(url)).await
+pub async fn connect(target: &Resolved, timeout: Duration) -> Result<Arc<dyn Backend>, CliError> {
+    bounded(timeout, "connecting", target.connect()).await
 }
 
 /// Runs `fut`, failing with a timeout error (exit 1) after `timeout`.
@@ -65,9 +68,9 @@ pub async fn bounded<T>(
     }
 }
 
-/// Reads the URL inputs from the process environment.
-pub fn process_backend_url(url: Option<&str>, config: Option<&Path>) -> Result<String, CliError> {
-    backend_url(url, config, &process_env)
+/// [`choose_backend`] with the process environment.
+pub fn process_backend(url: Option<&str>, config: Option<&Path>) -> Result<Resolved, CliError> {
+    choose_backend(url, config, &process_env())
 }
 
 /// The JSON form of an entry: `value` when it is UTF-8, else `value_base64`.
@@ -278,30 +281,38 @@ pub async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
 
-    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs
+    fn env_of(pairs: &[(&str, &str)]) -> Env {
+        pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        move |k| m.get(k).cloned()
+            .collect()
+    }
+
+    fn url_of(r: Result<Resolved, CliError>) -> String {
+        match r {
+            Ok(Resolved::Url(u)) => u.expose().to_string(),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
-    fn url_precedence() {
+    fn backend_precedence() {
         let env = env_of(&[("COORDKIT_URL", "memory://?from=env")]);
         assert_eq!(
-            backend_url(Some("etcd://a:1"), None, &env).unwrap(),
+            url_of(choose_backend(Some("etcd://a:1"), None, &env)),
             "etcd://a:1"
         );
-        assert_eq!(backend_url(None, None, &env).unwrap(), "memory://?from=env");
-        let e = backend_url(None, None, &env_of(&[])).unwrap_err();
+        assert_eq!(
+            url_of(choose_backend(None, None, &env)),
+            "memory://?from=env"
+        );
+        let e = choose_backend(None, None, &env_of(&[])).unwrap_err();
         assert_eq!(e.code, crate::exit::USAGE);
         assert!(e.message.contains("--url"));
-        let e = backend_url(Some("x"), Some(Path::new("f")), &env).unwrap_err();
+        let e = choose_backend(Some("x"), Some(Path::new("f")), &env).unwrap_err();
         assert_eq!(e.code, crate::exit::USAGE);
-        let e = backend_url(None, Some(Path::new("/nonexistent/c.toml")), &env).unwrap_err();
+        let e = choose_backend(None, Some(Path::new("/nonexistent/c.toml")), &env).unwrap_err();
         assert_eq!(e.code, crate::exit::USAGE);
         assert!(e.message.contains("/nonexistent/c.toml"), "{}", e.message);
     }
