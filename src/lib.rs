@@ -73,3 +73,13 @@ impl<T: KvStore + DistLock + ?Sized> Backend for T {}
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The Rust samples of `docs/locking.md`, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/locking.md")]
+pub struct LockingDocDoctests;
+
+/// The Rust samples of `docs/configuration.md`, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/configuration.md")]
+pub struct ConfigurationDocDoctests;

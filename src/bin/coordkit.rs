@@ -25,10 +25,9 @@ fn main() -> ExitCode {
     let json = argv.iter().any(|a| a == "--json");
     let code = match args::parse(argv) {
         Ok(Parsed::Print(text)) => {
-            print!("{text}");
-            if !text.ends_with('\n') {
-                println!();
-            }
+            use std::io::Write as _;
+            let nl = if text.ends_with('\n') { "" } else { "\n" };
+            let _ = write!(std::io::stdout().lock(), "{text}{nl}");
             exit::OK
         }
         Ok(Parsed::Run(cli)) => {
@@ -44,7 +43,7 @@ fn main() -> ExitCode {
 }
 
 fn report(e: &CliError, json: bool) -> i32 {
-    eprintln!("{}", e.render(json));
+    crate::exit::note!("{}", e.render(json));
     e.code
 }
 

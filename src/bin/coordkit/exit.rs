@@ -2,6 +2,15 @@
 
 use coordkit::{Error, ErrorKind};
 
+/// Writes one line to standard error, ignoring failures (a closed pipe must not abort).
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+pub(crate) use note;
+
 /// Success.
 pub const OK: i32 = 0;
 /// The operation failed: backend unreachable, request timeout, permission denied, conflict,

@@ -141,7 +141,7 @@ pub async fn run_under(
             status = child.wait() => break status,
             _ = &mut lost, if !lost_seen => {
                 lost_seen = true;
-                eprintln!(
+                crate::exit::note!(
                     "coordkit: lock {:?} lost while the command ran; sending SIGTERM to it",
                     job.name
                 );
@@ -149,7 +149,7 @@ pub async fn run_under(
                 kill_at = Some(Instant::now() + job.kill_after);
             }
             _ = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
-                eprintln!(
+                crate::exit::note!(
                     "coordkit: the command did not exit within {} of SIGTERM; sending SIGKILL",
                     format_duration(job.kill_after)
                 );
@@ -189,8 +189,8 @@ async fn release(guard: LockGuard) {
     let name = guard.name().to_string();
     match tokio::time::timeout(RELEASE_BOUND, guard.release()).await {
         Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("coordkit: warning: releasing lock {name:?}: {e}"),
-        Err(_) => eprintln!(
+        Ok(Err(e)) => crate::exit::note!("coordkit: warning: releasing lock {name:?}: {e}"),
+        Err(_) => crate::exit::note!(
             "coordkit: warning: releasing lock {name:?} timed out; its lease will expire by itself"
         ),
     }

@@ -258,7 +258,7 @@ pub async fn watch(
     stop: impl Future<Output = ()>,
 ) -> Result<i32, CliError> {
     let mut stream = bounded(timeout, "watch", b.watch(prefix)).await?;
-    eprintln!(
+    crate::exit::note!(
         "coordkit: watching {:?} (Ctrl-C to stop)",
         if prefix.is_empty() { "" } else { prefix }
     );
