@@ -8,9 +8,6 @@
 //! never killed by name.
 #![allow(dead_code)]
 
-pub mod consul_sim;
-pub mod zookeeper;
-
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::TcpListener;
@@ -19,7 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod consul_sim;
 pub mod etcd;
+pub mod zookeeper;
 
 static BASE: OnceLock<PathBuf> = OnceLock::new();
 static PORTS: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
