@@ -20,7 +20,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use coordkit::{Consistency, DistLock, ErrorKind, KvStore, LockOptions, PutOptions};
+use coordkit::{Consistency, ErrorKind, LockOptions, PutOptions};
 use support::etcd::{etcdctl, shared, ETCDCTL_BIN};
 use support::{fresh_dir, wait_until, Proc};
 
