@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use etcd_client::{
     Compare, CompareOp, GetOptions, KeyValue, PutOptions as EtcdPut, SortOrder, SortTarget, Txn,
-    TxnOp, WatchOptions,
+    TxnOp, WatchFilterType, WatchOptions,
 };
 use tokio::sync::mpsc;
 
@@ -206,7 +206,7 @@ impl KvStore for EtcdStore {
         validate_prefix(prefix)?;
         let inner = self.inner.clone();
         let etcd_prefix = inner.data_key(prefix);
-        let (stream, created_rev) = open_watch(&inner, &etcd_prefix, 0, prefix).await?;
+        let (stream, created_rev) = open_watch(&inner, &etcd_prefix, 0, prefix, false).await?;
         let (tx, rx) = mpsc::channel(256);
         tokio::spawn(pump(
             inner,
@@ -263,8 +263,12 @@ pub(crate) async fn open_watch(
     etcd_prefix: &str,
     start_rev: i64,
     shown: &str,
+    deletes_only: bool,
 ) -> Result<(etcd_client::WatchStream, i64)> {
     let mut opts = WatchOptions::new().with_prefix();
+    if deletes_only {
+        opts = opts.with_filters([WatchFilterType::NoPut]);
+    }
     if start_rev > 0 {
         opts = opts.with_start_revision(start_rev);
     }
@@ -392,7 +396,7 @@ async fn pump(
             if tx.is_closed() {
                 return;
             }
-            match open_watch(&inner, &etcd_prefix, delivered + 1, &shown).await {
+            match open_watch(&inner, &etcd_prefix, delivered + 1, &shown, false).await {
                 Ok((s, _)) => {
                     stream = s;
                     break;

@@ -6,14 +6,15 @@
 //! the lowest create revision holds the lock; every other one waits for the deletion of the key
 //! created just before its own. The holder's create revision is the fencing token.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, LeaseClient, PutOptions, SortOrder,
-    SortTarget, Txn, TxnOp, TxnOpResponse,
+    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, LeaseClient, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
 };
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
@@ -254,7 +255,7 @@ enum Step {
 
 impl DirWatch {
     async fn open(inner: &Inner, dir: &str, name: &str) -> Result<DirWatch> {
-        let (stream, _) = open_watch(inner, dir, 0, name).await?;
+        let (stream, _) = open_watch(inner, dir, 0, name, true).await?;
         Ok(DirWatch {
             stream,
             dir: dir.to_string(),
@@ -274,7 +275,7 @@ impl DirWatch {
         }
         let mut backoff = Duration::from_millis(50);
         loop {
-            match open_watch(inner, &self.dir, 0, &self.name).await {
+            match open_watch(inner, &self.dir, 0, &self.name, true).await {
                 Ok((s, _)) => {
                     self.stream = s;
                     return Step::Resynced;
@@ -378,32 +379,16 @@ impl EtcdStore {
         // so the predecessor's DELETE reaches us at once (a watch from a past revision waits
         // for etcd's 100 ms catch-up loop).
         let mut watch = DirWatch::open(inner, &dir, name).await?;
-        let (my_rev, owner_rev) = self.enqueue(name, &dir, &my_key, session.id).await?;
-        if owner_rev != my_rev {
+        let (my_rev, ahead) = self.enqueue(name, &dir, &my_key, session.id).await?;
+        if !ahead.is_empty() {
             if try_only {
                 enq.withdraw().await?;
                 return Ok(None);
             }
-            self.wait_predecessors(name, &dir, &my_key, my_rev, &mut watch)
+            // Returns only once our key is the oldest *and* still exists (the lesson of etcd
+            // issue 11456: after waiting, the lease may have expired).
+            self.wait_predecessors(name, &dir, &my_key, my_rev, ahead, &mut watch)
                 .await?;
-        }
-        // The lesson of etcd issue 11456: the own key (so the lease) must still exist.
-        let mut kv = inner.kv.clone();
-        let k = my_key.clone();
-        let resp = inner
-            .call("confirming the lock key", Some(name), async move {
-                kv.get(k, None).await
-            })
-            .await?;
-        match resp.kvs().first() {
-            Some(kv) if kv.create_revision() == my_rev => {}
-            _ => {
-                return Err(lock_lost(
-                    name,
-                    "the lock key vanished while waiting (the lease expired or the key was \
-                     deleted)",
-                ))
-            }
         }
         if session.lost.is_cancelled() {
             return Err(lock_lost(
@@ -440,11 +425,17 @@ impl EtcdStore {
         )))
     }
 
-    /// Puts the own key (unless it exists) and returns its create revision and the lowest
-    /// create revision in the directory (the owner's), in one transaction. A leftover own key
-    /// (a release that could not reach etcd) is deleted and put again, so each acquisition gets
-    /// a new revision.
-    async fn enqueue(&self, name: &str, dir: &str, my_key: &str, lease: i64) -> Result<(i64, i64)> {
+    /// Puts the own key (unless it exists) and, in the same transaction, reads the queue.
+    /// Returns the key's create revision and the keys created before it (the contenders
+    /// ahead). A leftover own key (a release that could not reach etcd) is deleted and put
+    /// again, so each acquisition gets a new revision.
+    async fn enqueue(
+        &self,
+        name: &str,
+        dir: &str,
+        my_key: &str,
+        lease: i64,
+    ) -> Result<(i64, BTreeSet<Vec<u8>>)> {
         let inner = &self.inner;
         for _ in 0..3 {
             let txn = Txn::new()
@@ -461,12 +452,7 @@ impl EtcdStore {
                     ),
                     TxnOp::get(
                         dir.to_string(),
-                        Some(
-                            GetOptions::new()
-                                .with_prefix()
-                                .with_sort(SortTarget::Create, SortOrder::Ascend)
-                                .with_limit(1),
-                        ),
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
                     ),
                 ]);
             let mut kv = inner.kv.clone();
@@ -479,11 +465,25 @@ impl EtcdStore {
                 let my_rev = resp.header().map(|h| h.revision()).ok_or_else(|| {
                     Error::new(ErrorKind::Backend, NAME, "etcd sent no header").with_key(name)
                 })?;
-                let ops = resp.op_responses();
-                let owner = ops.get(1).and_then(first_kv).map(|kv| kv.create_revision());
-                return Ok((my_rev, owner.unwrap_or(0)));
+                let ahead = match resp.op_responses().get(1) {
+                    Some(TxnOpResponse::Get(g)) => g
+                        .kvs()
+                        .iter()
+                        .filter(|kv| kv.create_revision() < my_rev)
+                        .map(|kv| kv.key().to_vec())
+                        .collect(),
+                    _ => {
+                        return Err(Error::new(
+                            ErrorKind::Backend,
+                            NAME,
+                            "etcd's lock transaction lacked its read",
+                        )
+                        .with_key(name))
+                    }
+                };
+                return Ok((my_rev, ahead));
             }
-            tracing::debug!(lock = name, dir, "deleting a leftover own lock key");
+            tracing::debug!(lock = name, "deleting a leftover own lock key");
             delete_key(inner, my_key, name).await?;
         }
         Err(Error::new(
@@ -494,56 +494,92 @@ impl EtcdStore {
         .with_key(name))
     }
 
-    /// Waits until no key in `dir` was created before `my_rev`, each time waiting only for the
-    /// deletion of the key created just before ours (no herd), picked from `watch`.
+    /// Reads, in one snapshot, the keys created before ours and whether ours still exists;
+    /// returns them with the snapshot's revision.
+    async fn read_queue(
+        &self,
+        name: &str,
+        dir: &str,
+        my_key: &str,
+        my_rev: i64,
+    ) -> Result<(BTreeSet<Vec<u8>>, i64)> {
+        let inner = &self.inner;
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(
+                dir.to_string(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_max_create_revision(my_rev - 1),
+                ),
+            ),
+            TxnOp::get(my_key.to_string(), None),
+        ]);
+        let mut kv = inner.kv.clone();
+        let resp = inner
+            .call("reading the lock queue", Some(name), async move {
+                kv.txn(txn).await
+            })
+            .await?;
+        let as_of = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let ops = resp.op_responses();
+        let mine = ops.get(1).and_then(first_kv).map(|kv| kv.create_revision());
+        if mine != Some(my_rev) {
+            return Err(own_key_gone(name));
+        }
+        let ahead = match ops.first() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().iter().map(|kv| kv.key().to_vec()).collect(),
+            _ => BTreeSet::new(),
+        };
+        Ok((ahead, as_of))
+    }
+
+    /// Waits until every key created before ours (`ahead`, as of revision `as_of`) is deleted,
+    /// following the deletions in `watch` (which was created before our key, so it holds
+    /// every deletion after `as_of`): no request per wake-up, and the handoff costs no round
+    /// trip beyond the holder's delete. Returns only while our own key still exists (the
+    /// lesson of etcd issue 11456): its deletion would be in the same, revision-ordered stream
+    /// before the last predecessor's.
     async fn wait_predecessors(
         &self,
         name: &str,
         dir: &str,
         my_key: &str,
         my_rev: i64,
+        mut ahead: BTreeSet<Vec<u8>>,
         watch: &mut DirWatch,
     ) -> Result<()> {
         let inner = &self.inner;
-        loop {
-            let mut kv = inner.kv.clone();
-            let d = dir.to_string();
-            let opts = GetOptions::new()
-                .with_prefix()
-                .with_max_create_revision(my_rev - 1)
-                .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_limit(1);
-            let resp = inner
-                .call("reading the lock predecessor", Some(name), async move {
-                    kv.get(d, Some(opts)).await
-                })
-                .await?;
-            let Some(pred) = resp.kvs().first() else {
-                return Ok(());
-            };
-            let (pred_key, pred_rev) = (pred.key().to_vec(), pred.create_revision());
-            'wait: loop {
-                match watch.next(inner).await {
-                    Step::Resynced => break 'wait,
-                    Step::Events(events) => {
-                        for ev in events {
-                            let RawEvent::Delete(kv) = ev else { continue };
-                            if kv.key() == my_key.as_bytes() && kv.mod_revision() > my_rev {
-                                return Err(lock_lost(
-                                    name,
-                                    "the own lock key was deleted while waiting (lease \
-                                     expired or key removed)",
-                                ));
-                            }
-                            if kv.key() == pred_key.as_slice() && kv.mod_revision() > pred_rev {
-                                break 'wait;
-                            }
+        let mut as_of = my_rev;
+        while !ahead.is_empty() {
+            match watch.next(inner).await {
+                Step::Resynced => {
+                    (ahead, as_of) = self.read_queue(name, dir, my_key, my_rev).await?;
+                }
+                Step::Events(events) => {
+                    for ev in events {
+                        let RawEvent::Delete(kv) = ev else { continue };
+                        if kv.mod_revision() <= as_of {
+                            continue;
                         }
+                        if kv.key() == my_key.as_bytes() {
+                            return Err(own_key_gone(name));
+                        }
+                        ahead.remove(kv.key());
                     }
                 }
             }
         }
+        Ok(())
     }
+}
+
+fn own_key_gone(name: &str) -> Error {
+    lock_lost(
+        name,
+        "the own lock key vanished while waiting (the lease expired or the key was deleted)",
+    )
 }
 
 /// Watches a held lock's own key: fires `lost` when someone else deletes it (or its lease
