@@ -52,12 +52,13 @@ async fn main() {
     {
         let released: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
         let samples = Arc::new(Mutex::new(Vec::new()));
+        let rel = Arc::new(Mutex::new(Vec::new()));
         let per = rounds / contenders;
         let start = Instant::now();
         let mut tasks = Vec::new();
         for _ in 0..contenders {
             let store = coordkit::connect(&url).await.expect("connect");
-            let (released, samples) = (released.clone(), samples.clone());
+            let (released, samples, rel) = (released.clone(), samples.clone(), rel.clone());
             tasks.push(tokio::spawn(async move {
                 let opts = LockOptions::new().ttl(Duration::from_secs(10));
                 for _ in 0..per {
@@ -66,7 +67,9 @@ async fn main() {
                         samples.lock().unwrap().push(at.elapsed());
                     }
                     *released.lock().unwrap() = Some(Instant::now());
+                    let t = Instant::now();
                     g.release().await.expect("release");
+                    rel.lock().unwrap().push(t.elapsed());
                 }
             }));
         }
@@ -75,12 +78,14 @@ async fn main() {
         }
         let wall = start.elapsed();
         report("coordkit (etcd)", samples.lock().unwrap().clone(), wall);
+        report("  coordkit release call", rel.lock().unwrap().clone(), wall);
     }
 
     // etcd's Lock RPC, lease granted once per contender.
     {
         let released: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
         let samples = Arc::new(Mutex::new(Vec::new()));
+        let rel = Arc::new(Mutex::new(Vec::new()));
         let per = rounds / contenders;
         let start = Instant::now();
         let mut tasks = Vec::new();
@@ -89,7 +94,7 @@ async fn main() {
                 .await
                 .expect("connect");
             let lease = client.lease_grant(30, None).await.expect("lease").id();
-            let (released, samples) = (released.clone(), samples.clone());
+            let (released, samples, rel) = (released.clone(), samples.clone(), rel.clone());
             tasks.push(tokio::spawn(async move {
                 for _ in 0..per {
                     let resp = client
@@ -103,7 +108,9 @@ async fn main() {
                         samples.lock().unwrap().push(at.elapsed());
                     }
                     *released.lock().unwrap() = Some(Instant::now());
+                    let t = Instant::now();
                     client.unlock(resp.key()).await.expect("unlock");
+                    rel.lock().unwrap().push(t.elapsed());
                 }
             }));
         }

@@ -198,6 +198,11 @@ struct Enqueued {
 }
 
 impl Enqueued {
+    /// Gives back the local queue place without deleting anything (no key was put).
+    fn into_local(mut self) -> Option<OwnedMutexGuard<()>> {
+        self.local.take()
+    }
+
     /// Deletes the key now and leaves the local queue.
     async fn withdraw(mut self) -> Result<()> {
         let r = delete_key(&self.inner, &self.key, &self.name).await;
@@ -360,26 +365,49 @@ impl EtcdStore {
         local: OwnedMutexGuard<()>,
     ) -> Result<Option<LockGuard>> {
         let inner = &self.inner;
-        let session = match inner.session(secs, name).await {
-            Ok(s) => s,
-            Err(e) => {
-                inner.leave_local(name, local);
-                return Err(e);
+        let dir = inner.lock_dir(name);
+        let mut local = Some(local);
+        let mut watch: Option<DirWatch> = None;
+        let mut retried = false;
+        let (session, enq, my_key, my_rev, ahead) = loop {
+            let session = match inner.session(secs, name).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(l) = local.take() {
+                        inner.leave_local(name, l);
+                    }
+                    return Err(e);
+                }
+            };
+            let my_key = format!("{dir}{:x}", session.id);
+            let enq = Enqueued {
+                inner: inner.clone(),
+                name: name.to_string(),
+                key: my_key.clone(),
+                local: local.take(),
+            };
+            // Watch the directory from "now" before enqueuing: the watch is in etcd's synced
+            // group, so the predecessor's DELETE reaches us at once (a watch from a past
+            // revision waits for etcd's 100 ms catch-up loop).
+            if watch.is_none() {
+                watch = Some(DirWatch::open(inner, &dir, name).await?);
+            }
+            match self.enqueue(name, &dir, &my_key, session.id).await {
+                Ok((rev, ahead)) => break (session, enq, my_key, rev, ahead),
+                // The lease vanished (revoked, or expired before the keep-alive noticed):
+                // drop it and try once more with a new one.
+                Err(e) if e.kind() == ErrorKind::LockLost && !retried => {
+                    tracing::debug!(lock = name, error = %e, "lease gone; granting a new one");
+                    session.lost.cancel();
+                    retried = true;
+                    local = enq.into_local();
+                }
+                Err(e) => return Err(e),
             }
         };
-        let dir = inner.lock_dir(name);
-        let my_key = format!("{dir}{:x}", session.id);
-        let enq = Enqueued {
-            inner: inner.clone(),
-            name: name.to_string(),
-            key: my_key.clone(),
-            local: Some(local),
+        let Some(mut watch) = watch else {
+            return Err(Error::new(ErrorKind::Backend, NAME, "lock watch missing").with_key(name));
         };
-        // Watch the directory from "now" before enqueuing: the watch is in etcd's synced group,
-        // so the predecessor's DELETE reaches us at once (a watch from a past revision waits
-        // for etcd's 100 ms catch-up loop).
-        let mut watch = DirWatch::open(inner, &dir, name).await?;
-        let (my_rev, ahead) = self.enqueue(name, &dir, &my_key, session.id).await?;
         if !ahead.is_empty() {
             if try_only {
                 enq.withdraw().await?;
