@@ -235,11 +235,10 @@ impl Drop for Enqueued {
 }
 
 async fn delete_key(inner: &Inner, key: &str, name: &str) -> Result<()> {
-    let mut kv = inner.kv.clone();
-    let k = key.to_string();
     inner
-        .call("deleting a lock key", Some(name), async move {
-            kv.delete(k, None).await
+        .call("deleting a lock key", Some(name), || {
+            let (mut kv, k) = (inner.kv.clone(), key.to_string());
+            async move { kv.delete(k, None).await }
         })
         .await
         .map(|_| ())
@@ -483,10 +482,10 @@ impl EtcdStore {
                         Some(GetOptions::new().with_prefix().with_keys_only()),
                     ),
                 ]);
-            let mut kv = inner.kv.clone();
             let resp = inner
-                .call("enqueuing for the lock", Some(name), async move {
-                    kv.txn(txn).await
+                .call("enqueuing for the lock", Some(name), || {
+                    let (mut kv, t) = (inner.kv.clone(), txn.clone());
+                    async move { kv.txn(t).await }
                 })
                 .await?;
             if resp.succeeded() {
@@ -544,10 +543,10 @@ impl EtcdStore {
             ),
             TxnOp::get(my_key.to_string(), None),
         ]);
-        let mut kv = inner.kv.clone();
         let resp = inner
-            .call("reading the lock queue", Some(name), async move {
-                kv.txn(txn).await
+            .call("reading the lock queue", Some(name), || {
+                let (mut kv, t) = (inner.kv.clone(), txn.clone());
+                async move { kv.txn(t).await }
             })
             .await?;
         let as_of = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -640,11 +639,10 @@ async fn monitor(
             }
             Step::Resynced => {
                 // Events may have been missed: read the own key.
-                let mut kv = inner.kv.clone();
-                let k = my_key.clone();
                 let r = inner
-                    .call("checking the lock key", None, async move {
-                        kv.get(k, None).await
+                    .call("checking the lock key", None, || {
+                        let (mut kv, k) = (inner.kv.clone(), my_key.clone());
+                        async move { kv.get(k, None).await }
                     })
                     .await;
                 if let Ok(resp) = r {
@@ -686,10 +684,10 @@ impl EtcdLockHandle {
                 self.key.clone(),
                 Some(DeleteOptions::new()),
             )]);
-        let mut kv = self.inner.kv.clone();
         self.inner
-            .call("releasing the lock", Some(&self.name), async move {
-                kv.txn(txn).await
+            .call("releasing the lock", Some(&self.name), || {
+                let (mut kv, t) = (self.inner.kv.clone(), txn.clone());
+                async move { kv.txn(t).await }
             })
             .await
             .map(|_| ())
