@@ -482,7 +482,13 @@ async fn unreachable_and_silent_endpoints() {
         .get("silent/k", Consistency::Strong)
         .await
         .expect("get after resume");
-    assert_eq!(got.map(|e| e.value), Some(b"v".to_vec()));
+    // The put that timed out may or may not have been applied (it reaches the server once it
+    // runs again), as the contract allows for Timeout.
+    let value = got.map(|e| e.value);
+    assert!(
+        value == Some(b"v".to_vec()) || value == Some(b"x".to_vec()),
+        "{value:?}"
+    );
 }
 
 /// The harness itself: a 3-member cluster starts, names a leader, survives the leader's death

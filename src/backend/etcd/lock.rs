@@ -414,7 +414,7 @@ impl EtcdStore {
             }
             // Returns only once our key is the oldest *and* still exists (the lesson of etcd
             // issue 11456: after waiting, the lease may have expired).
-            self.wait_predecessors(name, &dir, &my_key, my_rev, ahead, &mut watch)
+            self.wait_predecessors(name, &my_key, my_rev, ahead, &mut watch, &session)
                 .await?;
         }
         if session.lost.is_cancelled() {
@@ -571,18 +571,31 @@ impl EtcdStore {
     async fn wait_predecessors(
         &self,
         name: &str,
-        dir: &str,
         my_key: &str,
         my_rev: i64,
         mut ahead: BTreeSet<Vec<u8>>,
         watch: &mut DirWatch,
+        session: &Session,
     ) -> Result<()> {
         let inner = &self.inner;
+        let dir = inner.lock_dir(name);
         let mut as_of = my_rev;
         while !ahead.is_empty() {
-            match watch.next(inner).await {
+            // A lease that cannot be renewed (etcd unreachable for a whole TTL) ends the wait.
+            let step = tokio::select! {
+                _ = session.lost.cancelled() => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        NAME,
+                        "the lease could not be kept alive while waiting for the lock",
+                    )
+                    .with_key(name));
+                }
+                step = watch.next(inner) => step,
+            };
+            match step {
                 Step::Resynced => {
-                    (ahead, as_of) = self.read_queue(name, dir, my_key, my_rev).await?;
+                    (ahead, as_of) = self.read_queue(name, &dir, my_key, my_rev).await?;
                 }
                 Step::Events(events) => {
                     for ev in events {
