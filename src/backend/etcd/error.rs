@@ -40,6 +40,18 @@ pub(crate) fn kind_of_status(code: i32, msg: &str) -> ErrorKind {
     }
 }
 
+/// Whether the error shows that the request never reached a server (the connection to the
+/// chosen endpoint could not be made), so that sending it again cannot apply it twice.
+pub(crate) fn never_sent(e: &EtcdError) -> bool {
+    match e {
+        EtcdError::GRpcStatus(s) if s.code() as i32 == UNAVAILABLE => {
+            let m = s.message();
+            m.contains("tcp connect error") || m.contains("error trying to connect")
+        }
+        _ => false,
+    }
+}
+
 /// The kind an etcd client error means.
 pub(crate) fn kind_of(e: &EtcdError) -> ErrorKind {
     match e {
