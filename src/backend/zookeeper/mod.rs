@@ -308,9 +308,10 @@ pub(crate) struct Inner {
     reconnecting: tokio::sync::Mutex<()>,
     /// Idle lock sessions by requested timeout (ms).
     pool: Mutex<HashMap<u64, Vec<zk::Client>>>,
-    /// Keys this client wrote with a TTL (and has not made permanent since): a put without TTL
-    /// on them pins the TTL node before writing.
-    ttl_keys: Mutex<std::collections::HashSet<String>>,
+    /// Keys this client wrote with a TTL (and has not made permanent since), with the TTL in
+    /// ms. ZooKeeper does not show clients whether a znode is a TTL node, so this is how a put
+    /// without TTL knows to pin the TTL node, and a put with the same TTL that a write suffices.
+    ttl_keys: Mutex<HashMap<String, u64>>,
 }
 
 impl fmt::Debug for ZkStore {
