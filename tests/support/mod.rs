@@ -8,8 +8,6 @@
 //! never killed by name.
 #![allow(dead_code)]
 
-pub mod zookeeper;
-
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::TcpListener;
@@ -17,6 +15,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+pub mod etcd;
+pub mod zookeeper;
 
 static BASE: OnceLock<PathBuf> = OnceLock::new();
 static PORTS: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
