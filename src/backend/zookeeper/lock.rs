@@ -90,7 +90,7 @@ impl Inner {
 
 /// Closes a detached session properly (re-attaching to it without `detached` and dropping the
 /// handle sends CloseSession), in the background. Without a runtime, the session simply expires.
-fn close_session(cfg: &super::ZkConfig, client: zk::Client) {
+pub(crate) fn close_session(cfg: &super::ZkConfig, client: zk::Client) {
     let info = client.session().clone();
     let hosts = cfg.hosts();
     let timeout = cfg.connect_timeout;
@@ -107,8 +107,11 @@ fn close_session(cfg: &super::ZkConfig, client: zk::Client) {
     }
 }
 
-/// Deletes a contender node if the acquisition is abandoned (timeout, cancelled future, error).
+/// Deletes a contender node if the acquisition is abandoned (timeout, cancelled future, error),
+/// then puts its session back into the pool.
 struct NodeGuard {
+    inner: Weak<Inner>,
+    ttl: Duration,
     client: Option<zk::Client>,
     path: String,
 }
@@ -125,18 +128,25 @@ impl Drop for NodeGuard {
             return;
         };
         let path = std::mem::take(&mut self.path);
+        let inner = self.inner.clone();
+        let ttl = self.ttl;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for _ in 0..5 {
                     match tokio::time::timeout(Duration::from_secs(5), client.delete(&path, None))
                         .await
                     {
-                        Ok(Ok(())) | Ok(Err(zk::Error::NoNode)) => break,
-                        Ok(Err(e)) if e_is_final(&e) => break,
+                        Ok(Ok(())) | Ok(Err(zk::Error::NoNode)) => {
+                            if let Some(inner) = inner.upgrade() {
+                                inner.return_session(ttl, client);
+                            }
+                            return;
+                        }
+                        Ok(Err(e)) if e_is_final(&e) => return,
                         _ => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
                 }
-                // The session goes with the abandoned attempt; its expiry removes anything left.
+                // Could not delete: the session's expiry removes the node.
                 drop(client);
             });
         }
@@ -243,6 +253,8 @@ impl ZkStore {
             ));
         };
         let mut guard = NodeGuard {
+            inner: Arc::downgrade(&self.inner),
+            ttl,
             client: Some(client.clone()),
             path: own.clone(),
         };

@@ -534,6 +534,16 @@ impl Inner {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Close the idle lock sessions now rather than letting them expire.
+        let pool = std::mem::take(&mut *lock_std(&self.pool));
+        for client in pool.into_values().flatten() {
+            lock::close_session(&self.cfg, client);
+        }
+    }
+}
+
 /// The ZooKeeper error inside a coordkit error made by [`error::map`], if any.
 pub(crate) fn e_zk(e: &Error) -> Option<&zk::Error> {
     std::error::Error::source(e).and_then(|s| s.downcast_ref::<zk::Error>())
