@@ -187,6 +187,16 @@ async fn server_paused_past_session_timeout_lock_lost() {
     let store = ZkStore::connect(ZkConfig::from_url_str(&zk.url()).expect("url"))
         .await
         .expect("connect");
+    // A second store whose main session expires while the server is silent.
+    let short = ZkStore::connect(
+        ZkConfig::from_url_str(&format!("{}&session_timeout=1s", zk.url())).expect("url"),
+    )
+    .await
+    .expect("connect");
+    short
+        .put("f/short", b"1".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
     let ttl = Duration::from_secs(2);
     let guard = store
         .lock("f/paused", &LockOptions::new().ttl(ttl))
@@ -208,6 +218,25 @@ async fn server_paused_past_session_timeout_lock_lost() {
         after <= ttl + Duration::from_secs(2),
         "lost() fired only after {after:?}"
     );
+    // The store whose session expired opens a new one by itself.
+    let started = Instant::now();
+    let got = loop {
+        match short.get("f/short", Consistency::Strong).await {
+            Ok(v) => break v,
+            Err(e) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(15),
+                    "store did not recover from its session expiry: {e}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    eprintln!(
+        "expired main session replaced after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(got.map(|e| e.value), Some(b"1".to_vec()));
 }
 
 #[tokio::test]

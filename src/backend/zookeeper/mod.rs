@@ -593,6 +593,23 @@ mod tests {
     }
 
     #[test]
+    fn config_deserializes_from_toml() {
+        let c: ZkConfig = toml::from_str(
+            "servers = [\"a:1\", \"b:2\"]\nchroot = \"/app\"\nsession_timeout = \"3s\"\n\
+             connect_timeout = 1500\ndigest = \"u:secret\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.servers, ["a:1", "b:2"]);
+        assert_eq!(c.session_timeout, Duration::from_secs(3));
+        assert_eq!(c.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(c.request_timeout, Duration::from_secs(10));
+        assert!(c.validate().is_ok());
+        assert!(!format!("{c:?}").contains("secret"));
+        assert!(toml::from_str::<ZkConfig>("nosuch = 1").is_err());
+        assert!(toml::from_str::<ZkConfig>("session_timeout = \"1y\"").is_err());
+    }
+
+    #[test]
     fn durations_parse() {
         assert_eq!(parse_duration("1500").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
