@@ -510,3 +510,43 @@ async fn watch_never_skips_silently_under_fast_writes() {
     );
     assert!(gap || delivered == WRITERS * WRITES);
 }
+
+/// Deleting the holder's lock node (an operator, or another tool) fires `lost()` at once, and
+/// the next contender gets the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_fires_when_the_lock_node_is_deleted() {
+    let root = format!("/{}", unique("nodedel"));
+    let s = store(&root).await;
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+    let g = s.lock("victim", &opts).await.expect("lock");
+    let c = raw().await;
+    let dir = format!("{root}/locks/victim");
+    let (children, _) = c.get_children(&dir).await.expect("lock dir");
+    assert_eq!(children.len(), 1);
+    let deleted = Instant::now();
+    c.delete(&format!("{dir}/{}", children[0]), None)
+        .await
+        .expect("delete the lock node");
+    tokio::time::timeout(Duration::from_secs(5), g.lost())
+        .await
+        .expect("lost() did not fire after the lock node was deleted");
+    eprintln!("lock node deleted -> lost() after {:?}", deleted.elapsed());
+    assert!(g.is_lost());
+    let next = s
+        .lock("victim", &opts.clone().wait(Duration::from_secs(5)))
+        .await
+        .expect("next lock");
+    assert!(next.token() > g.token());
+    assert_eq!(
+        g.release()
+            .await
+            .expect_err("release of a lost lock")
+            .kind(),
+        ErrorKind::LockLost
+    );
+    assert!(
+        !next.is_lost(),
+        "releasing the lost guard broke the new holder"
+    );
+    next.release().await.expect("release");
+}
