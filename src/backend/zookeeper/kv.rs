@@ -36,14 +36,6 @@ const TTL_MAX_MS: u128 = 0x00FF_FFFF_FFFF;
 /// Remembered TTL keys per client before the set is cleared (it is only a hint).
 const TTL_KEYS_MAX: usize = 100_000;
 
-fn is_ttl_node(stat: &zk::Stat) -> bool {
-    (stat.ephemeral_owner as u64) >> 56 == 0xFF
-}
-
-fn ttl_of(stat: &zk::Stat) -> u64 {
-    (stat.ephemeral_owner as u64) & 0x00FF_FFFF_FFFF
-}
-
 fn version_of(stat: &zk::Stat) -> Version {
     Version::from_raw(stat.mzxid as u64)
 }
@@ -166,22 +158,22 @@ impl Inner {
     async fn put_permanent(&self, key: &str, value: &[u8]) -> Result<Version> {
         let client = self.client().await?;
         let path = path::key_path(&self.root, key);
-        let was_ttl = lock_std(&self.ttl_keys).remove(key);
+        let was_ttl = lock_std(&self.ttl_keys).remove(key).is_some();
         if was_ttl {
-            // Pin first, then write: the TTL node is never reaped from now on.
-            self.pin(&client, key, &path).await?;
+            // This client wrote the key with a TTL (ZooKeeper does not tell clients whether a
+            // znode is a TTL node: its stat shows ephemeralOwner 0). If it still exists and is
+            // not pinned, pin it first, then write, so that it is never reaped from now on.
+            let stat = self.bounded("stat", key, client.check_stat(&path)).await?;
+            if stat.is_some_and(|s| s.num_children == 0) {
+                self.pin(&client, key, &path).await?;
+            }
         }
         for _ in 0..RETRIES {
             match self
                 .bounded("put", key, client.set_data(&path, value, None))
                 .await
             {
-                Ok(stat) => {
-                    if is_ttl_node(&stat) && stat.num_children == 0 {
-                        self.pin(&client, key, &path).await?;
-                    }
-                    return Ok(version_of(&stat));
-                }
+                Ok(stat) => return Ok(version_of(&stat)),
                 Err(e) if is(&e, zk::Error::NoNode) => {}
                 Err(e) => return Err(e),
             }
@@ -217,13 +209,14 @@ impl Inner {
                 if keys.len() >= TTL_KEYS_MAX {
                     keys.clear();
                 }
-                keys.insert(key.to_string());
+                keys.insert(key.to_string(), ttl_ms);
                 return Ok(version_of(&stat));
             }
             let Some(stat) = self.bounded("stat", key, client.check_stat(&path)).await? else {
                 continue;
             };
-            if is_ttl_node(&stat) && ttl_of(&stat) == ttl_ms && stat.num_children == 0 {
+            let known = lock_std(&self.ttl_keys).get(key).copied();
+            if known == Some(ttl_ms) && stat.num_children == 0 {
                 // Same TTL: a write restarts its clock.
                 match self
                     .bounded(
