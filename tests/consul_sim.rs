@@ -548,3 +548,45 @@ fn acl_token_and_datacenter() {
     let r = http_with(&sim, "GET", "/v1/kv/a?dc=mars", b"", &[("X-Consul-Token", "secret")]);
     assert_eq!((r.status, r.text().as_str()), (500, "No path to datacenter"));
 }
+
+// ---- fidelity: an independent client library drives the simulator ----
+
+/// Python's py-consul (installed by `scripts/test.sh`) runs KV put/get/cas, flags, recurse,
+/// blocking gets, sessions, acquire/release, destroy and transactions against the simulator,
+/// with its own expectations of a Consul server. Skipped, with a notice, only if Python cannot
+/// import it.
+#[test]
+fn fidelity_with_py_consul() {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let probe = std::process::Command::new(&python)
+        .args(["-c", "import consul"])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        other => {
+            eprintln!(
+                "SKIPPED fidelity_with_py_consul: {python} cannot import py-consul ({}); run scripts/test.sh to install it",
+                match other {
+                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+                    Err(e) => e.to_string(),
+                }
+            );
+            return;
+        }
+    }
+    let sim = ConsulSim::start();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/consul_fidelity.py");
+    let out = std::process::Command::new(&python)
+        .arg(script)
+        .arg(sim.addr().port().to_string())
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "py-consul fidelity check failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("checks passed"), "{stdout}");
+    println!("{stdout}");
+}
