@@ -110,7 +110,9 @@ mod real {
 async fn store_on(sim: &ConsulSim, f: impl FnOnce(&mut ConsulConfig)) -> ConsulStore {
     let mut cfg = config_for(sim);
     f(&mut cfg);
-    ConsulStore::connect(cfg).await.expect("connect to the simulator")
+    ConsulStore::connect(cfg)
+        .await
+        .expect("connect to the simulator")
 }
 
 async fn eventually(what: &str, bound: Duration, mut f: impl FnMut() -> bool) {
@@ -137,7 +139,10 @@ async fn fault_session_lapse_then_lock_delay_then_larger_token() {
         let b = b.clone();
         tokio::spawn(async move {
             let g = b
-                .lock("job", &LockOptions::new().ttl(ttl).wait(Duration::from_secs(60)))
+                .lock(
+                    "job",
+                    &LockOptions::new().ttl(ttl).wait(Duration::from_secs(60)),
+                )
                 .await;
             (g, Instant::now())
         })
@@ -157,8 +162,14 @@ async fn fault_session_lapse_then_lock_delay_then_larger_token() {
     let next = next.expect("the next client got the lock");
     let took = at.duration_since(acquired);
     // Invalidation at 2 × TTL after the last renewal (the acquisition), then 3 s of lock-delay.
-    assert!(took >= Duration::from_millis(22_500), "taken over after {took:?}");
-    assert!(took < Duration::from_secs(30), "taken over only after {took:?}");
+    assert!(
+        took >= Duration::from_millis(22_500),
+        "taken over after {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(30),
+        "taken over only after {took:?}"
+    );
     assert!(next.token() > guard.token());
     assert_eq!(
         guard.release().await.unwrap_err().kind(),
@@ -195,17 +206,32 @@ async fn fault_unreachable_server_gives_unavailable_or_timeout_in_bounded_time()
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
 
     let sim = ConsulSim::start();
     let store = store_on(&sim, |c| c.timeout_ms = 1500).await;
-    store.put("k", b"v".to_vec(), PutOptions::default()).await.unwrap();
+    store
+        .put("k", b"v".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
     sim.stop();
     for (what, r) in [
         ("get", store.get("k", Consistency::Strong).await.map(|_| ())),
-        ("put", store.put("k", b"w".to_vec(), PutOptions::default()).await.map(|_| ())),
+        (
+            "put",
+            store
+                .put("k", b"w".to_vec(), PutOptions::default())
+                .await
+                .map(|_| ()),
+        ),
         ("list", store.list("", Consistency::Stale).await.map(|_| ())),
-        ("lock", store.lock("l", &LockOptions::new()).await.map(|_| ())),
+        (
+            "lock",
+            store.lock("l", &LockOptions::new()).await.map(|_| ()),
+        ),
         ("watch", store.watch("").await.map(|_| ())),
     ] {
         let e = r.unwrap_err();
@@ -224,7 +250,10 @@ async fn fault_unreachable_server_gives_unavailable_or_timeout_in_bounded_time()
 async fn bad_input_sends_nothing_and_large_values_round_trip() {
     let sim = ConsulSim::start();
     let store = store_on(&sim, |_| {}).await;
-    let v1 = store.put("big", b"small".to_vec(), PutOptions::default()).await.unwrap();
+    let v1 = store
+        .put("big", b"small".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
     let before = sim.raft_index();
     let e = store
         .put("big", vec![1; 524_289], PutOptions::default())
@@ -237,7 +266,10 @@ async fn bad_input_sends_nothing_and_large_values_round_trip() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::ValueTooLarge);
     for bad in coordkit::conformance::invalid_keys() {
-        let e = store.put(&bad, b"x".to_vec(), PutOptions::default()).await.unwrap_err();
+        let e = store
+            .put(&bad, b"x".to_vec(), PutOptions::default())
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidKey, "{bad:?}");
         let e = store.lock(&bad, &LockOptions::new()).await.unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidKey, "{bad:?}");
@@ -252,21 +284,48 @@ async fn bad_input_sends_nothing_and_large_values_round_trip() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported);
-    assert_eq!(sim.raft_index(), before, "rejected input reached the server");
+    assert_eq!(
+        sim.raft_index(),
+        before,
+        "rejected input reached the server"
+    );
     assert_eq!(sim.session_count(), 0);
 
     let exact = vec![7u8; 524_288];
-    let v2 = store.put("big", exact.clone(), PutOptions::default()).await.unwrap();
-    let got = store.get("big", Consistency::Strong).await.unwrap().unwrap();
-    assert_eq!((got.value.len(), got.version), (exact.len(), v2));
-    let v3 = store
-        .compare_and_swap("big", coordkit::Expect::Version(v2), Some(vec![8u8; 500_000]))
+    let v2 = store
+        .put("big", exact.clone(), PutOptions::default())
+        .await
+        .unwrap();
+    let got = store
+        .get("big", Consistency::Strong)
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(store.get("big", Consistency::Strong).await.unwrap().unwrap().version, v3);
+    assert_eq!((got.value.len(), got.version), (exact.len(), v2));
+    let v3 = store
+        .compare_and_swap(
+            "big",
+            coordkit::Expect::Version(v2),
+            Some(vec![8u8; 500_000]),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store
+            .get("big", Consistency::Strong)
+            .await
+            .unwrap()
+            .unwrap()
+            .version,
+        v3
+    );
     let e = store
-        .compare_and_swap("big", coordkit::Expect::Version(v2), Some(vec![9u8; 500_000]))
+        .compare_and_swap(
+            "big",
+            coordkit::Expect::Version(v2),
+            Some(vec![9u8; 500_000]),
+        )
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Conflict);
@@ -280,7 +339,10 @@ async fn bad_input_sends_nothing_and_large_values_round_trip() {
 async fn lock_layout_and_interop_with_consul_api_locks() {
     let sim = ConsulSim::start();
     let store = store_on(&sim, |c| c.prefix = "app".into()).await;
-    store.put("data", b"d".to_vec(), PutOptions::default()).await.unwrap();
+    store
+        .put("data", b"d".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
     let g = store.lock("jobs/x", &LockOptions::new()).await.unwrap();
     let mut keys = sim.keys();
     keys.sort();
@@ -302,7 +364,10 @@ async fn lock_layout_and_interop_with_consul_api_locks() {
     assert_eq!(sim.session_count(), 1);
     g.release().await.unwrap();
     assert_eq!(sim.keys(), ["app/kv/data"]);
-    eventually("session destroyed", Duration::from_secs(2), || sim.session_count() == 0).await;
+    eventually("session destroyed", Duration::from_secs(2), || {
+        sim.session_count() == 0
+    })
+    .await;
 
     // A foreign holder, the Go API's way.
     let sid: serde_json::Value = http
@@ -318,7 +383,9 @@ async fn lock_layout_and_interop_with_consul_api_locks() {
     let sid = sid["ID"].as_str().unwrap().to_string();
     let flags = coordkit::backend::consul::LOCK_FLAG_VALUE;
     let ok = http
-        .put(format!("{base}/v1/kv/app/locks/jobs/x?acquire={sid}&flags={flags}"))
+        .put(format!(
+            "{base}/v1/kv/app/locks/jobs/x?acquire={sid}&flags={flags}"
+        ))
         .send()
         .await
         .unwrap()
@@ -326,17 +393,23 @@ async fn lock_layout_and_interop_with_consul_api_locks() {
         .await
         .unwrap();
     assert_eq!(ok, "true");
-    assert!(store.try_lock("jobs/x", &LockOptions::new()).await.unwrap().is_none());
+    assert!(store
+        .try_lock("jobs/x", &LockOptions::new())
+        .await
+        .unwrap()
+        .is_none());
     let waiter = {
         let store = store.clone();
         tokio::spawn(async move { store.lock("jobs/x", &LockOptions::new()).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiter.is_finished());
-    http.put(format!("{base}/v1/kv/app/locks/jobs/x?release={sid}&flags={flags}"))
-        .send()
-        .await
-        .unwrap();
+    http.put(format!(
+        "{base}/v1/kv/app/locks/jobs/x?release={sid}&flags={flags}"
+    ))
+    .send()
+    .await
+    .unwrap();
     let g = tokio::time::timeout(Duration::from_secs(5), waiter)
         .await
         .unwrap()
@@ -363,7 +436,10 @@ async fn acl_token_is_sent_and_hidden() {
     let store = coordkit::connect(&format!("{}?token=s3cr3t-token&dc=dc1", sim.url()))
         .await
         .unwrap();
-    store.put("k", b"v".to_vec(), PutOptions::default()).await.unwrap();
+    store
+        .put("k", b"v".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
     let g = store.lock("l", &LockOptions::new()).await.unwrap();
     g.release().await.unwrap();
     assert!(!format!("{store:?}").contains("s3cr3t"), "{store:?}");
@@ -385,7 +461,13 @@ async fn timed_out_wait_leaves_no_session() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout);
-    eventually("waiter's session destroyed", Duration::from_secs(3), || sim.session_count() == 1).await;
+    eventually("waiter's session destroyed", Duration::from_secs(3), || {
+        sim.session_count() == 1
+    })
+    .await;
     g.release().await.unwrap();
-    eventually("holder's session destroyed", Duration::from_secs(3), || sim.session_count() == 0).await;
+    eventually("holder's session destroyed", Duration::from_secs(3), || {
+        sim.session_count() == 0
+    })
+    .await;
 }
