@@ -32,9 +32,8 @@ url = "memory://gamma"
 #[tokio::main]
 async fn main() -> coordkit::Result<()> {
     let text = match std::env::args().nth(1) {
-        Some(path) => std::fs::read_to_string(&path).map_err(|e| {
-            coordkit::Error::config(format!("cannot read {path}: {e}"))
-        })?,
+        Some(path) => std::fs::read_to_string(&path)
+            .map_err(|e| coordkit::Error::config(format!("cannot read {path}: {e}")))?,
         None => DEFAULT_CONFIG.to_string(),
     };
     let config = ShardedConfig::from_toml(&text)?;
@@ -45,17 +44,33 @@ async fn main() -> coordkit::Result<()> {
     for i in 0..12 {
         let key = format!("users/{i:02}");
         store
-            .put(&key, format!("user number {i}").into_bytes(), PutOptions::default())
+            .put(
+                &key,
+                format!("user number {i}").into_bytes(),
+                PutOptions::default(),
+            )
             .await?;
         println!("{key} -> shard {}", store.shard_for(&key).name());
     }
 
     // A list fans out to every shard and comes back merged and sorted.
     let users = store.list("users/", Consistency::Strong).await?;
-    println!("list users/: {} keys, first {:?}", users.len(), users.first().map(|e| &e.key));
+    println!(
+        "list users/: {} keys, first {:?}",
+        users.len(),
+        users.first().map(|e| &e.key)
+    );
     for shard in store.shards() {
-        let here = shard.backend().list("users/", Consistency::Strong).await?.len();
-        println!("  shard {:<6} (weight {}) holds {here}", shard.name(), shard.weight());
+        let here = shard
+            .backend()
+            .list("users/", Consistency::Strong)
+            .await?
+            .len();
+        println!(
+            "  shard {:<6} (weight {}) holds {here}",
+            shard.name(),
+            shard.weight()
+        );
     }
 
     // Compare-and-swap stays on the key's shard.

@@ -60,7 +60,11 @@ mod sharding {
     impl Probe {
         fn check(&self) -> coordkit::Result<()> {
             if self.down.load(Ordering::SeqCst) {
-                return Err(Error::new(ErrorKind::Unavailable, "memory", "probe is down"));
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    "memory",
+                    "probe is down",
+                ));
             }
             Ok(())
         }
@@ -99,7 +103,11 @@ mod sharding {
             if at > 0 {
                 self.fail_cas_at.store(at - 1, Ordering::SeqCst);
                 if at == 1 {
-                    return Err(Error::new(ErrorKind::Unavailable, "memory", "injected crash"));
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        "memory",
+                        "injected crash",
+                    ));
                 }
             }
             self.wrote(key);
@@ -167,7 +175,9 @@ mod sharding {
         let mut per_shard = BTreeMap::new();
         for i in 0..300 {
             let key = format!("route/{i}");
-            s.put(&key, vec![i as u8], PutOptions::default()).await.unwrap();
+            s.put(&key, vec![i as u8], PutOptions::default())
+                .await
+                .unwrap();
             let owner = s.shard_index(&key);
             *per_shard.entry(owner).or_insert(0) += 1;
             for (j, (_, p)) in ps.iter().enumerate() {
@@ -175,7 +185,11 @@ mod sharding {
                 assert_eq!(there.is_some(), j == owner, "{key} on shard {j}");
             }
         }
-        assert_eq!(per_shard.len(), 3, "300 keys all landed on fewer than 3 shards");
+        assert_eq!(
+            per_shard.len(),
+            3,
+            "300 keys all landed on fewer than 3 shards"
+        );
         // A lock taken through the store is held on its owner shard and nowhere else.
         let name = "jobs/compact";
         let owner = s.shard_index(name);
@@ -185,7 +199,11 @@ mod sharding {
             assert_eq!(other.is_none(), j == owner, "lock on shard {j}");
         }
         g.release().await.unwrap();
-        assert!(s.try_lock(name, &LockOptions::new()).await.unwrap().is_some());
+        assert!(s
+            .try_lock(name, &LockOptions::new())
+            .await
+            .unwrap()
+            .is_some());
     }
 
     #[tokio::test]
@@ -195,7 +213,9 @@ mod sharding {
         let mut want = Vec::new();
         for i in 0..60 {
             let key = format!("l/{i:03}");
-            s.put(&key, b"v".to_vec(), PutOptions::default()).await.unwrap();
+            s.put(&key, b"v".to_vec(), PutOptions::default())
+                .await
+                .unwrap();
             want.push(key);
         }
         want.sort();
@@ -203,16 +223,36 @@ mod sharding {
         // leaves) is not listed, and an orphan key that only lives on a non-owner is not either.
         let key = &want[7];
         let stray = (s.shard_index(key) + 1) % 3;
-        ps[stray].1.inner.put(key, b"old".to_vec(), PutOptions::default()).await.unwrap();
+        ps[stray]
+            .1
+            .inner
+            .put(key, b"old".to_vec(), PutOptions::default())
+            .await
+            .unwrap();
         let orphan = (0..)
             .map(|i| format!("l/orphan{i}"))
             .find(|k| s.shard_index(k) != 0)
             .unwrap();
-        ps[0].1.inner.put(&orphan, b"x".to_vec(), PutOptions::default()).await.unwrap();
-        let got: Vec<String> = s.list("l/", STRONG).await.unwrap().into_iter().map(|e| e.key).collect();
+        ps[0]
+            .1
+            .inner
+            .put(&orphan, b"x".to_vec(), PutOptions::default())
+            .await
+            .unwrap();
+        let got: Vec<String> = s
+            .list("l/", STRONG)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
         assert_eq!(got, want);
         let listed = s.list("l/", STRONG).await.unwrap();
-        assert_eq!(listed[7].value, b"v".to_vec(), "list returned the stray copy");
+        assert_eq!(
+            listed[7].value,
+            b"v".to_vec(),
+            "list returned the stray copy"
+        );
         assert_eq!(s.get(&orphan, STRONG).await.unwrap(), None);
     }
 
@@ -220,26 +260,48 @@ mod sharding {
     async fn errors_name_the_shard_and_keep_their_kind() {
         let ps = probes(&["east", "west"]);
         let s = store(StrategyKind::Ring, &ps);
-        ps[1].1.down.store(true, std::sync::atomic::Ordering::SeqCst);
-        let key = (0..).map(|i| format!("e/{i}")).find(|k| s.shard_index(k) == 1).unwrap();
-        let fine = (0..).map(|i| format!("e/{i}")).find(|k| s.shard_index(k) == 0).unwrap();
-        let e = s.put(&key, b"x".to_vec(), PutOptions::default()).await.unwrap_err();
+        ps[1]
+            .1
+            .down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let key = (0..)
+            .map(|i| format!("e/{i}"))
+            .find(|k| s.shard_index(k) == 1)
+            .unwrap();
+        let fine = (0..)
+            .map(|i| format!("e/{i}"))
+            .find(|k| s.shard_index(k) == 0)
+            .unwrap();
+        let e = s
+            .put(&key, b"x".to_vec(), PutOptions::default())
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unavailable);
         assert!(e.to_string().contains("shard \"west\""), "{e}");
         let e = s.get(&key, STRONG).await.unwrap_err();
         assert!(e.message().starts_with("shard \"west\""), "{e}");
         let e = s.list("e/", STRONG).await.unwrap_err();
-        assert!(e.message().contains("west") && e.is(ErrorKind::Unavailable), "{e}");
+        assert!(
+            e.message().contains("west") && e.is(ErrorKind::Unavailable),
+            "{e}"
+        );
         let e = s.watch("e/").await.err().expect("watch with a shard down");
         assert!(e.message().contains("west"), "{e}");
         let e = s.lock(&key, &LockOptions::new()).await.unwrap_err();
         assert!(e.message().contains("west"), "{e}");
         // The other shard keeps working.
-        s.put(&fine, b"ok".to_vec(), PutOptions::default()).await.unwrap();
+        s.put(&fine, b"ok".to_vec(), PutOptions::default())
+            .await
+            .unwrap();
         // Invalid input is rejected before any shard is asked.
-        let e = s.put("bad key", b"x".to_vec(), PutOptions::default()).await.unwrap_err();
+        let e = s
+            .put("bad key", b"x".to_vec(), PutOptions::default())
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::InvalidKey);
-        assert!(ps.iter().all(|(_, p)| !p.written().contains(&"bad key".to_string())));
+        assert!(ps
+            .iter()
+            .all(|(_, p)| !p.written().contains(&"bad key".to_string())));
     }
 
     #[tokio::test]
@@ -258,8 +320,14 @@ mod sharding {
         assert_eq!(caps.min_ttl, Duration::from_secs(5));
         assert_eq!(caps.fencing_scope, FencingScope::PerLock);
         // A key owned by the shard with the larger limit still gets the smaller one.
-        let key = (0..).map(|i| format!("c/{i}")).find(|k| s.shard_index(k) == 0).unwrap();
-        let e = s.put(&key, vec![0; 101], PutOptions::default()).await.unwrap_err();
+        let key = (0..)
+            .map(|i| format!("c/{i}"))
+            .find(|k| s.shard_index(k) == 0)
+            .unwrap();
+        let e = s
+            .put(&key, vec![0; 101], PutOptions::default())
+            .await
+            .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ValueTooLarge);
         let e = s
             .compare_and_swap(&key, Expect::Absent, Some(vec![0; 101]))
@@ -267,11 +335,19 @@ mod sharding {
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::ValueTooLarge);
         let e = s
-            .put(&key, b"x".to_vec(), PutOptions::ttl(Duration::from_secs(60)))
+            .put(
+                &key,
+                b"x".to_vec(),
+                PutOptions::ttl(Duration::from_secs(60)),
+            )
             .await
             .unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
-        assert_eq!(s.get(&key, STRONG).await.unwrap(), None, "a refused write changed data");
+        assert_eq!(
+            s.get(&key, STRONG).await.unwrap(),
+            None,
+            "a refused write changed data"
+        );
         // One shard alone keeps the backend's fencing scope.
         let one = store(StrategyKind::Ring, &probes(&["solo"]));
         assert_eq!(one.capabilities().fencing_scope, FencingScope::Cluster);
@@ -284,14 +360,21 @@ mod sharding {
         let mut w = s.watch("w/").await.unwrap();
         let keys: Vec<String> = (0..30).map(|i| format!("w/{i}")).collect();
         for k in &keys {
-            s.put(k, b"1".to_vec(), PutOptions::default()).await.unwrap();
+            s.put(k, b"1".to_vec(), PutOptions::default())
+                .await
+                .unwrap();
         }
         let mut seen = Vec::new();
         for _ in 0..keys.len() {
-            let ev = tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap();
+            let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+                .await
+                .unwrap();
             seen.push(ev.unwrap().unwrap().key().to_string());
         }
-        assert_eq!(seen, keys, "writes through one handle arrive in the order made");
+        assert_eq!(
+            seen, keys,
+            "writes through one handle arrive in the order made"
+        );
         let shards_used: HashSet<usize> = keys.iter().map(|k| s.shard_index(k)).collect();
         assert_eq!(shards_used.len(), 3);
         drop(w);
@@ -315,15 +398,23 @@ mod sharding {
             .take(2)
             .collect();
         for k in &on_b {
-            s.put(k, b"1".to_vec(), PutOptions::default()).await.unwrap();
+            s.put(k, b"1".to_vec(), PutOptions::default())
+                .await
+                .unwrap();
         }
-        let first = tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap();
         assert_eq!(first.unwrap().unwrap().key(), on_b[0]);
-        let second = tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap();
         let e = second.unwrap().unwrap_err();
         assert_eq!(e.kind(), ErrorKind::WatchGap);
         assert!(e.message().contains("shard \"b\""), "{e}");
-        let end = tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .unwrap();
         assert!(end.is_none(), "the merged stream went on after a gap");
     }
 
@@ -333,9 +424,13 @@ mod sharding {
             .await
             .unwrap();
         assert_eq!(s.capabilities().backend, "sharded");
-        s.put("u/1", b"x".to_vec(), PutOptions::default()).await.unwrap();
+        s.put("u/1", b"x".to_vec(), PutOptions::default())
+            .await
+            .unwrap();
         assert_eq!(s.list("u/", STRONG).await.unwrap().len(), 1);
-        let s2 = connect("sharded://?strategy=jump&shard=memory://a").await.unwrap();
+        let s2 = connect("sharded://?strategy=jump&shard=memory://a")
+            .await
+            .unwrap();
         assert!(format!("{s2:?}").contains("jump"));
         for bad in [
             "sharded+ring://",
@@ -365,7 +460,10 @@ mod sharding {
         for i in 0..KEYS {
             let key = format!("data/{i:05}");
             let value = format!("value-{i}").into_bytes();
-            let v = old.put(&key, value.clone(), PutOptions::default()).await.unwrap();
+            let v = old
+                .put(&key, value.clone(), PutOptions::default())
+                .await
+                .unwrap();
             original.insert(key, (value, v));
         }
         for (_, p) in &new_ps {
@@ -386,7 +484,10 @@ mod sharding {
             .iter()
             .map(|m| (m.key.clone(), (m.from.clone(), m.to.clone())))
             .collect();
-        assert_eq!(planned, should_move, "the plan differs from the owner change");
+        assert_eq!(
+            planned, should_move,
+            "the plan differs from the owner change"
+        );
         // A ring only moves keys to the new shard, about 1/4 of them.
         assert!(p.moves.iter().all(|m| m.to == "s3"));
         let frac = p.moved_fraction();
@@ -404,7 +505,11 @@ mod sharding {
         victim.fail_cas_at.store(0, Ordering::SeqCst);
         // Mid-way: some keys moved, and at least one key is on both shards.
         let on_new = new_ps[3].1.inner.list("", STRONG).await.unwrap().len();
-        assert!(on_new > 0 && on_new < p.moves.len(), "{on_new} of {}", p.moves.len());
+        assert!(
+            on_new > 0 && on_new < p.moves.len(),
+            "{on_new} of {}",
+            p.moves.len()
+        );
 
         // Resume with a fresh plan: only the remaining keys, including the half-moved one.
         let rest = plan(&old, &new).await.unwrap();
@@ -427,12 +532,14 @@ mod sharding {
             let got = new.get(key, STRONG).await.unwrap().expect("key lost");
             assert_eq!(&got.value, value, "{key} changed");
             if !should_move.contains_key(key) {
-                assert_eq!(got.version, *version, "{key} was rewritten although it did not move");
+                assert_eq!(
+                    got.version, *version,
+                    "{key} was rewritten although it did not move"
+                );
             }
         }
         // Only moved keys were written, on any shard.
-        let touched: HashSet<String> =
-            new_ps.iter().flat_map(|(_, p)| p.written()).collect();
+        let touched: HashSet<String> = new_ps.iter().flat_map(|(_, p)| p.written()).collect();
         let moved: HashSet<String> = should_move.keys().cloned().collect();
         assert_eq!(touched, moved, "keys outside the plan were written");
     }
@@ -448,9 +555,13 @@ mod sharding {
             .map(|i| format!("k/{i}"))
             .find(|k| new.shard_index(k) == 2)
             .unwrap();
-        old.put(&key, b"old".to_vec(), PutOptions::default()).await.unwrap();
+        old.put(&key, b"old".to_vec(), PutOptions::default())
+            .await
+            .unwrap();
         // Written through the new layout before the migration reached it.
-        new.put(&key, b"new".to_vec(), PutOptions::default()).await.unwrap();
+        new.put(&key, b"new".to_vec(), PutOptions::default())
+            .await
+            .unwrap();
         let p = plan(&old, &new).await.unwrap();
         let report = migrate(&old, &new, &p).await.unwrap();
         assert_eq!(report.conflicts, vec![key.clone()]);
