@@ -832,9 +832,12 @@ mod tests {
         assert_eq!(c.shards[1].url, "memory://?b");
     }
 
+    /// (configuration text, environment, what the error message must contain)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str);
+
     #[test]
     fn invalid_configurations_are_named() {
-        let cases: &[(&str, &[(&str, &str)], &str)] = &[
+        let cases: &[Case] = &[
             ("", &[], "names no backend"),
             ("url = \"memory://\"\n[memory]\n", &[], "more than one"),
             ("urll = 1\n", &[], "unknown field"),
