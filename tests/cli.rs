@@ -282,6 +282,53 @@ fn lock_runs_command_with_token_and_exit_status_on_memory() {
     assert_eq!(out.code, 126);
 }
 
+/// coordkit killed with SIGKILL while CMD runs: CMD gets SIGTERM from the kernel and does not
+/// run on without the lock.
+#[test]
+fn command_dies_with_coordkit() {
+    let dir = support::fresh_dir("cli-pdeathsig");
+    let pidfile = dir.join("pid");
+    let script = format!("echo $$ > {}; exec sleep 60", pidfile.display());
+    let mut holder = ck(&[
+        "--url",
+        "memory://",
+        "lock",
+        "jobs/p",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("start coordkit");
+    let read_pid = || {
+        std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    };
+    assert!(support::wait_until(Duration::from_secs(30), || read_pid().is_some()));
+    let cmd_pid = read_pid().expect("pid");
+    // Running: /proc/PID/stat exists and the state (after the command name) is not Z (zombie).
+    let alive = || {
+        std::fs::read_to_string(format!("/proc/{cmd_pid}/stat"))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    };
+    assert!(alive());
+    holder.kill().expect("SIGKILL coordkit");
+    holder.wait().expect("reap coordkit");
+    assert!(
+        support::wait_until(Duration::from_secs(10), || !alive()),
+        "CMD (pid {cmd_pid}) still runs after coordkit was killed"
+    );
+}
+
 // ---------------------------------------------------------------------------------------------
 // Against real servers.
 

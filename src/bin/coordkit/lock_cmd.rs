@@ -87,6 +87,32 @@ pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<LockGuard, CliErr
     result
 }
 
+/// Makes the kernel send CMD SIGTERM if coordkit dies first (even by SIGKILL), so that CMD
+/// never runs on after its lock's holder is gone. Linux only; elsewhere a no-op.
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut tokio::process::Command) {
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and calls only the
+    // async-signal-safe functions prctl(2) and getppid(2).
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // coordkit died between fork and prctl: do not start CMD at all.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                return Err(std::io::Error::other(
+                    "coordkit exited before the command started",
+                ));
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut tokio::process::Command) {}
+
 fn signal_group(pgid: Option<u32>, sig: i32) {
     if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
         // SAFETY: kill(2) with a negative pid signals the process group of a child this process
@@ -112,6 +138,7 @@ pub async fn run_under(
         .env(TOKEN_ENV, guard.token().to_string())
         .env(NAME_ENV, guard.name())
         .process_group(0);
+    die_with_parent(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
