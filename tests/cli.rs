@@ -334,6 +334,11 @@ fn command_dies_with_coordkit() {
 
 /// Every key-value subcommand, human and JSON output, stdin input, TTL, missing keys.
 fn kv_subcommands(url: &str) {
+    kv_subcommands_with(url, true)
+}
+
+/// [`kv_subcommands`], with or without the `--ttl` part (for backends without key TTLs).
+fn kv_subcommands_with(url: &str, key_ttl: bool) {
     let p = unique("kv");
     let k = format!("{p}/greeting");
     let out = run(url, &["put", &k, "hello world"]);
@@ -395,8 +400,15 @@ fn kv_subcommands(url: &str) {
     assert!(out.stderr.contains("not found"));
     assert_eq!(run(url, &["del", &k]).code, 0);
 
-    // put --ttl: the key disappears by itself.
+    // put --ttl: the key disappears by itself (or a clear error where TTLs are unsupported).
     let t = format!("{p}/ttl");
+    if !key_ttl {
+        let out = run(url, &["put", &t, "short-lived", "--ttl", "2s"]);
+        assert_eq!(out.code, 1, "{out:?}");
+        assert_one_line_error(&out);
+        assert!(out.stderr.contains("unsupported"), "{}", out.stderr);
+        return;
+    }
     let out = run(url, &["put", &t, "short-lived", "--ttl", "2s"]);
     assert_eq!(out.code, 0, "{out:?}");
     assert_eq!(run(url, &["get", &t]).code, 0);
@@ -771,5 +783,41 @@ mod zookeeper {
         assert_eq!(out.code, 1, "{out:?}");
         assert_one_line_error(&out);
         assert!(out.took < Duration::from_secs(20), "took {:?}", out.took);
+    }
+}
+
+/// Consul, against the in-process simulator of its HTTP API (no Consul server can be installed
+/// on these machines).
+#[cfg(feature = "consul")]
+mod consul {
+    use super::*;
+    use std::sync::OnceLock;
+    use support::consul_sim::ConsulSim;
+
+    fn url() -> String {
+        static SIM: OnceLock<ConsulSim> = OnceLock::new();
+        SIM.get_or_init(ConsulSim::start).url()
+    }
+
+    #[test]
+    fn kv_subcommands() {
+        let caps_ttl = {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            rt.block_on(async {
+                let b = coordkit::connect(&url()).await.expect("connect");
+                b.capabilities().key_ttl
+            })
+        };
+        super::kv_subcommands_with(&url(), caps_ttl);
+    }
+
+    #[test]
+    fn watch_prints_events() {
+        super::watch_prints_events(&url(), false);
+    }
+
+    #[test]
+    fn lock_excludes_across_processes() {
+        super::lock_excludes_across_processes(&url());
     }
 }

@@ -35,8 +35,14 @@ pub struct Cli {
     #[arg(long, global = true, value_name = "URL")]
     pub url: Option<String>,
 
-    /// TOML configuration file (see docs/configuration.md)
-    #[arg(long, global = true, value_name = "FILE", env = "COORDKIT_CONFIG")]
+    /// TOML configuration file (see docs/configuration.md) [env: COORDKIT_CONFIG]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "COORDKIT_CONFIG",
+        hide_env = true
+    )]
     pub config: Option<PathBuf>,
 
     /// Machine-readable JSON output (errors too, as one JSON line on stderr)
@@ -84,7 +90,7 @@ pub enum Command {
     /// List the keys that start with PREFIX (all keys if omitted)
     Ls {
         /// The prefix; end it with '/' to list one "directory"
-        #[arg(default_value = "")]
+        #[arg(default_value = "", hide_default_value = true)]
         prefix: String,
         /// Also print each key's version and value
         #[arg(short, long)]
@@ -96,7 +102,7 @@ pub enum Command {
     /// Print changes to keys under PREFIX as they happen, until interrupted
     Watch {
         /// The prefix (all keys if omitted)
-        #[arg(default_value = "")]
+        #[arg(default_value = "", hide_default_value = true)]
         prefix: String,
     },
     /// Run CMD while holding the lock NAME
@@ -107,8 +113,9 @@ pub enum Command {
         lock protects, which must reject tokens lower than the highest it has seen. \
         CMD runs in its own process group; signals sent to coordkit (INT, TERM, HUP, QUIT) \
         are forwarded to it. If the lock is lost while CMD runs, CMD's process group gets \
-        SIGTERM (SIGKILL after --kill-after) and coordkit exits 125. Otherwise coordkit \
-        releases the lock and exits with CMD's status.",
+        SIGTERM (SIGKILL after --kill-after) and coordkit exits 125; if coordkit itself dies, \
+        CMD gets SIGTERM. Otherwise coordkit releases the lock and exits with CMD's status \
+        (see 'coordkit --help' for every exit code).",
         after_help = "Example:\n  coordkit --url etcd://127.0.0.1:2379 lock jobs/nightly --ttl 30s --wait 1m -- ./nightly.sh"
     )]
     Lock(LockArgs),
