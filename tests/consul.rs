@@ -1,6 +1,7 @@
 //! The Consul backend: the whole conformance suite against the in-process Consul simulator
 //! (`tests/support/consul_sim/`), the same suite against a real Consul when `CONSUL_HTTP_ADDR`
 //! is set, and fault and bad-input tests against the simulator.
+#![cfg(feature = "consul")]
 
 mod support;
 
