@@ -8,5 +8,8 @@
 //! | Consul | `consul` | `consul` (default) | `consul://host:port`, `consul+https://host:port` |
 
 pub mod memory;
+
+#[cfg(feature = "consul")]
+pub mod consul;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;

@@ -9,6 +9,8 @@
 // The reaper is detached on purpose: it must outlive this process.
 #![allow(dead_code, clippy::zombie_processes)]
 
+pub mod consul_sim;
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::TcpListener;
@@ -24,6 +26,8 @@ static BASE: OnceLock<PathBuf> = OnceLock::new();
 static PORTS: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
 
 /// The per-process base directory; starts the reaper on first use.
+// The reaper outlives this process on purpose: it is never waited for.
+#[allow(clippy::zombie_processes)]
 pub fn base_dir() -> &'static Path {
     BASE.get_or_init(|| {
         let me = std::process::id();
