@@ -6,8 +6,7 @@
 //! test process) waits for the test process to exit, however it exits, then kills exactly the
 //! recorded PIDs that still run from that directory and removes the directory. Servers are
 //! never killed by name.
-// The reaper is detached on purpose: it must outlive this process.
-#![allow(dead_code, clippy::zombie_processes)]
+#![allow(dead_code)]
 
 use std::collections::HashSet;
 use std::io::Write;
