@@ -160,9 +160,12 @@ fn main() {
             .fold(0.0f64, f64::max);
         let worst_balance = rows.iter().map(|r| r.balance).fold(0.0f64, f64::max);
         let worst_ns = rows.iter().map(|r| r.ns_per_key).fold(0.0f64, f64::max);
+        let mut ns: Vec<f64> = rows.iter().map(|r| r.ns_per_key).collect();
+        ns.sort_by(f64::total_cmp);
+        let median_ns = ns.get(ns.len() / 2).copied().unwrap_or(0.0);
         println!(
             "\n{kind}: worst moved/ideal {worst_ratio:.3}, worst balance {worst_balance:.3}, \
-             slowest {worst_ns:.0} ns/key\n"
+             median {median_ns:.0} ns/key, slowest {worst_ns:.0} ns/key\n"
         );
     }
     println!("## ring: balance by virtual nodes per shard\n");
@@ -306,8 +309,8 @@ fn plot(all: &[(StrategyKind, Vec<Row>)], max_n: usize) -> String {
             r##"<polyline points="{}" fill="none" stroke="{c}" stroke-width="2"/>"##,
             p2.join(" ")
         );
-        let ly = h - 30.0;
-        let lx = 60.0 + i as f64 * 150.0;
+        let ly = h - 14.0;
+        let lx = 60.0 + i as f64 * 140.0;
         let _ = writeln!(
             s,
             r##"<line x1="{lx}" x2="{}" y1="{ly}" y2="{ly}" stroke="{c}" stroke-width="2"/><text x="{}" y="{}">{kind}</text>"##,
@@ -319,8 +322,8 @@ fn plot(all: &[(StrategyKind, Vec<Row>)], max_n: usize) -> String {
     let _ = writeln!(
         s,
         r##"<line x1="660" x2="680" y1="{0}" y2="{0}" stroke="#000" stroke-dasharray="4 3"/><text x="686" y="{1}">ideal 1/(n+1); balance target 1.10</text>"##,
-        h - 30.0,
-        h - 26.0
+        h - 14.0,
+        h - 10.0
     );
     s.push_str("</svg>\n");
     s

@@ -571,8 +571,8 @@ mod tests {
     #[test]
     fn bad_shard_lists_are_invalid_config() {
         use crate::ErrorKind;
-        let dup = vec![ShardSpec::new("a"), ShardSpec::new("a")];
-        let zero = vec![ShardSpec::new("a").weight(0)];
+        let dup = [ShardSpec::new("a"), ShardSpec::new("a")];
+        let zero = [ShardSpec::new("a").weight(0)];
         let heavy = vec![ShardSpec::new("a").weight(2)];
         for kind in StrategyKind::ALL {
             for bad in [&[][..], &dup[..], &zero[..]] {
