@@ -123,5 +123,6 @@ async fn main() {
             samples.lock().unwrap().clone(),
             wall,
         );
+        report("  Unlock RPC call", rel.lock().unwrap().clone(), wall);
     }
 }
