@@ -511,3 +511,41 @@ fn harness_cluster_leader_kill_and_restart() {
     assert!(ok, "get: {err}");
     assert_eq!(out.trim(), "v");
 }
+
+/// Authentication: the right credentials work (password given in the URL's userinfo), a wrong
+/// password gives PermissionDenied at connect, and the password never shows in errors or Debug.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication() {
+    let cluster = EtcdCluster::start(1);
+    let eps = cluster.endpoints();
+    for args in [
+        vec!["user", "add", "root", "--new-user-password=s3cr:et"],
+        vec!["user", "grant-role", "root", "root"],
+        vec!["auth", "enable"],
+    ] {
+        let (ok, out, err) = etcdctl(&eps, &args);
+        assert!(ok, "{args:?}: {out} {err}");
+    }
+    let good = format!("etcd://root:s3cr%3Aet@{eps}?timeout=2s");
+    let store = coordkit::connect(&good)
+        .await
+        .expect("connect with credentials");
+    store
+        .put("auth/k", b"v".to_vec(), PutOptions::default())
+        .await
+        .expect("put with credentials");
+    assert!(!format!("{store:?}").contains("s3cr"), "{store:?}");
+    let started = Instant::now();
+    let e = coordkit::connect(&format!("etcd://root:wrong-pw@{eps}?timeout=2s"))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}");
+    assert!(!e.to_string().contains("wrong-pw"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let e = coordkit::connect(&format!("etcd://{eps}?timeout=2s"))
+        .await
+        .map(|_| ())
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionDenied, "no credentials: {e}");
+}

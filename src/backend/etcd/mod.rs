@@ -94,12 +94,6 @@ impl EtcdStore {
             .with_require_leader(true);
         if let (Some(user), Some(password)) = (&config.user, &config.password) {
             opts = opts.with_user(user.clone(), password.clone());
-        } else if config.user.is_some() {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                NAME,
-                "a user was given without a password",
-            ));
         }
         if let Some(tls) = config.tls_options()? {
             opts = opts.with_tls(tls);
