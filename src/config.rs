@@ -73,6 +73,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
             let cfg = crate::shard::ShardedConfig::from_url(&parsed)?;
             Ok(Arc::new(cfg.connect().await?))
         }
+        #[cfg(feature = "consul")]
+        "consul" | "consul+https" => Ok(Arc::new(
+            crate::backend::consul::ConsulStore::connect_url(&parsed).await?,
+        )),
         // Each backend adds its arm here, behind its feature.
         other => {
             if let Some((_, feature)) = SCHEMES.iter().find(|(s, _)| *s == other) {

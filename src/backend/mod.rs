@@ -11,5 +11,7 @@ pub mod memory;
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "consul")]
+pub mod consul;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;
