@@ -441,7 +441,10 @@ mod sharding {
             for i in 0..20 {
                 let key = format!("x/{i}");
                 if round < 2 {
-                    writer.put(&key, vec![round], PutOptions::default()).await.unwrap();
+                    writer
+                        .put(&key, vec![round], PutOptions::default())
+                        .await
+                        .unwrap();
                     want.push(format!("put {key} {round}"));
                 } else {
                     writer.delete(&key).await.unwrap();
@@ -451,7 +454,9 @@ mod sharding {
         }
         let mut got = Vec::new();
         while got.len() < want.len() {
-            let ev = tokio::time::timeout(Duration::from_secs(5), w.next()).await.unwrap();
+            let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+                .await
+                .unwrap();
             got.push(match ev.unwrap().unwrap() {
                 coordkit::WatchEvent::Put(e) => format!("put {} {}", e.key, e.value[0]),
                 coordkit::WatchEvent::Delete { key } => format!("delete {key}"),
