@@ -16,6 +16,9 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod etcd;
+pub mod zookeeper;
+
 static BASE: OnceLock<PathBuf> = OnceLock::new();
 static PORTS: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
 
