@@ -11,3 +11,5 @@ pub mod memory;
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "zookeeper")]
+pub mod zookeeper;
