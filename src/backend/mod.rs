@@ -13,3 +13,5 @@ pub mod memory;
 pub mod etcd;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;
+#[cfg(feature = "consul")]
+pub mod consul;
