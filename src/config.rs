@@ -18,6 +18,7 @@ pub const SCHEMES: &[(&str, &str)] = &[
     ("zk", "feature `zookeeper`"),
     ("consul", "feature `consul`"),
     ("consul+https", "feature `consul`"),
+    ("sharded+<strategy>", "always built"),
 ];
 
 fn known_schemes() -> String {
@@ -33,7 +34,10 @@ fn known_schemes() -> String {
 /// - `memory://` — a new, empty [`MemoryStore`] (each call gives a separate store);
 /// - `etcd://host:port[,host:port…]` — etcd v3 (feature `etcd`);
 /// - `zk://host:port[,host:port…][/chroot]` — ZooKeeper (feature `zookeeper`);
-/// - `consul://host:port`, `consul+https://host:port` — Consul (feature `consul`).
+/// - `consul://host:port`, `consul+https://host:port` — Consul (feature `consul`);
+/// - `sharded+<strategy>://?shard=<url>&shard=<url>…` — a
+///   [`ShardedStore`](crate::shard::ShardedStore) over the given backends (see
+///   [`ShardedConfig::from_url`](crate::shard::ShardedConfig::from_url)).
 ///
 /// Each backend's module documents its query options.
 ///
@@ -69,6 +73,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
         "consul" | "consul+https" => Ok(Arc::new(
             crate::backend::consul::ConsulStore::connect_url(&parsed).await?,
         )),
+        s if s == "sharded" || s.starts_with("sharded+") => {
+            let cfg = crate::shard::ShardedConfig::from_url(&parsed)?;
+            Ok(Arc::new(cfg.connect().await?))
+        }
         // Each backend adds its arm here, behind its feature.
         other => {
             if let Some((_, feature)) = SCHEMES.iter().find(|(s, _)| *s == other) {

@@ -49,6 +49,7 @@ pub mod fencing;
 pub mod key;
 pub mod kv;
 pub mod lock;
+pub mod shard;
 
 pub use backend::memory::MemoryStore;
 pub use caps::{Capabilities, FencingScope};
