@@ -145,7 +145,7 @@ async fn run(args: &Args, log: &mut Log) -> i32 {
     let store = loop {
         match coordkit::connect(&args.url).await {
             Ok(s) => break s,
-            Err(e) if started.elapsed() < args.give_up => {
+            Err(e) if started.elapsed() < args.give_up && retryable(&e) => {
                 log.line(&format!(
                     "connect_error {} {}",
                     e.kind().as_str().replace(' ', "_"),
@@ -174,7 +174,7 @@ async fn run(args: &Args, log: &mut Log) -> i32 {
                         e.kind().as_str().replace(' ', "_"),
                         e
                     ));
-                    if last_progress.elapsed() > args.give_up {
+                    if last_progress.elapsed() > args.give_up || !retryable(&e) {
                         log.line("fatal lock: no progress");
                         return 3;
                     }
@@ -213,10 +213,11 @@ async fn run(args: &Args, log: &mut Log) -> i32 {
             args.pause
         };
         tokio::time::sleep(pause).await;
-        // Back from the pause. If far more time passed than the pause, this process was stopped
-        // (or starved): its lease may have run out. Give the lost signal the time it needs to
-        // fire before acting; a real application would skip the write here.
-        let paused = entered_at.elapsed() > pause + args.ttl;
+        // Back from the pause. If far more time passed than the pause (half the TTL or more),
+        // this process was stopped or starved and its lease may have run out, but the
+        // keep-alive task may not have run yet to find out. Give the lost signal the time it
+        // needs to fire before acting (bounded: if the lease is still good it never fires).
+        let paused = entered_at.elapsed() > pause + args.ttl / 2;
         let mut lost_fired = false;
         if paused {
             let bound = args.ttl * factor + Duration::from_secs(10);
@@ -242,6 +243,17 @@ async fn run(args: &Args, log: &mut Log) -> i32 {
     }
     log.line(&format!("done {}", args.rounds));
     0
+}
+
+/// Whether an error may go away by itself (the backend is failing over or restarting).
+fn retryable(e: &coordkit::Error) -> bool {
+    matches!(
+        e.kind(),
+        coordkit::ErrorKind::Unavailable
+            | coordkit::ErrorKind::Timeout
+            | coordkit::ErrorKind::LockLost
+            | coordkit::ErrorKind::Backend
+    )
 }
 
 /// The control: the same read-modify-write without any lock. The checks must catch it.

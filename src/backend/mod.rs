@@ -9,9 +9,9 @@
 
 pub mod memory;
 
+#[cfg(feature = "consul")]
+pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;
-#[cfg(feature = "consul")]
-pub mod consul;

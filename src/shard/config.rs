@@ -206,9 +206,10 @@ impl ShardedConfig {
                     strategy = Some(s);
                 }
                 "vnodes" => {
-                    vnodes = Some(v.parse::<u32>().map_err(|e| {
-                        Error::config(format!("vnodes={v:?} is not a number: {e}"))
-                    })?)
+                    vnodes =
+                        Some(v.parse::<u32>().map_err(|e| {
+                            Error::config(format!("vnodes={v:?} is not a number: {e}"))
+                        })?)
                 }
                 "weights" => {
                     let list = v
@@ -313,12 +314,14 @@ impl ShardedConfig {
     pub async fn connect(&self) -> Result<ShardedStore> {
         self.validate()?;
         let specs = self.specs();
-        let calls = self.shards.iter().map(|s| connect_boxed(s.url.trim().to_string()));
+        let calls = self
+            .shards
+            .iter()
+            .map(|s| connect_boxed(s.url.trim().to_string()));
         let backends = futures::future::join_all(calls).await;
         let mut shards = Vec::with_capacity(backends.len());
         for (spec, backend) in specs.into_iter().zip(backends) {
-            let backend =
-                backend.map_err(|e| e.context(format_args!("shard {:?}", spec.name)))?;
+            let backend = backend.map_err(|e| e.context(format_args!("shard {:?}", spec.name)))?;
             shards.push(Shard::new(spec.name, backend).with_weight(spec.weight));
         }
         ShardedStore::new(self.strategy, self.vnodes, shards)
@@ -376,10 +379,8 @@ mod tests {
 
     #[test]
     fn url_form() {
-        let url = Url::parse(
-            "sharded+jump://?shard=memory://a&shard=memory://b&names=x,y",
-        )
-        .unwrap();
+        let url =
+            Url::parse("sharded+jump://?shard=memory://a&shard=memory://b&names=x,y").unwrap();
         let cfg = ShardedConfig::from_url(&url).unwrap();
         assert_eq!(cfg.strategy, StrategyKind::Jump);
         assert_eq!(cfg.specs()[1].name, "y");

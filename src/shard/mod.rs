@@ -35,6 +35,5 @@ pub mod strategy;
 pub use config::{ShardConfig, ShardedConfig};
 pub use store::{Shard, ShardedStore};
 pub use strategy::{
-    key_hash, HashStrategy, Jump, Modulo, Rendezvous, Ring, ShardSpec, StrategyKind,
-    DEFAULT_VNODES,
+    key_hash, HashStrategy, Jump, Modulo, Rendezvous, Ring, ShardSpec, StrategyKind, DEFAULT_VNODES,
 };

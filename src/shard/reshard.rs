@@ -207,7 +207,10 @@ pub async fn migrate(old: &ShardedStore, new: &ShardedStore, plan: &Plan) -> Res
                 }
             };
             if let Some(expect) = write {
-                match to.compare_and_swap(key, expect, Some(src.value.clone())).await {
+                match to
+                    .compare_and_swap(key, expect, Some(src.value.clone()))
+                    .await
+                {
                     Ok(v) => copied = v,
                     Err(e) if e.is(ErrorKind::Conflict) => continue,
                     Err(e) => return Err(at_to(e)),

@@ -14,7 +14,9 @@ use super::strategy::{HashStrategy, ShardSpec, StrategyKind};
 use crate::caps::{Capabilities, FencingScope};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{matches_prefix, validate_key, validate_lock_name, validate_prefix};
-use crate::kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream};
+use crate::kv::{
+    Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream,
+};
 use crate::lock::{DistLock, LockGuard, LockOptions};
 use crate::Backend;
 
@@ -366,11 +368,12 @@ impl KvStore for ShardedStore {
 
     async fn list(&self, prefix: &str, consistency: Consistency) -> Result<Vec<Entry>> {
         validate_prefix(prefix)?;
-        let calls = self
-            .inner
-            .shards
-            .iter()
-            .map(|s| async move { s.backend.list(prefix, consistency).await.map_err(on_shard(s)) });
+        let calls = self.inner.shards.iter().map(|s| async move {
+            s.backend
+                .list(prefix, consistency)
+                .await
+                .map_err(on_shard(s))
+        });
         let results = futures::future::join_all(calls).await;
         let mut all = Vec::new();
         for (i, r) in results.into_iter().enumerate() {
@@ -480,10 +483,7 @@ impl WatchShared {
         if let Some(cx) = &cx {
             st.waker = Some(cx.waker().clone());
         }
-        let waker = st
-            .waker
-            .clone()
-            .unwrap_or_else(futures::task::noop_waker);
+        let waker = st.waker.clone().unwrap_or_else(futures::task::noop_waker);
         let mut wcx = Context::from_waker(&waker);
         let range = match only {
             Some(i) => i..i + 1,

@@ -296,7 +296,9 @@ impl Ring {
     pub fn new(shards: &[ShardSpec], vnodes: u32) -> Result<Self> {
         check_shards(shards)?;
         if vnodes == 0 {
-            return Err(Error::config("a ring needs at least 1 virtual node per shard"));
+            return Err(Error::config(
+                "a ring needs at least 1 virtual node per shard",
+            ));
         }
         let total: u64 = shards
             .iter()
@@ -480,7 +482,9 @@ mod tests {
     use super::*;
 
     fn names(n: usize) -> Vec<ShardSpec> {
-        (0..n).map(|i| ShardSpec::new(format!("shard-{i}"))).collect()
+        (0..n)
+            .map(|i| ShardSpec::new(format!("shard-{i}")))
+            .collect()
     }
 
     #[test]
@@ -550,7 +554,11 @@ mod tests {
 
     #[test]
     fn consistent_strategies_only_move_to_the_new_shard() {
-        for kind in [StrategyKind::Ring, StrategyKind::Rendezvous, StrategyKind::Jump] {
+        for kind in [
+            StrategyKind::Ring,
+            StrategyKind::Rendezvous,
+            StrategyKind::Jump,
+        ] {
             let old = kind.build(&names(4), Some(64)).unwrap();
             let new = kind.build(&names(5), Some(64)).unwrap();
             for i in 0..20_000 {

@@ -39,46 +39,62 @@ pub fn procs(default: usize) -> usize {
 }
 
 /// The `contender` example binary, next to this test binary (`target/<profile>/examples/`).
-/// `cargo test` builds examples; when only one test target was built, this builds it.
+///
+/// `cargo test` builds examples, but `cargo test --test <name>` does not, and a binary left
+/// from an older build may lack a backend: so this runs `cargo build --example contender` with
+/// this test binary's features and profile once per test process (quick when up to date).
 pub fn contender_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test>-<hash>
-    let profile_dir = exe
-        .parent()
-        .and_then(|p| p.parent())
-        .expect("test binary lives in target/<profile>/deps");
-    let bin = profile_dir.join("examples").join("contender");
-    if !bin.exists() {
-        let mut features = vec![];
-        if cfg!(feature = "etcd") {
-            features.push("etcd");
-        }
-        if cfg!(feature = "zookeeper") {
-            features.push("zookeeper");
-        }
-        if cfg!(feature = "consul") {
-            features.push("consul");
-        }
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args(["build", "--example", "contender", "--no-default-features"]);
-        if !features.is_empty() {
-            cmd.arg("--features").arg(features.join(","));
-        }
-        if profile_dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        if let Some(target) = profile_dir.parent() {
-            cmd.env("CARGO_TARGET_DIR", target);
-        }
-        let status = cmd
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .status()
-            .expect("run cargo build --example contender");
-        assert!(status.success(), "cargo build --example contender failed");
-    }
-    assert!(bin.exists(), "{} missing", bin.display());
-    bin
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = std::env::current_exe().expect("current exe");
+            // target/<profile>/deps/<test>-<hash>
+            let profile_dir = exe
+                .parent()
+                .and_then(|p| p.parent())
+                .expect("test binary lives in target/<profile>/deps")
+                .to_path_buf();
+            let bin = profile_dir.join("examples").join("contender");
+            let mut features = vec![];
+            if cfg!(feature = "etcd") {
+                features.push("etcd");
+            }
+            if cfg!(feature = "zookeeper") {
+                features.push("zookeeper");
+            }
+            if cfg!(feature = "consul") {
+                features.push("consul");
+            }
+            if cfg!(feature = "cli") {
+                features.push("cli");
+            }
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut cmd = Command::new(cargo);
+            cmd.args([
+                "build",
+                "--quiet",
+                "--example",
+                "contender",
+                "--no-default-features",
+            ]);
+            if !features.is_empty() {
+                cmd.arg("--features").arg(features.join(","));
+            }
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                cmd.arg("--release");
+            }
+            if let Some(target) = profile_dir.parent() {
+                cmd.env("CARGO_TARGET_DIR", target);
+            }
+            let status = cmd
+                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .status()
+                .expect("run cargo build --example contender");
+            assert!(status.success(), "cargo build --example contender failed");
+            assert!(bin.exists(), "{} missing", bin.display());
+            bin
+        })
+        .clone()
 }
 
 /// How to run the contenders.
