@@ -336,3 +336,54 @@ async fn memory_histories_are_linearizable() {
         .collect();
     record_and_check("memory", clients, "lin/", Consistency::Strong).await;
 }
+
+async fn clients(url: &str, n: usize) -> Vec<Arc<dyn coordkit::Backend>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        out.push(
+            coordkit::connect(url)
+                .await
+                .unwrap_or_else(|e| panic!("connect {url}: {e}")),
+        );
+    }
+    out
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_strong_histories_are_linearizable() {
+    let url = support::etcd::shared_url();
+    record_and_check(
+        "etcd",
+        clients(&url, 6).await,
+        "lin/etcd/",
+        Consistency::Strong,
+    )
+    .await;
+}
+
+#[cfg(feature = "zookeeper")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zookeeper_strong_histories_are_linearizable() {
+    let url = support::zookeeper::shared().url();
+    record_and_check(
+        "zookeeper",
+        clients(&url, 6).await,
+        "lin/zk/",
+        Consistency::Strong,
+    )
+    .await;
+}
+
+#[cfg(feature = "consul")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consul_sim_histories_are_linearizable() {
+    let sim = support::consul_sim::ConsulSim::start();
+    record_and_check(
+        "consul-sim",
+        clients(&sim.url(), 6).await,
+        "lin/consul/",
+        Consistency::Strong,
+    )
+    .await;
+}
