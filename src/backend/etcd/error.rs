@@ -25,6 +25,13 @@ pub(crate) fn kind_of_status(code: i32, msg: &str) -> ErrorKind {
         DEADLINE_EXCEEDED => ErrorKind::Timeout,
         UNAUTHENTICATED | PERMISSION_DENIED => ErrorKind::PermissionDenied,
         INVALID_ARGUMENT if msg.contains("request is too large") => ErrorKind::ValueTooLarge,
+        // etcd answers bad credentials with InvalidArgument ("authentication failed, invalid
+        // user ID or password"; "user name is empty" when auth is on and none were given).
+        INVALID_ARGUMENT
+            if msg.contains("authentication failed") || msg.contains("user name is empty") =>
+        {
+            ErrorKind::PermissionDenied
+        }
         RESOURCE_EXHAUSTED if msg.contains("larger than max") => ErrorKind::ValueTooLarge,
         INVALID_ARGUMENT | OUT_OF_RANGE => ErrorKind::InvalidArgument,
         NOT_FOUND if msg.contains("lease not found") => ErrorKind::LockLost,
