@@ -442,3 +442,111 @@ async fn curator_interprocess_mutex_interoperates_both_ways() {
     proc2.kill();
     g.release().await.expect("release");
 }
+
+/// Hammering one key from several writers: the watch may fall behind, but it never skips or
+/// repeats a value silently. Every delivered value was written, versions strictly increase, and
+/// if fewer events than writes arrived, the stream ended with `WatchGap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_never_skips_silently_under_fast_writes() {
+    use futures::StreamExt;
+    let s = store("").await;
+    let ns = format!("{}/", unique("hammer"));
+    let key = format!("{ns}hot");
+    let mut events = s.watch(&ns).await.expect("watch");
+    const WRITERS: usize = 4;
+    const WRITES: usize = 50;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = store("").await;
+            for i in 0..WRITES {
+                s.put(
+                    &key,
+                    format!("w{w}-{i}").into_bytes(),
+                    PutOptions::default(),
+                )
+                .await
+                .expect("put");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut last = None;
+    let mut gap = false;
+    let mut delivered = 0;
+    while delivered < WRITERS * WRITES {
+        match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+            Ok(Some(Ok(coordkit::WatchEvent::Put(e)))) => {
+                let v = String::from_utf8(e.value).expect("utf8");
+                assert!(v.starts_with('w'), "unknown value {v}");
+                assert!(seen.insert(v.clone()), "value {v} delivered twice");
+                if let Some(prev) = last {
+                    assert!(e.version.as_raw() > prev, "versions out of order");
+                }
+                last = Some(e.version.as_raw());
+                delivered += 1;
+            }
+            Ok(Some(Ok(other))) => panic!("unexpected event {other:?}"),
+            Ok(Some(Err(e))) => {
+                assert_eq!(e.kind(), ErrorKind::WatchGap, "{e}");
+                gap = true;
+                break;
+            }
+            Ok(None) => panic!("watch ended without an error"),
+            Err(_) => panic!(
+                "watch silent after {delivered} of {} events",
+                WRITERS * WRITES
+            ),
+        }
+    }
+    eprintln!(
+        "fast writes: {delivered} of {} events delivered exactly{}",
+        WRITERS * WRITES,
+        if gap { ", then a WatchGap" } else { "" }
+    );
+    assert!(gap || delivered == WRITERS * WRITES);
+}
+
+/// Deleting the holder's lock node (an operator, or another tool) fires `lost()` at once, and
+/// the next contender gets the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_fires_when_the_lock_node_is_deleted() {
+    let root = format!("/{}", unique("nodedel"));
+    let s = store(&root).await;
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+    let g = s.lock("victim", &opts).await.expect("lock");
+    let c = raw().await;
+    let dir = format!("{root}/locks/victim");
+    let (children, _) = c.get_children(&dir).await.expect("lock dir");
+    assert_eq!(children.len(), 1);
+    let deleted = Instant::now();
+    c.delete(&format!("{dir}/{}", children[0]), None)
+        .await
+        .expect("delete the lock node");
+    tokio::time::timeout(Duration::from_secs(5), g.lost())
+        .await
+        .expect("lost() did not fire after the lock node was deleted");
+    eprintln!("lock node deleted -> lost() after {:?}", deleted.elapsed());
+    assert!(g.is_lost());
+    let next = s
+        .lock("victim", &opts.clone().wait(Duration::from_secs(5)))
+        .await
+        .expect("next lock");
+    assert!(next.token() > g.token());
+    assert_eq!(
+        g.release()
+            .await
+            .expect_err("release of a lost lock")
+            .kind(),
+        ErrorKind::LockLost
+    );
+    assert!(
+        !next.is_lost(),
+        "releasing the lost guard broke the new holder"
+    );
+    next.release().await.expect("release");
+}

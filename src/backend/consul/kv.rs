@@ -309,6 +309,7 @@ impl ConsulStore {
         tx: mpsc::UnboundedSender<Result<WatchEvent>>,
     ) {
         let mut backoff = Duration::from_millis(100);
+        let mut reset = false;
         loop {
             let poll = self.inner.client.kv_get(
                 &full,
@@ -340,7 +341,23 @@ impl ConsulStore {
                 .filter(|e| e.key.starts_with(&full))
                 .map(|e| (e.key.clone(), e))
                 .collect();
-            let events = self.order_changes(&snapshot, &next, new_index).await;
+            let (events, explained) = self.order_changes(&snapshot, &next, new_index).await;
+            // The index of a non-empty prefix is its newest change, tombstones included (A2).
+            // When no change seen explains it, a change was missed (a key created and deleted
+            // between two polls): say so rather than skip it silently.
+            if let Some(explained) = explained {
+                if !reset && !next.is_empty() && new_index > index.max(explained) {
+                    let _ = tx.send(Err(Error::new(
+                        ErrorKind::WatchGap,
+                        NAME,
+                        format!(
+                            "a change at index {new_index} under the prefix was not observed (created and deleted between two polls); start a new watch and re-read"
+                        ),
+                    )
+                    .with_key(full.strip_prefix(&self.inner.kv_prefix).unwrap_or(&full).to_string())));
+                    return;
+                }
+            }
             let changed = !events.is_empty();
             for ev in events {
                 let ev = match ev {
@@ -359,11 +376,8 @@ impl ConsulStore {
             snapshot = next;
             // A2: an index that goes backwards (snapshot restore, reaped tombstones) resets the
             // loop; the diff against the last result still finds every change.
-            index = if new_index < index {
-                1
-            } else {
-                new_index.max(1)
-            };
+            reset = new_index < index;
+            index = if reset { 1 } else { new_index.max(1) };
             if !changed {
                 // Rate limit: a wake-up that changed nothing waits a little before the next.
                 tokio::select! {
@@ -392,7 +406,7 @@ impl ConsulStore {
         old: &BTreeMap<String, DirEntry>,
         new: &BTreeMap<String, DirEntry>,
         header_index: u64,
-    ) -> Vec<Diff> {
+    ) -> (Vec<Diff>, Option<u64>) {
         // (position, tie-break, change)
         let mut out: Vec<(u64, u8, Diff)> = Vec::new();
         for e in new.values() {
@@ -407,8 +421,11 @@ impl ConsulStore {
         }
         let deleted: Vec<&String> = old.keys().filter(|k| !new.contains_key(*k)).collect();
         let max_put = out.iter().map(|(i, _, _)| *i).max().unwrap_or(0);
+        // The newest index the changes account for; None when a delete's index is a guess.
+        let mut explained = Some(max_put);
         if deleted.len() == 1 && out.is_empty() {
             out.push((header_index, 2, Diff::Delete(deleted[0].clone())));
+            explained = None;
         } else {
             for k in deleted {
                 let at = match self.inner.client.kv_get(k, true, Mode::Default, None).await {
@@ -418,6 +435,10 @@ impl ConsulStore {
                     }
                     Err(_) => None,
                 };
+                match at {
+                    Some(i) => explained = explained.map(|e| e.max(i)),
+                    None => explained = None,
+                }
                 out.push((
                     at.unwrap_or(max_put.max(header_index)),
                     2,
@@ -426,6 +447,6 @@ impl ConsulStore {
             }
         }
         out.sort_by_key(|(i, t, _)| (*i, *t));
-        out.into_iter().map(|(_, _, d)| d).collect()
+        (out.into_iter().map(|(_, _, d)| d).collect(), explained)
     }
 }

@@ -90,7 +90,7 @@ impl Inner {
 
 /// Closes a detached session properly (re-attaching to it without `detached` and dropping the
 /// handle sends CloseSession), in the background. Without a runtime, the session simply expires.
-fn close_session(cfg: &super::ZkConfig, client: zk::Client) {
+pub(crate) fn close_session(cfg: &super::ZkConfig, client: zk::Client) {
     let info = client.session().clone();
     let hosts = cfg.hosts();
     let timeout = cfg.connect_timeout;
@@ -107,8 +107,11 @@ fn close_session(cfg: &super::ZkConfig, client: zk::Client) {
     }
 }
 
-/// Deletes a contender node if the acquisition is abandoned (timeout, cancelled future, error).
+/// Deletes a contender node if the acquisition is abandoned (timeout, cancelled future, error),
+/// then puts its session back into the pool.
 struct NodeGuard {
+    inner: Weak<Inner>,
+    ttl: Duration,
     client: Option<zk::Client>,
     path: String,
 }
@@ -125,18 +128,25 @@ impl Drop for NodeGuard {
             return;
         };
         let path = std::mem::take(&mut self.path);
+        let inner = self.inner.clone();
+        let ttl = self.ttl;
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 for _ in 0..5 {
                     match tokio::time::timeout(Duration::from_secs(5), client.delete(&path, None))
                         .await
                     {
-                        Ok(Ok(())) | Ok(Err(zk::Error::NoNode)) => break,
-                        Ok(Err(e)) if e_is_final(&e) => break,
+                        Ok(Ok(())) | Ok(Err(zk::Error::NoNode)) => {
+                            if let Some(inner) = inner.upgrade() {
+                                inner.return_session(ttl, client);
+                            }
+                            return;
+                        }
+                        Ok(Err(e)) if e_is_final(&e) => return,
                         _ => tokio::time::sleep(Duration::from_millis(100)).await,
                     }
                 }
-                // The session goes with the abandoned attempt; its expiry removes anything left.
+                // Could not delete: the session's expiry removes the node.
                 drop(client);
             });
         }
@@ -243,6 +253,8 @@ impl ZkStore {
             ));
         };
         let mut guard = NodeGuard {
+            inner: Arc::downgrade(&self.inner),
+            ttl,
             client: Some(client.clone()),
             path: own.clone(),
         };
@@ -457,22 +469,37 @@ struct Monitor {
     suspend: CancellationToken,
 }
 
-type EventFuture = std::pin::Pin<Box<dyn std::future::Future<Output = zk::WatchedEvent> + Send>>;
+/// What the watch on the own node reported.
+enum NodeOutcome {
+    Event(zk::WatchedEvent),
+    Gone,
+    Failed(zk::Error),
+}
+
+type NodeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = NodeOutcome> + Send>>;
+
+enum Step {
+    Released,
+    Suspended,
+    Lost(String),
+    Continue,
+}
 
 impl Monitor {
-    /// Watches the own node through the lock session; `None` if it is gone (or no session).
-    async fn arm(&self) -> Option<EventFuture> {
+    /// Watches the own node through the lock session (a future, so that arming never blocks
+    /// the monitor while the connection is down); `None` without a session.
+    fn arm(&self) -> Option<NodeFuture> {
         let client = lock_std(&self.session).clone()?;
-        for _ in 0..3 {
-            match tokio::time::timeout(self.timeout, client.check_and_watch_stat(&self.path)).await
-            {
-                Ok(Ok((Some(_), w))) => return Some(Box::pin(w.changed())),
-                Ok(Ok((None, _))) => return None,
-                Ok(Err(e)) if e_is_final(&e) => return None,
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        let path = self.path.clone();
+        Some(Box::pin(async move {
+            let r = client.check_and_watch_stat(&path).await;
+            drop(client);
+            match r {
+                Ok((Some(_), w)) => NodeOutcome::Event(w.changed().await),
+                Ok((None, _)) => NodeOutcome::Gone,
+                Err(e) => NodeOutcome::Failed(e),
             }
-        }
-        None
+        }))
     }
 
     async fn run(mut self) {
@@ -485,54 +512,89 @@ impl Monitor {
 
     /// Returns why the lock is lost, or `None` if it was released.
     async fn watch_session(&mut self) -> Option<String> {
-        let Some(mut node) = self.arm().await else {
-            return Some("the lock node is gone".into());
-        };
+        // `None` while disconnected: the node watch is re-armed after the reconnect.
+        let mut node: Option<NodeFuture> = self.arm();
+        let mut retry_at: Option<Instant> = None;
         let mut down_since: Option<Instant> = None;
         // The server expires the session one session timeout after it last heard from us; the
-        // client notices a silent connection only after 2/5 of it, so give up 3/5 after that.
+        // client notices a silent connection after 2/5 of it, so give up 3/5 after that.
         let limit = self.timeout * 3 / 5;
         loop {
             let give_up = down_since.map(|t| t + limit);
-            tokio::select! {
+            let step = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => return None,
-                _ = self.suspend.cancelled() => return self.suspended().await,
-                ev = &mut node => {
-                    if self.suspend.is_cancelled() {
-                        return self.suspended().await;
-                    }
-                    match ev.event_type {
-                        zk::EventType::NodeDeleted => return Some("the lock node was deleted".into()),
-                        zk::EventType::Session if ev.session_state.is_terminated() => {
-                            return Some(format!("the lock session is {}", ev.session_state));
+                _ = self.stop.cancelled() => Step::Released,
+                _ = self.suspend.cancelled() => Step::Suspended,
+                out = poll_opt(&mut node) => {
+                    node = None;
+                    match out {
+                        NodeOutcome::Gone => Step::Lost("the lock node is gone".into()),
+                        NodeOutcome::Failed(e) if e_is_final(&e) => {
+                            Step::Lost(format!("the lock session ended: {e}"))
                         }
-                        _ => match self.arm().await {
-                            Some(f) => node = f,
-                            None => return Some("the lock node is gone".into()),
+                        NodeOutcome::Failed(_) => {
+                            retry_at = Some(Instant::now() + Duration::from_millis(200));
+                            Step::Continue
+                        }
+                        NodeOutcome::Event(ev) => match ev.event_type {
+                            zk::EventType::NodeDeleted => {
+                                Step::Lost("the lock node was deleted".into())
+                            }
+                            zk::EventType::Session if ev.session_state.is_terminated() => {
+                                Step::Lost(format!("the lock session is {}", ev.session_state))
+                            }
+                            zk::EventType::Session => {
+                                if ev.session_state == zk::SessionState::Disconnected {
+                                    down_since.get_or_insert_with(Instant::now);
+                                } else {
+                                    node = self.arm();
+                                }
+                                Step::Continue
+                            }
+                            _ => {
+                                node = self.arm();
+                                Step::Continue
+                            }
                         },
                     }
                 }
-                st = self.state.changed() => {
-                    if self.suspend.is_cancelled() {
-                        return self.suspended().await;
-                    }
-                    match st {
-                        zk::SessionState::Disconnected => {
-                            down_since.get_or_insert_with(Instant::now);
-                        }
-                        zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
-                            down_since = None;
-                        }
-                        other => return Some(format!("the lock session is {other}")),
-                    }
+                _ = sleep_until_opt(retry_at), if node.is_none() && down_since.is_none() => {
+                    retry_at = None;
+                    node = self.arm();
+                    Step::Continue
                 }
-                _ = sleep_until_opt(give_up) => {
-                    return Some(format!(
-                        "disconnected from ZooKeeper for longer than the session timeout {:?}",
-                        self.timeout
-                    ));
+                st = self.state.changed() => match st {
+                    zk::SessionState::Disconnected => {
+                        down_since.get_or_insert_with(Instant::now);
+                        Step::Continue
+                    }
+                    zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
+                        down_since = None;
+                        if node.is_none() {
+                            node = self.arm();
+                        }
+                        Step::Continue
+                    }
+                    other => Step::Lost(format!("the lock session is {other}")),
+                },
+                _ = sleep_until_opt(give_up) => Step::Lost(format!(
+                    "disconnected from ZooKeeper for longer than the session timeout {:?}",
+                    self.timeout
+                )),
+            };
+            if self.suspend.is_cancelled() {
+                // Let go of every handle on the lock session before waiting for it to lapse.
+                drop(node.take());
+                return self.suspended().await;
+            }
+            match step {
+                Step::Released => return None,
+                Step::Suspended => {
+                    drop(node.take());
+                    return self.suspended().await;
                 }
+                Step::Lost(why) => return Some(why),
+                Step::Continue => {}
             }
         }
     }
@@ -582,6 +644,13 @@ impl Monitor {
                 }
             }
         }
+    }
+}
+
+async fn poll_opt(f: &mut Option<NodeFuture>) -> NodeOutcome {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
     }
 }
 

@@ -534,6 +534,16 @@ impl Inner {
     }
 }
 
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Close the idle lock sessions now rather than letting them expire.
+        let pool = std::mem::take(&mut *lock_std(&self.pool));
+        for client in pool.into_values().flatten() {
+            lock::close_session(&self.cfg, client);
+        }
+    }
+}
+
 /// The ZooKeeper error inside a coordkit error made by [`error::map`], if any.
 pub(crate) fn e_zk(e: &Error) -> Option<&zk::Error> {
     std::error::Error::source(e).and_then(|s| s.downcast_ref::<zk::Error>())
@@ -580,6 +590,23 @@ mod tests {
             let e = ZkConfig::from_url_str(u).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{u}");
         }
+    }
+
+    #[test]
+    fn config_deserializes_from_toml() {
+        let c: ZkConfig = toml::from_str(
+            "servers = [\"a:1\", \"b:2\"]\nchroot = \"/app\"\nsession_timeout = \"3s\"\n\
+             connect_timeout = 1500\ndigest = \"u:secret\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.servers, ["a:1", "b:2"]);
+        assert_eq!(c.session_timeout, Duration::from_secs(3));
+        assert_eq!(c.connect_timeout, Duration::from_millis(1500));
+        assert_eq!(c.request_timeout, Duration::from_secs(10));
+        assert!(c.validate().is_ok());
+        assert!(!format!("{c:?}").contains("secret"));
+        assert!(toml::from_str::<ZkConfig>("nosuch = 1").is_err());
+        assert!(toml::from_str::<ZkConfig>("session_timeout = \"1y\"").is_err());
     }
 
     #[test]
