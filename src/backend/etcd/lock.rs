@@ -6,14 +6,15 @@
 //! the lowest create revision holds the lock; every other one waits for the deletion of the key
 //! created just before its own. The holder's create revision is the fencing token.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, LeaseClient, PutOptions, SortOrder,
-    SortTarget, Txn, TxnOp, TxnOpResponse,
+    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, LeaseClient, PutOptions, Txn, TxnOp,
+    TxnOpResponse,
 };
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
@@ -197,6 +198,11 @@ struct Enqueued {
 }
 
 impl Enqueued {
+    /// Gives back the local queue place without deleting anything (no key was put).
+    fn into_local(mut self) -> Option<OwnedMutexGuard<()>> {
+        self.local.take()
+    }
+
     /// Deletes the key now and leaves the local queue.
     async fn withdraw(mut self) -> Result<()> {
         let r = delete_key(&self.inner, &self.key, &self.name).await;
@@ -229,11 +235,10 @@ impl Drop for Enqueued {
 }
 
 async fn delete_key(inner: &Inner, key: &str, name: &str) -> Result<()> {
-    let mut kv = inner.kv.clone();
-    let k = key.to_string();
     inner
-        .call("deleting a lock key", Some(name), async move {
-            kv.delete(k, None).await
+        .call("deleting a lock key", Some(name), || {
+            let (mut kv, k) = (inner.kv.clone(), key.to_string());
+            async move { kv.delete(k, None).await }
         })
         .await
         .map(|_| ())
@@ -254,7 +259,7 @@ enum Step {
 
 impl DirWatch {
     async fn open(inner: &Inner, dir: &str, name: &str) -> Result<DirWatch> {
-        let (stream, _) = open_watch(inner, dir, 0, name).await?;
+        let (stream, _) = open_watch(inner, dir, 0, name, true).await?;
         Ok(DirWatch {
             stream,
             dir: dir.to_string(),
@@ -274,7 +279,7 @@ impl DirWatch {
         }
         let mut backoff = Duration::from_millis(50);
         loop {
-            match open_watch(inner, &self.dir, 0, &self.name).await {
+            match open_watch(inner, &self.dir, 0, &self.name, true).await {
                 Ok((s, _)) => {
                     self.stream = s;
                     return Step::Resynced;
@@ -359,51 +364,58 @@ impl EtcdStore {
         local: OwnedMutexGuard<()>,
     ) -> Result<Option<LockGuard>> {
         let inner = &self.inner;
-        let session = match inner.session(secs, name).await {
-            Ok(s) => s,
-            Err(e) => {
-                inner.leave_local(name, local);
-                return Err(e);
+        let dir = inner.lock_dir(name);
+        let mut local = Some(local);
+        let mut watch: Option<DirWatch> = None;
+        let mut retried = false;
+        let (session, enq, my_key, my_rev, ahead) = loop {
+            let session = match inner.session(secs, name).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(l) = local.take() {
+                        inner.leave_local(name, l);
+                    }
+                    return Err(e);
+                }
+            };
+            let my_key = format!("{dir}{:x}", session.id);
+            let enq = Enqueued {
+                inner: inner.clone(),
+                name: name.to_string(),
+                key: my_key.clone(),
+                local: local.take(),
+            };
+            // Watch the directory from "now" before enqueuing: the watch is in etcd's synced
+            // group, so the predecessor's DELETE reaches us at once (a watch from a past
+            // revision waits for etcd's 100 ms catch-up loop).
+            if watch.is_none() {
+                watch = Some(DirWatch::open(inner, &dir, name).await?);
+            }
+            match self.enqueue(name, &dir, &my_key, session.id).await {
+                Ok((rev, ahead)) => break (session, enq, my_key, rev, ahead),
+                // The lease vanished (revoked, or expired before the keep-alive noticed):
+                // drop it and try once more with a new one.
+                Err(e) if e.kind() == ErrorKind::LockLost && !retried => {
+                    tracing::debug!(lock = name, error = %e, "lease gone; granting a new one");
+                    session.lost.cancel();
+                    retried = true;
+                    local = enq.into_local();
+                }
+                Err(e) => return Err(e),
             }
         };
-        let dir = inner.lock_dir(name);
-        let my_key = format!("{dir}{:x}", session.id);
-        let enq = Enqueued {
-            inner: inner.clone(),
-            name: name.to_string(),
-            key: my_key.clone(),
-            local: Some(local),
+        let Some(mut watch) = watch else {
+            return Err(Error::new(ErrorKind::Backend, NAME, "lock watch missing").with_key(name));
         };
-        // Watch the directory from "now" before enqueuing: the watch is in etcd's synced group,
-        // so the predecessor's DELETE reaches us at once (a watch from a past revision waits
-        // for etcd's 100 ms catch-up loop).
-        let mut watch = DirWatch::open(inner, &dir, name).await?;
-        let (my_rev, owner_rev) = self.enqueue(name, &dir, &my_key, session.id).await?;
-        if owner_rev != my_rev {
+        if !ahead.is_empty() {
             if try_only {
                 enq.withdraw().await?;
                 return Ok(None);
             }
-            self.wait_predecessors(name, &dir, &my_key, my_rev, &mut watch)
+            // Returns only once our key is the oldest *and* still exists (the lesson of etcd
+            // issue 11456: after waiting, the lease may have expired).
+            self.wait_predecessors(name, &my_key, my_rev, ahead, &mut watch, &session)
                 .await?;
-        }
-        // The lesson of etcd issue 11456: the own key (so the lease) must still exist.
-        let mut kv = inner.kv.clone();
-        let k = my_key.clone();
-        let resp = inner
-            .call("confirming the lock key", Some(name), async move {
-                kv.get(k, None).await
-            })
-            .await?;
-        match resp.kvs().first() {
-            Some(kv) if kv.create_revision() == my_rev => {}
-            _ => {
-                return Err(lock_lost(
-                    name,
-                    "the lock key vanished while waiting (the lease expired or the key was \
-                     deleted)",
-                ))
-            }
         }
         if session.lost.is_cancelled() {
             return Err(lock_lost(
@@ -413,6 +425,7 @@ impl EtcdStore {
         }
         let lost = session.lost.child_token();
         let stop = CancellationToken::new();
+        let releasing = Arc::new(AtomicBool::new(false));
         tokio::spawn(monitor(
             inner.clone(),
             watch,
@@ -420,6 +433,7 @@ impl EtcdStore {
             my_rev,
             lost.clone(),
             stop.clone(),
+            releasing.clone(),
         ));
         let mut enq = enq;
         let local = enq.local.take();
@@ -430,6 +444,7 @@ impl EtcdStore {
             rev: my_rev,
             session,
             stop,
+            releasing,
             local,
         };
         Ok(Some(LockGuard::new(
@@ -440,11 +455,17 @@ impl EtcdStore {
         )))
     }
 
-    /// Puts the own key (unless it exists) and returns its create revision and the lowest
-    /// create revision in the directory (the owner's), in one transaction. A leftover own key
-    /// (a release that could not reach etcd) is deleted and put again, so each acquisition gets
-    /// a new revision.
-    async fn enqueue(&self, name: &str, dir: &str, my_key: &str, lease: i64) -> Result<(i64, i64)> {
+    /// Puts the own key (unless it exists) and, in the same transaction, reads the queue.
+    /// Returns the key's create revision and the keys created before it (the contenders
+    /// ahead). A leftover own key (a release that could not reach etcd) is deleted and put
+    /// again, so each acquisition gets a new revision.
+    async fn enqueue(
+        &self,
+        name: &str,
+        dir: &str,
+        my_key: &str,
+        lease: i64,
+    ) -> Result<(i64, BTreeSet<Vec<u8>>)> {
         let inner = &self.inner;
         for _ in 0..3 {
             let txn = Txn::new()
@@ -461,29 +482,38 @@ impl EtcdStore {
                     ),
                     TxnOp::get(
                         dir.to_string(),
-                        Some(
-                            GetOptions::new()
-                                .with_prefix()
-                                .with_sort(SortTarget::Create, SortOrder::Ascend)
-                                .with_limit(1),
-                        ),
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
                     ),
                 ]);
-            let mut kv = inner.kv.clone();
             let resp = inner
-                .call("enqueuing for the lock", Some(name), async move {
-                    kv.txn(txn).await
+                .call("enqueuing for the lock", Some(name), || {
+                    let (mut kv, t) = (inner.kv.clone(), txn.clone());
+                    async move { kv.txn(t).await }
                 })
                 .await?;
             if resp.succeeded() {
                 let my_rev = resp.header().map(|h| h.revision()).ok_or_else(|| {
                     Error::new(ErrorKind::Backend, NAME, "etcd sent no header").with_key(name)
                 })?;
-                let ops = resp.op_responses();
-                let owner = ops.get(1).and_then(first_kv).map(|kv| kv.create_revision());
-                return Ok((my_rev, owner.unwrap_or(0)));
+                let ahead = match resp.op_responses().get(1) {
+                    Some(TxnOpResponse::Get(g)) => g
+                        .kvs()
+                        .iter()
+                        .filter(|kv| kv.create_revision() < my_rev)
+                        .map(|kv| kv.key().to_vec())
+                        .collect(),
+                    _ => {
+                        return Err(Error::new(
+                            ErrorKind::Backend,
+                            NAME,
+                            "etcd's lock transaction lacked its read",
+                        )
+                        .with_key(name))
+                    }
+                };
+                return Ok((my_rev, ahead));
             }
-            tracing::debug!(lock = name, dir, "deleting a leftover own lock key");
+            tracing::debug!(lock = name, "deleting a leftover own lock key");
             delete_key(inner, my_key, name).await?;
         }
         Err(Error::new(
@@ -494,56 +524,105 @@ impl EtcdStore {
         .with_key(name))
     }
 
-    /// Waits until no key in `dir` was created before `my_rev`, each time waiting only for the
-    /// deletion of the key created just before ours (no herd), picked from `watch`.
-    async fn wait_predecessors(
+    /// Reads, in one snapshot, the keys created before ours and whether ours still exists;
+    /// returns them with the snapshot's revision.
+    async fn read_queue(
         &self,
         name: &str,
         dir: &str,
         my_key: &str,
         my_rev: i64,
+    ) -> Result<(BTreeSet<Vec<u8>>, i64)> {
+        let inner = &self.inner;
+        let txn = Txn::new().and_then(vec![
+            TxnOp::get(
+                dir.to_string(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_max_create_revision(my_rev - 1),
+                ),
+            ),
+            TxnOp::get(my_key.to_string(), None),
+        ]);
+        let resp = inner
+            .call("reading the lock queue", Some(name), || {
+                let (mut kv, t) = (inner.kv.clone(), txn.clone());
+                async move { kv.txn(t).await }
+            })
+            .await?;
+        let as_of = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let ops = resp.op_responses();
+        let mine = ops.get(1).and_then(first_kv).map(|kv| kv.create_revision());
+        if mine != Some(my_rev) {
+            return Err(own_key_gone(name));
+        }
+        let ahead = match ops.first() {
+            Some(TxnOpResponse::Get(g)) => g.kvs().iter().map(|kv| kv.key().to_vec()).collect(),
+            _ => BTreeSet::new(),
+        };
+        Ok((ahead, as_of))
+    }
+
+    /// Waits until every key created before ours (`ahead`, as of revision `as_of`) is deleted,
+    /// following the deletions in `watch` (which was created before our key, so it holds
+    /// every deletion after `as_of`): no request per wake-up, and the handoff costs no round
+    /// trip beyond the holder's delete. Returns only while our own key still exists (the
+    /// lesson of etcd issue 11456): its deletion would be in the same, revision-ordered stream
+    /// before the last predecessor's.
+    async fn wait_predecessors(
+        &self,
+        name: &str,
+        my_key: &str,
+        my_rev: i64,
+        mut ahead: BTreeSet<Vec<u8>>,
         watch: &mut DirWatch,
+        session: &Session,
     ) -> Result<()> {
         let inner = &self.inner;
-        loop {
-            let mut kv = inner.kv.clone();
-            let d = dir.to_string();
-            let opts = GetOptions::new()
-                .with_prefix()
-                .with_max_create_revision(my_rev - 1)
-                .with_sort(SortTarget::Create, SortOrder::Descend)
-                .with_limit(1);
-            let resp = inner
-                .call("reading the lock predecessor", Some(name), async move {
-                    kv.get(d, Some(opts)).await
-                })
-                .await?;
-            let Some(pred) = resp.kvs().first() else {
-                return Ok(());
+        let dir = inner.lock_dir(name);
+        let mut as_of = my_rev;
+        while !ahead.is_empty() {
+            // A lease that cannot be renewed (etcd unreachable for a whole TTL) ends the wait.
+            let step = tokio::select! {
+                _ = session.lost.cancelled() => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        NAME,
+                        "the lease could not be kept alive while waiting for the lock",
+                    )
+                    .with_key(name));
+                }
+                step = watch.next(inner) => step,
             };
-            let (pred_key, pred_rev) = (pred.key().to_vec(), pred.create_revision());
-            'wait: loop {
-                match watch.next(inner).await {
-                    Step::Resynced => break 'wait,
-                    Step::Events(events) => {
-                        for ev in events {
-                            let RawEvent::Delete(kv) = ev else { continue };
-                            if kv.key() == my_key.as_bytes() && kv.mod_revision() > my_rev {
-                                return Err(lock_lost(
-                                    name,
-                                    "the own lock key was deleted while waiting (lease \
-                                     expired or key removed)",
-                                ));
-                            }
-                            if kv.key() == pred_key.as_slice() && kv.mod_revision() > pred_rev {
-                                break 'wait;
-                            }
+            match step {
+                Step::Resynced => {
+                    (ahead, as_of) = self.read_queue(name, &dir, my_key, my_rev).await?;
+                }
+                Step::Events(events) => {
+                    for ev in events {
+                        let RawEvent::Delete(kv) = ev else { continue };
+                        if kv.mod_revision() <= as_of {
+                            continue;
                         }
+                        if kv.key() == my_key.as_bytes() {
+                            return Err(own_key_gone(name));
+                        }
+                        ahead.remove(kv.key());
                     }
                 }
             }
         }
+        Ok(())
     }
+}
+
+fn own_key_gone(name: &str) -> Error {
+    lock_lost(
+        name,
+        "the own lock key vanished while waiting (the lease expired or the key was deleted)",
+    )
 }
 
 /// Watches a held lock's own key: fires `lost` when someone else deletes it (or its lease
@@ -555,6 +634,7 @@ async fn monitor(
     my_rev: i64,
     lost: CancellationToken,
     stop: CancellationToken,
+    releasing: Arc<AtomicBool>,
 ) {
     loop {
         let step = tokio::select! {
@@ -568,6 +648,9 @@ async fn monitor(
                     matches!(ev, RawEvent::Delete(kv)
                         if kv.key() == my_key.as_bytes() && kv.mod_revision() > my_rev)
                 });
+                if gone && releasing.load(Ordering::SeqCst) {
+                    return; // our own release
+                }
                 if gone {
                     tracing::warn!(key = %my_key, "etcd lock key deleted; the lock is lost");
                     lost.cancel();
@@ -576,11 +659,10 @@ async fn monitor(
             }
             Step::Resynced => {
                 // Events may have been missed: read the own key.
-                let mut kv = inner.kv.clone();
-                let k = my_key.clone();
                 let r = inner
-                    .call("checking the lock key", None, async move {
-                        kv.get(k, None).await
+                    .call("checking the lock key", None, || {
+                        let (mut kv, k) = (inner.kv.clone(), my_key.clone());
+                        async move { kv.get(k, None).await }
                     })
                     .await;
                 if let Ok(resp) = r {
@@ -606,6 +688,7 @@ struct EtcdLockHandle {
     rev: i64,
     session: Arc<Session>,
     stop: CancellationToken,
+    releasing: Arc<AtomicBool>,
     local: Option<OwnedMutexGuard<()>>,
 }
 
@@ -622,10 +705,10 @@ impl EtcdLockHandle {
                 self.key.clone(),
                 Some(DeleteOptions::new()),
             )]);
-        let mut kv = self.inner.kv.clone();
         self.inner
-            .call("releasing the lock", Some(&self.name), async move {
-                kv.txn(txn).await
+            .call("releasing the lock", Some(&self.name), || {
+                let (mut kv, t) = (self.inner.kv.clone(), txn.clone());
+                async move { kv.txn(t).await }
             })
             .await
             .map(|_| ())
@@ -635,8 +718,11 @@ impl EtcdLockHandle {
 #[async_trait]
 impl LockHandle for EtcdLockHandle {
     async fn release(mut self: Box<Self>) -> Result<()> {
-        self.stop.cancel();
+        // The monitor (and its watch) stays until the delete is done: cancelling a watch while
+        // the delete is in flight measurably slows the delete on a busy etcd.
+        self.releasing.store(true, Ordering::SeqCst);
         let r = self.delete_own().await;
+        self.stop.cancel();
         if let Some(g) = self.local.take() {
             self.inner.leave_local(&self.name, g);
         }
