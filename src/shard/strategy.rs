@@ -44,8 +44,30 @@ pub fn md5(bytes: &[u8]) -> [u8; 16] {
 /// Stable forever: changing it would move keys between shards. Equal to Python's
 /// `int(hashlib.md5(key.encode()).hexdigest()[:16], 16)`.
 pub fn key_hash(key: &str) -> u64 {
-    let d = md5(key.as_bytes());
+    let bytes = key.as_bytes();
+    let d = if bytes.len() < 56 {
+        md5_one_block(bytes)
+    } else {
+        md5(bytes)
+    };
     u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
+/// MD5 of a message shorter than 56 bytes, which pads to exactly one 64-byte block: the same
+/// digest as [`md5`], without the streaming hasher's buffering.
+fn md5_one_block(bytes: &[u8]) -> [u8; 16] {
+    let n = bytes.len();
+    let mut block = [0u8; 64];
+    block[..n].copy_from_slice(bytes);
+    block[n] = 0x80;
+    block[56..].copy_from_slice(&((n as u64) * 8).to_le_bytes());
+    let mut state: [u32; 4] = [0x6745_2301, 0xefcd_ab89, 0x98ba_dcfe, 0x1032_5476];
+    md5::block_api::compress(&mut state, &[block]);
+    let mut out = [0u8; 16];
+    for (chunk, v) in out.chunks_exact_mut(4).zip(state.iter()) {
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+    out
 }
 
 /// One shard as a strategy sees it: a stable name and a weight.
@@ -284,6 +306,10 @@ impl HashStrategy for Modulo {
 pub struct Ring {
     points: Vec<u64>,
     owners: Vec<u32>,
+    /// `index[b]`: the first point whose top `index_bits` bits are `>= b`, so a lookup only
+    /// searches the few points of its bucket.
+    index: Vec<u32>,
+    index_bits: u32,
     shards: usize,
     vnodes: u32,
 }
@@ -330,9 +356,24 @@ impl Ring {
         // Sort by point, then by shard position, and keep the first of equal points.
         pts.sort_unstable();
         pts.dedup_by_key(|p| p.0);
+        let points: Vec<u64> = pts.iter().map(|p| p.0).collect();
+        // About one bucket per point, between 2^4 and 2^16 buckets.
+        let index_bits = (points.len().max(2) as u64)
+            .next_power_of_two()
+            .trailing_zeros()
+            .clamp(4, 16);
+        let buckets = 1usize << index_bits;
+        let mut index = Vec::with_capacity(buckets + 1);
+        for b in 0..buckets as u64 {
+            let start = b << (64 - index_bits);
+            index.push(points.partition_point(|&p| p < start) as u32);
+        }
+        index.push(points.len() as u32);
         Ok(Ring {
-            points: pts.iter().map(|p| p.0).collect(),
             owners: pts.iter().map(|p| p.1).collect(),
+            points,
+            index,
+            index_bits,
             shards: shards.len(),
             vnodes,
         })
@@ -359,8 +400,18 @@ impl HashStrategy for Ring {
     }
 
     fn route_hash(&self, hash: u64) -> usize {
-        let i = self.points.partition_point(|&p| p < hash);
-        let i = if i == self.points.len() { 0 } else { i };
+        // The first point >= hash, wrapping to the first point of the ring.
+        let b = (hash >> (64 - self.index_bits)) as usize;
+        let (lo, hi) = match (self.index.get(b), self.index.get(b + 1)) {
+            (Some(&lo), Some(&hi)) => (lo as usize, hi as usize),
+            _ => (0, self.points.len()),
+        };
+        let i = lo
+            + self
+                .points
+                .get(lo..hi)
+                .map_or(0, |bucket| bucket.partition_point(|&p| p < hash));
+        let i = if i >= self.points.len() { 0 } else { i };
         self.owners.get(i).map_or(0, |&o| o as usize)
     }
 }
@@ -496,6 +547,16 @@ mod tests {
     }
 
     #[test]
+    fn one_block_md5_matches_the_streaming_hasher() {
+        for len in 0..80 {
+            let key: String = (0..len).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+            let d = md5(key.as_bytes());
+            let want = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+            assert_eq!(key_hash(&key), want, "length {len}");
+        }
+    }
+
+    #[test]
     fn every_route_is_in_range() {
         for kind in StrategyKind::ALL {
             for n in 1..=9 {
@@ -510,8 +571,8 @@ mod tests {
     #[test]
     fn bad_shard_lists_are_invalid_config() {
         use crate::ErrorKind;
-        let dup = vec![ShardSpec::new("a"), ShardSpec::new("a")];
-        let zero = vec![ShardSpec::new("a").weight(0)];
+        let dup = [ShardSpec::new("a"), ShardSpec::new("a")];
+        let zero = [ShardSpec::new("a").weight(0)];
         let heavy = vec![ShardSpec::new("a").weight(2)];
         for kind in StrategyKind::ALL {
             for bad in [&[][..], &dup[..], &zero[..]] {
