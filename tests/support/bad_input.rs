@@ -567,6 +567,8 @@ pub async fn unreachable_case(m: &mut Matrix, url: &str) {
     });
 }
 
+type Call<'a> = std::pin::Pin<Box<dyn Future<Output = coordkit::Result<()>> + Send + 'a>>;
+
 /// Every kind of call against a black-holed server returns within `bound` with `Timeout` or
 /// `Unavailable`.
 pub async fn black_hole_cases(
@@ -577,10 +579,7 @@ pub async fn black_hole_cases(
 ) {
     let key = format!("{prefix}bh");
     let kinds = [ErrorKind::Timeout, ErrorKind::Unavailable];
-    let calls: Vec<(
-        &str,
-        std::pin::Pin<Box<dyn Future<Output = coordkit::Result<()>> + Send + '_>>,
-    )> = vec![
+    let calls: Vec<(&str, Call<'_>)> = vec![
         (
             "get",
             Box::pin(async { store.get(&key, Consistency::Strong).await.map(|_| ()) }),

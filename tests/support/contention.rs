@@ -586,13 +586,11 @@ fn analyse(
             ));
         }
     }
-    if !faulty {
-        if report.lost_before_write > 0 || report.stale_rejected > 0 {
-            report.violations.push(format!(
-                "without faults, {} locks were lost and {} writes refused",
-                report.lost_before_write, report.stale_rejected
-            ));
-        }
+    if !faulty && (report.lost_before_write > 0 || report.stale_rejected > 0) {
+        report.violations.push(format!(
+            "without faults, {} locks were lost and {} writes refused",
+            report.lost_before_write, report.stale_rejected
+        ));
     }
     for v in victims {
         match all.iter().find(|r| r.token == v.token) {
