@@ -4,8 +4,7 @@
 //! backend does not), with and without faults. See `docs/reliability.md`.
 //!
 //! `COORDKIT_RELIABILITY_ROUNDS` (default 200) and `COORDKIT_RELIABILITY_PROCS` (default 8) set
-//! the size of each run. The runs take turns (one at a time), so that their timing does not
-//! depend on what else this binary runs.
+//! the size of each run. Runs with faults take turns; runs without faults run alongside.
 
 #[path = "support/contention.rs"]
 mod contention;
@@ -13,21 +12,16 @@ mod contention;
 mod fenced;
 mod support;
 
-use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use contention::{publish, run, Fault, RunConfig, RunReport};
 
-static TURNS: RwLock<()> = RwLock::new(());
-
-/// Runs without faults (long TTLs) may share the machine with each other.
-fn shared_turn() -> RwLockReadGuard<'static, ()> {
-    TURNS.read().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Runs with faults (short TTLs, timed pauses) run alone.
-fn exclusive_turn() -> RwLockWriteGuard<'static, ()> {
-    TURNS.write().unwrap_or_else(|p| p.into_inner())
+/// Runs with faults (short TTLs, timed pauses) take turns; runs without faults use long TTLs
+/// and may share the machine with anything.
+fn fault_turn() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The backend's capabilities, from a client connected to `url`.
@@ -46,7 +40,6 @@ fn caps(url: &str) -> coordkit::Capabilities {
 
 /// A run without faults: every round completes, the count is exact, tokens strictly increase.
 fn clean_run(label: &str, url: &str) -> RunReport {
-    let _turn = shared_turn();
     let c = caps(url);
     let mut cfg = RunConfig::new(label, url);
     cfg.ttl = Duration::from_secs(15).max(c.min_lock_ttl);
@@ -70,7 +63,7 @@ fn clean_run(label: &str, url: &str) -> RunReport {
 
 /// A run with a SIGKILLed holder, a SIGSTOPped holder (past its TTL) and `extra` faults.
 fn faulty_run(label: &str, url: &str, extra: Vec<Fault>) -> RunReport {
-    let _turn = exclusive_turn();
+    let _turn = fault_turn();
     let c = caps(url);
     let mut cfg = RunConfig::new(label, url);
     // Fewer rounds than the clean runs by default: the faults, not the rounds, are the point,
@@ -103,7 +96,6 @@ fn faulty_run(label: &str, url: &str, extra: Vec<Fault>) -> RunReport {
 /// overlapping critical sections, or they prove nothing.
 #[test]
 fn without_a_lock_the_checks_catch_violations() {
-    let _turn = shared_turn();
     let mut cfg = RunConfig::new("control-no-lock", "memory://");
     cfg.no_lock = true;
     cfg.rounds = 40;
