@@ -69,14 +69,14 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
     })?;
     match parsed.scheme() {
         "memory" => Ok(Arc::new(MemoryStore::new())),
-        #[cfg(feature = "consul")]
-        "consul" | "consul+https" => Ok(Arc::new(
-            crate::backend::consul::ConsulStore::connect_url(&parsed).await?,
-        )),
         s if s == "sharded" || s.starts_with("sharded+") => {
             let cfg = crate::shard::ShardedConfig::from_url(&parsed)?;
             Ok(Arc::new(cfg.connect().await?))
         }
+        #[cfg(feature = "consul")]
+        "consul" | "consul+https" => Ok(Arc::new(
+            crate::backend::consul::ConsulStore::connect_url(&parsed).await?,
+        )),
         // Each backend adds its arm here, behind its feature.
         other => {
             if let Some((_, feature)) = SCHEMES.iter().find(|(s, _)| *s == other) {

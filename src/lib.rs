@@ -9,7 +9,8 @@
 //! - [`DistLock`]: locks whose [`LockGuard`] carries a strictly increasing [`FencingToken`],
 //!   renews its lease in the background, and tells its holder when the lock is lost.
 //! - [`DistLockExt::run_locked`]: run a job while holding a lock.
-//! - [`connect`]: pick the backend from a URL (`memory://`, `etcd://…`, `zk://…`, `consul://…`).
+//! - [`connect`]: pick the backend from a URL (`memory://`, `etcd://…`, `zk://…`, `consul://…`,
+//!   or `sharded+ring://?shard=…&shard=…` for a [`shard::ShardedStore`] over several).
 //!
 //! ```
 //! use coordkit::{connect, DistLockExt, KvStore, LockOptions, PutOptions, Consistency};

@@ -418,6 +418,53 @@ mod sharding {
         assert!(end.is_none(), "the merged stream went on after a gap");
     }
 
+    /// Two separate sharded stores over the same clusters (same identities): changes made
+    /// through one reach a watch of the other in the order they were made, across shards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn watch_order_across_handles_of_one_process() {
+        let mems: Vec<MemoryStore> = (0..3).map(|_| MemoryStore::new()).collect();
+        let build = || {
+            let shards = mems
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    Shard::new(format!("m{i}"), Arc::new(m.clone()) as Arc<dyn Backend>)
+                        .with_identity(format!("memory-{i}"))
+                })
+                .collect();
+            ShardedStore::new(StrategyKind::Ring, None, shards).unwrap()
+        };
+        let (watcher, writer) = (build(), build());
+        let mut w = watcher.watch("x/").await.unwrap();
+        let mut want = Vec::new();
+        for round in 0..3 {
+            for i in 0..20 {
+                let key = format!("x/{i}");
+                if round < 2 {
+                    writer
+                        .put(&key, vec![round], PutOptions::default())
+                        .await
+                        .unwrap();
+                    want.push(format!("put {key} {round}"));
+                } else {
+                    writer.delete(&key).await.unwrap();
+                    want.push(format!("delete {key}"));
+                }
+            }
+        }
+        let mut got = Vec::new();
+        while got.len() < want.len() {
+            let ev = tokio::time::timeout(Duration::from_secs(5), w.next())
+                .await
+                .unwrap();
+            got.push(match ev.unwrap().unwrap() {
+                coordkit::WatchEvent::Put(e) => format!("put {} {}", e.key, e.value[0]),
+                coordkit::WatchEvent::Delete { key } => format!("delete {key}"),
+            });
+        }
+        assert_eq!(got, want);
+    }
+
     #[tokio::test]
     async fn connect_by_url() {
         let s = connect("sharded+ring://?shard=memory://a&shard=memory://b&shard=memory://c")

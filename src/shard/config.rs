@@ -335,9 +335,18 @@ impl ShardedConfig {
             .map(|s| connect_boxed(s.url.trim().to_string()));
         let backends = futures::future::join_all(calls).await;
         let mut shards = Vec::with_capacity(backends.len());
-        for (spec, backend) in specs.into_iter().zip(backends) {
+        for ((spec, backend), url) in specs
+            .into_iter()
+            .zip(backends)
+            .zip(self.shards.iter().map(|s| &s.url))
+        {
             let backend = backend.map_err(|e| e.context(format_args!("shard {:?}", spec.name)))?;
-            shards.push(Shard::new(spec.name, backend).with_weight(spec.weight));
+            let mut shard = Shard::new(spec.name, backend).with_weight(spec.weight);
+            // The same URL is the same cluster, except memory://, where each connect is new.
+            if !url.trim().starts_with("memory:") {
+                shard = shard.with_identity(format!("url:{}", url.trim()));
+            }
+            shards.push(shard);
         }
         ShardedStore::new(self.strategy, self.vnodes, shards)
     }

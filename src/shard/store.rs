@@ -1,14 +1,16 @@
 //! [`ShardedStore`]: a [`KvStore`] + [`DistLock`] that spreads keys and locks over several
 //! backends.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::strategy::{HashStrategy, ShardSpec, StrategyKind};
 use crate::caps::{Capabilities, FencingScope};
@@ -22,12 +24,23 @@ use crate::Backend;
 
 const NAME: &str = "sharded";
 
+/// The longest a write waits for the process's own merged watches to receive its event (see
+/// [`ShardedStore`]'s contract); after that it returns anyway.
+pub const WATCH_SYNC_BOUND: Duration = Duration::from_secs(2);
+
+/// Every live merged watch of this process.
+static WATCHES: Mutex<Vec<Weak<WatchShared>>> = Mutex::new(Vec::new());
+
+/// How many received events a merged watch remembers for writers waiting on them.
+const RECENT: usize = 4096;
+
 /// One shard of a [`ShardedStore`]: a named backend with a weight.
 #[derive(Clone)]
 pub struct Shard {
     name: String,
     weight: u32,
     backend: Arc<dyn Backend>,
+    identity: String,
 }
 
 impl fmt::Debug for Shard {
@@ -44,11 +57,27 @@ impl Shard {
     /// A shard of weight 1. The name identifies the shard to the hash strategy: keep it stable
     /// (a ring or rendezvous strategy places keys by shard name).
     pub fn new(name: impl Into<String>, backend: Arc<dyn Backend>) -> Self {
+        let identity = format!("object:{:p}", Arc::as_ptr(&backend) as *const ());
         Shard {
             name: name.into(),
             weight: 1,
             backend,
+            identity,
         }
+    }
+
+    /// Names the cluster behind this shard, for ordering watch events within this process (see
+    /// [`ShardedStore`]'s contract). Default: the backend object itself, so only handles sharing
+    /// the same backend object count as the same cluster. [`ShardedConfig`](super::ShardedConfig)
+    /// uses the backend URL (except for `memory://`, where every connect is a new store).
+    pub fn with_identity(mut self, identity: impl Into<String>) -> Self {
+        self.identity = identity.into();
+        self
+    }
+
+    /// The identity set by [`with_identity`](Self::with_identity).
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     /// Sets the weight (only the ring and modulo strategies accept weights other than 1).
@@ -94,11 +123,14 @@ impl Shard {
 ///   strategy (a key left on a former owner by an unfinished reshard is not shown, exactly as
 ///   `get` does not see it), and returns them merged and sorted.
 /// - `watch` watches every shard and merges the events as they arrive. Events of one key are in
-///   order and exactly once (one key, one shard). Shards have no common clock, so events of keys on
-///   different shards are delivered in the order they reach this client; for changes made through
-///   this same handle (or a clone), the order in which they were made is kept whenever the shard
-///   reports the change before acknowledging it (the memory backend does). A gap or error on
-///   any shard ends the merged stream with that error.
+///   order and exactly once (one key, one shard). Shards have no common clock, so in general
+///   events of keys on different shards are delivered in the order they reach this client.
+///   Within one process the order of changes is kept exactly: a write through any sharded store
+///   of the process returns only once every merged watch of the process that covers the key on
+///   the same cluster (by [`Shard::identity`]) has received the write's event (waiting at most
+///   [`WATCH_SYNC_BOUND`]; writes made while no such watch exists do not wait). Changes made by
+///   other processes are merged in arrival order. A gap or error on any shard ends the merged
+///   stream with that error.
 /// - [`capabilities`](KvStore::capabilities) are the most restrictive combination of the
 ///   shards' (smallest value limit, largest minimum TTLs, TTL and watch only if every shard has
 ///   them), and are enforced here for every key, whichever shard it lands on.
@@ -115,7 +147,6 @@ struct Inner {
     shards: Vec<Shard>,
     strategy: Arc<dyn HashStrategy>,
     caps: Capabilities,
-    watches: Mutex<Vec<Weak<WatchShared>>>,
 }
 
 impl fmt::Debug for ShardedStore {
@@ -178,7 +209,6 @@ impl ShardedStore {
                 shards,
                 strategy,
                 caps,
-                watches: Mutex::new(Vec::new()),
             }),
         })
     }
@@ -272,19 +302,62 @@ impl ShardedStore {
         Ok(())
     }
 
-    /// Hands events the shard `shard` already has for `key` to this handle's watches, so that
-    /// changes made through this handle keep their order across shards.
-    fn after_write(&self, shard: usize, key: &str) {
-        let watches: Vec<Arc<WatchShared>> = {
-            let mut list = lock(&self.inner.watches);
-            list.retain(|w| w.strong_count() > 0);
-            list.iter()
-                .filter_map(Weak::upgrade)
-                .filter(|w| matches_prefix(key, &w.prefix))
-                .collect()
+    /// The merged watches of this process that cover `key` on the cluster of shard `shard`,
+    /// each with that shard's index in the watch and its current event count.
+    fn watchers(&self, shard: usize, key: &str) -> Vec<Watcher> {
+        let Some(identity) = self.inner.shards.get(shard).map(|s| s.identity.as_str()) else {
+            return Vec::new();
         };
-        for w in watches {
-            w.drain(Some(shard), None);
+        let mut list = lock(&WATCHES);
+        list.retain(|w| w.strong_count() > 0);
+        list.iter()
+            .filter_map(Weak::upgrade)
+            .filter(|w| matches_prefix(key, &w.prefix))
+            .filter_map(|w| {
+                let index = w.identities.iter().position(|id| id == identity)?;
+                let mark = lock(&w.state).seq;
+                Some(Watcher {
+                    watch: w,
+                    index,
+                    mark,
+                })
+            })
+            .collect()
+    }
+}
+
+/// A merged watch a writer waits on.
+struct Watcher {
+    watch: Arc<WatchShared>,
+    index: usize,
+    mark: u64,
+}
+
+/// What a writer waits for: the put of this version, or a delete.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Change {
+    Put(Version),
+    Delete,
+}
+
+/// Waits (at most [`WATCH_SYNC_BOUND`] in all) until every watcher has received `change` of
+/// `key` from its shard after its mark, or has ended.
+async fn wait_seen(watchers: &[Watcher], key: &str, change: Change) {
+    let deadline = tokio::time::Instant::now() + WATCH_SYNC_BOUND;
+    for w in watchers {
+        loop {
+            let notified = w.watch.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Events the shard already delivered are taken at once (the memory backend
+            // delivers before it acknowledges).
+            w.watch.drain(Some(w.index), None);
+            if w.watch.seen(w.index, w.mark, key, change) {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -337,17 +410,33 @@ impl KvStore for ShardedStore {
         self.check_value(key, &value)?;
         self.check_ttl(key, &opts)?;
         let (i, shard) = self.owner(key);
-        let r = shard.backend.put(key, value, opts).await;
-        self.after_write(i, key);
-        r.map_err(on_shard(shard))
+        let watchers = self.watchers(i, key);
+        let version = shard
+            .backend
+            .put(key, value, opts)
+            .await
+            .map_err(on_shard(shard))?;
+        if !watchers.is_empty() {
+            wait_seen(&watchers, key, Change::Put(version)).await;
+        }
+        Ok(version)
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
         validate_key(key)?;
         let (i, shard) = self.owner(key);
-        let r = shard.backend.delete(key).await;
-        self.after_write(i, key);
-        r.map_err(on_shard(shard))
+        let watchers = self.watchers(i, key);
+        // Only a key that exists makes a delete event; ask first when someone here waits for it.
+        let existed = !watchers.is_empty()
+            && matches!(
+                shard.backend.get(key, Consistency::Strong).await,
+                Ok(Some(_))
+            );
+        shard.backend.delete(key).await.map_err(on_shard(shard))?;
+        if existed {
+            wait_seen(&watchers, key, Change::Delete).await;
+        }
+        Ok(())
     }
 
     async fn compare_and_swap(
@@ -361,9 +450,21 @@ impl KvStore for ShardedStore {
             self.check_value(key, v)?;
         }
         let (i, shard) = self.owner(key);
-        let r = shard.backend.compare_and_swap(key, expect, new).await;
-        self.after_write(i, key);
-        r.map_err(on_shard(shard))
+        let watchers = self.watchers(i, key);
+        let deletes = new.is_none();
+        let result = shard
+            .backend
+            .compare_and_swap(key, expect, new)
+            .await
+            .map_err(on_shard(shard))?;
+        if !watchers.is_empty() {
+            match (result, deletes, expect) {
+                (Some(v), _, _) => wait_seen(&watchers, key, Change::Put(v)).await,
+                (None, true, Expect::Version(_)) => wait_seen(&watchers, key, Change::Delete).await,
+                _ => {}
+            }
+        }
+        Ok(result)
     }
 
     async fn list(&self, prefix: &str, consistency: Consistency) -> Result<Vec<Entry>> {
@@ -408,16 +509,25 @@ impl KvStore for ShardedStore {
         let shared = Arc::new(WatchShared {
             prefix: prefix.to_string(),
             names: self.inner.shards.iter().map(|s| s.name.clone()).collect(),
+            identities: self
+                .inner
+                .shards
+                .iter()
+                .map(|s| s.identity.clone())
+                .collect(),
+            notify: Notify::new(),
             strategy: self.inner.strategy.clone(),
             state: Mutex::new(WatchState {
                 streams,
                 tx: Some(tx),
                 waker: None,
+                seq: 0,
+                recent: VecDeque::new(),
             }),
         });
         // Anything already delivered by a shard is taken now, in shard order.
         shared.drain(None, None);
-        lock(&self.inner.watches).push(Arc::downgrade(&shared));
+        lock(&WATCHES).push(Arc::downgrade(&shared));
         let pump = {
             let shared = shared.clone();
             tokio::spawn(futures::future::poll_fn(move |cx| shared.pump(cx)))
@@ -460,6 +570,10 @@ impl DistLock for ShardedStore {
 struct WatchShared {
     prefix: String,
     names: Vec<String>,
+    /// Per shard, the cluster identity ([`Shard::identity`]).
+    identities: Vec<String>,
+    /// Woken whenever events are received or the watch ends.
+    notify: Notify,
     strategy: Arc<dyn HashStrategy>,
     state: Mutex<WatchState>,
 }
@@ -471,6 +585,10 @@ struct WatchState {
     tx: Option<mpsc::UnboundedSender<Result<WatchEvent>>>,
     /// The pump task's waker, once it has run.
     waker: Option<Waker>,
+    /// How many events were received from the shards.
+    seq: u64,
+    /// The last [`RECENT`] received events: (seq, shard, key, change).
+    recent: VecDeque<(u64, usize, String, Change)>,
 }
 
 impl WatchShared {
@@ -485,20 +603,32 @@ impl WatchShared {
         }
         let waker = st.waker.clone().unwrap_or_else(futures::task::noop_waker);
         let mut wcx = Context::from_waker(&waker);
+        let mut received = false;
         let range = match only {
             Some(i) => i..i + 1,
             None => 0..st.streams.len(),
         };
-        for i in range {
+        'shards: for i in range {
             loop {
                 if st.tx.is_none() {
-                    return true;
+                    break 'shards;
                 }
                 let Some(stream) = st.streams.get_mut(i).and_then(Option::as_mut) else {
                     break;
                 };
                 match stream.as_mut().poll_next(&mut wcx) {
                     Poll::Ready(Some(Ok(ev))) => {
+                        st.seq += 1;
+                        received = true;
+                        let change = match &ev {
+                            WatchEvent::Put(e) => Change::Put(e.version),
+                            WatchEvent::Delete { .. } => Change::Delete,
+                        };
+                        if st.recent.len() == RECENT {
+                            st.recent.pop_front();
+                        }
+                        st.recent
+                            .push_back((st.seq, i, ev.key().to_string(), change));
                         // A key another shard owns (left by an unfinished reshard) is not
                         // this store's, as in `list`.
                         if self.strategy.route(ev.key()) == i {
@@ -531,7 +661,25 @@ impl WatchShared {
         if st.tx.as_ref().is_some_and(|tx| tx.is_closed()) {
             st.tx = None;
         }
+        let ended = st.tx.is_none();
+        drop(guard);
+        if received || ended {
+            self.notify.notify_waiters();
+        }
+        ended
+    }
+
+    /// Whether the event `change` of `key` was received from shard `index` after event number
+    /// `mark`, or the watch has ended (nothing more will come).
+    fn seen(&self, index: usize, mark: u64, key: &str, change: Change) -> bool {
+        let st = lock(&self.state);
         st.tx.is_none()
+            || st
+                .recent
+                .iter()
+                .rev()
+                .take_while(|(seq, ..)| *seq > mark)
+                .any(|(_, i, k, c)| *i == index && k == key && *c == change)
     }
 
     fn pump(&self, cx: &mut Context<'_>) -> Poll<()> {
