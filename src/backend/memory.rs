@@ -140,7 +140,7 @@ impl State {
         ttl: Option<Duration>,
     ) -> (u64, Option<Instant>) {
         let version = self.next_rev();
-        let expires = ttl.map(|t| Instant::now() + t);
+        let expires = ttl.map(|t| deadline_after(Instant::now(), t));
         if let Some(old) = self.data.get(key).and_then(|i| i.expires) {
             self.expiries.remove(&(old, key.to_string()));
         }
@@ -194,7 +194,7 @@ impl State {
                 ls.holder = Some(Holder {
                     id: w.id,
                     ttl: w.ttl,
-                    deadline: Instant::now() + w.ttl,
+                    deadline: deadline_after(Instant::now(), w.ttl),
                     lost,
                 });
                 self.rev = token;
@@ -219,6 +219,13 @@ impl State {
             _ => false,
         }
     }
+}
+
+/// `now + ttl`, saturating at a century from now: a TTL too large for the clock (such as
+/// `Duration::MAX`) means "practically never" instead of an overflow panic.
+fn deadline_after(now: Instant, ttl: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(ttl.min(CENTURY)).unwrap_or(now)
 }
 
 impl MemoryStore {
@@ -276,11 +283,12 @@ impl MemoryStore {
 
     fn check_lock_args(name: &str, opts: &LockOptions) -> Result<()> {
         validate_lock_name(name)?;
-        if opts.ttl.is_zero() {
+        let min_ttl = Capabilities::new(NAME).min_lock_ttl;
+        if opts.ttl < min_ttl {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 NAME,
-                "lock TTL must be positive",
+                format!("lock TTL must be at least {min_ttl:?}"),
             )
             .with_key(name));
         }
@@ -303,10 +311,14 @@ impl KvStore for MemoryStore {
     async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
         validate_key(key)?;
         Self::check_value(key, &value)?;
-        if opts.ttl.is_some_and(|t| t.is_zero()) {
-            return Err(
-                Error::new(ErrorKind::InvalidArgument, NAME, "TTL must be positive").with_key(key),
-            );
+        let min_ttl = Capabilities::new(NAME).min_ttl;
+        if opts.ttl.is_some_and(|t| t < min_ttl) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                NAME,
+                format!("TTL must be at least {min_ttl:?}"),
+            )
+            .with_key(key));
         }
         let (version, expires) = self.state().write(key, value, opts.ttl);
         if let Some(at) = expires {
@@ -559,7 +571,7 @@ impl MemoryLock {
                         return;
                     };
                     if !suspended.load(std::sync::atomic::Ordering::SeqCst) {
-                        holder.deadline = now + holder.ttl;
+                        holder.deadline = deadline_after(now, holder.ttl);
                     }
                     if holder.deadline <= now {
                         state.end_hold(&name, id);
@@ -570,7 +582,7 @@ impl MemoryLock {
                 let wake = if suspended.load(std::sync::atomic::Ordering::SeqCst) {
                     deadline
                 } else {
-                    (Instant::now() + renew_every).min(deadline)
+                    deadline_after(Instant::now(), renew_every).min(deadline)
                 };
                 tokio::select! {
                     _ = tokio::time::sleep_until(wake) => {}

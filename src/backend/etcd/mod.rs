@@ -249,7 +249,9 @@ pub(crate) fn ttl_secs(ttl: Duration, what: &str, key: &str) -> Result<i64> {
         )
         .with_key(key));
     }
-    let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0));
     i64::try_from(secs).map_err(|_| {
         Error::new(
             ErrorKind::InvalidArgument,

@@ -23,6 +23,10 @@ pub fn kind_of(e: &zk::Error) -> ErrorKind {
         | Z::Throttled => ErrorKind::Unavailable,
         Z::Unimplemented => ErrorKind::Unsupported,
         Z::BadArguments(_) => ErrorKind::InvalidArgument,
+        // The client's own "no response from connection in N ms" (a silent server).
+        Z::Custom(_) if e.to_string().contains("no response from connection") => {
+            ErrorKind::Unavailable
+        }
         _ => ErrorKind::Backend,
     }
 }

@@ -1,0 +1,379 @@
+//! The bad-input matrix against every backend: invalid keys, path tricks, values at and over
+//! the limit, non-UTF-8 values, zero and extreme TTLs, locks named like keys, malformed and
+//! unknown URLs, unreachable and black-holed servers. Each case gives the documented
+//! `ErrorKind` within a bound, and a read-back proves nothing stored changed. See
+//! `docs/reliability.md`.
+
+#[path = "support/bad_input.rs"]
+mod bad_input;
+mod support;
+
+use std::sync::Arc;
+
+use bad_input::{run_matrix, url_cases, Matrix};
+
+fn report(m: &Matrix) {
+    println!("{m}");
+    m.assert_ok();
+}
+
+#[tokio::test]
+async fn memory_bad_input_matrix() {
+    let store = coordkit::MemoryStore::new();
+    let a: Arc<dyn coordkit::Backend> = Arc::new(store.clone());
+    let b: Arc<dyn coordkit::Backend> = Arc::new(store);
+    let m = run_matrix("memory", a, b, "bad/").await;
+    report(&m);
+    assert!(m.cases.len() > 150, "{}", m.cases.len());
+}
+
+#[tokio::test]
+async fn malformed_and_unknown_urls() {
+    let mut m = Matrix {
+        label: "urls".into(),
+        ..Default::default()
+    };
+    url_cases(
+        &mut m,
+        &[
+            "",
+            "   ",
+            "not a url",
+            "nosuch://host:1",
+            "http://127.0.0.1:2379",
+            "memory",
+            "://x",
+            "etcd:",
+            "zk:",
+            "consul:",
+        ],
+    )
+    .await;
+    report(&m);
+}
+
+async fn two(url: &str) -> (Arc<dyn coordkit::Backend>, Arc<dyn coordkit::Backend>) {
+    let a = coordkit::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    let b = coordkit::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+    (a, b)
+}
+
+/// Reads `key`, retrying `Unavailable`/`Timeout` for up to 15 s (a client may need a moment,
+/// or a new session, after its server was stopped).
+async fn read_back_recovering(
+    store: &Arc<dyn coordkit::Backend>,
+    key: &str,
+) -> coordkit::Result<Option<coordkit::Entry>> {
+    let t0 = std::time::Instant::now();
+    loop {
+        match store.get(key, coordkit::Consistency::Strong).await {
+            Err(e)
+                if (e.is(coordkit::ErrorKind::Unavailable)
+                    || e.is(coordkit::ErrorKind::Timeout))
+                    && t0.elapsed() < std::time::Duration::from_secs(15) =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A port nobody listens on.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let p = l.local_addr().expect("addr").port();
+    drop(l);
+    p
+}
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    use super::*;
+    use crate::support::etcd::{etcdctl, shared_url, EtcdCluster};
+    use bad_input::{black_hole_cases, unreachable_case};
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_bad_input_matrix() {
+        let (a, b) = two(&shared_url()).await;
+        let mut m = run_matrix("etcd", a, b, "bad/").await;
+        url_cases(
+            &mut m,
+            &[
+                "etcd://",
+                "etcd://127.0.0.1:notaport",
+                "etcd://127.0.0.1:99999",
+                "etcd://127.0.0.1:2379?timeout=banana",
+                "etcd://127.0.0.1:2379?no_such_option=1",
+            ],
+        )
+        .await;
+        unreachable_case(
+            &mut m,
+            &format!(
+                "etcd://127.0.0.1:{}?timeout=2s&connect_timeout=1s",
+                closed_port()
+            ),
+        )
+        .await;
+        report(&m);
+    }
+
+    /// With authentication enabled: wrong password and unknown user give PermissionDenied;
+    /// the right ones work, and nothing the refused calls attempted was written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_wrong_credentials() {
+        let c = EtcdCluster::start(1);
+        let ep = c.endpoints();
+        for args in [
+            vec!["user", "add", "root:rootpw"],
+            vec!["user", "add", "app:apppw"],
+            vec!["role", "add", "app"],
+            vec![
+                "role",
+                "grant-permission",
+                "app",
+                "--prefix=true",
+                "readwrite",
+                "",
+            ],
+            vec!["user", "grant-role", "app", "app"],
+            vec!["auth", "enable"],
+        ] {
+            let (ok, out, err) = etcdctl(&ep, &args);
+            assert!(ok, "etcdctl {args:?}: {out} {err}");
+        }
+        let good = format!("etcd://app:apppw@{ep}?timeout=3s");
+        let store = coordkit::connect(&good)
+            .await
+            .expect("connect with credentials");
+        store
+            .put("auth/k", b"v".to_vec(), coordkit::PutOptions::default())
+            .await
+            .expect("put with the right credentials");
+        let mut m = Matrix {
+            label: "etcd-auth".into(),
+            ..Default::default()
+        };
+        let denied = [coordkit::ErrorKind::PermissionDenied];
+        for url in [
+            format!("etcd://app:wrong@{ep}?timeout=3s"),
+            format!("etcd://nobody:pw@{ep}?timeout=3s"),
+        ] {
+            m.expect_err(format!("{url} put"), &denied, async {
+                let s = coordkit::connect(&url).await?;
+                s.put("auth/k", b"evil".to_vec(), coordkit::PutOptions::default())
+                    .await
+                    .map(|_| ())
+            })
+            .await;
+        }
+        m.expect_err("no credentials: get", &denied, async {
+            let s = coordkit::connect(&format!("etcd://{ep}?timeout=3s")).await?;
+            s.get("auth/k", coordkit::Consistency::Strong)
+                .await
+                .map(|_| ())
+        })
+        .await;
+        m.expect_ok(
+            "read-back with the right credentials",
+            store.get("auth/k", coordkit::Consistency::Strong),
+            |e| e.as_ref().is_some_and(|e| e.value == b"v"),
+        )
+        .await;
+        report(&m);
+    }
+
+    /// A server stopped with SIGSTOP: every call returns within the configured timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn etcd_black_holed_server() {
+        let c = EtcdCluster::start(1);
+        let timeout = Duration::from_secs(2);
+        let store = coordkit::connect(&format!("{}?timeout=2s&connect_timeout=1s", c.url()))
+            .await
+            .expect("connect");
+        store
+            .put("bh/before", b"v".to_vec(), coordkit::PutOptions::default())
+            .await
+            .expect("put before the pause");
+        c.members[0].pause();
+        let mut m = Matrix {
+            label: "etcd-black-hole".into(),
+            ..Default::default()
+        };
+        black_hole_cases(&mut m, &store, "bh/", timeout).await;
+        c.members[0].resume();
+        m.expect_ok(
+            "after SIGCONT the client recovers and the data is intact",
+            read_back_recovering(&store, "bh/before"),
+            |e| e.as_ref().is_some_and(|e| e.value == b"v"),
+        )
+        .await;
+        report(&m);
+    }
+}
+
+#[cfg(feature = "zookeeper")]
+mod zookeeper {
+    use super::*;
+    use crate::support::zookeeper::{shared, url_options, ZkStandalone};
+    use bad_input::{black_hole_cases, unreachable_case};
+    use std::time::Duration;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn zookeeper_bad_input_matrix() {
+        let (a, b) = two(&shared().url()).await;
+        let mut m = run_matrix("zookeeper", a, b, "bad/").await;
+        url_cases(
+            &mut m,
+            &[
+                "zk://",
+                "zk://127.0.0.1:notaport",
+                "zk://127.0.0.1:99999",
+                "zk://127.0.0.1:2181/bad//chroot",
+                "zk://127.0.0.1:2181?session_timeout=banana",
+                "zk://127.0.0.1:2181?no_such_option=1",
+            ],
+        )
+        .await;
+        unreachable_case(
+            &mut m,
+            &format!(
+                "zk://127.0.0.1:{}?{}&connect_timeout=1s&request_timeout=2s",
+                closed_port(),
+                url_options()
+            ),
+        )
+        .await;
+        report(&m);
+    }
+
+    /// A server stopped with SIGSTOP: every call returns within the configured timeout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn zookeeper_black_holed_server() {
+        let mut zk = ZkStandalone::start();
+        let timeout = Duration::from_secs(2);
+        let url = format!("{}&request_timeout=2s&connect_timeout=2s", zk.url());
+        let store = coordkit::connect(&url).await.expect("connect");
+        store
+            .put("bh/before", b"v".to_vec(), coordkit::PutOptions::default())
+            .await
+            .expect("put before the pause");
+        zk.node().pause();
+        let mut m = Matrix {
+            label: "zookeeper-black-hole".into(),
+            ..Default::default()
+        };
+        black_hole_cases(&mut m, &store, "bh/", timeout).await;
+        zk.node().resume();
+        m.expect_ok(
+            "after SIGCONT the client recovers and the data is intact",
+            read_back_recovering(&store, "bh/before"),
+            |e| e.as_ref().is_some_and(|e| e.value == b"v"),
+        )
+        .await;
+        report(&m);
+    }
+}
+
+#[cfg(feature = "consul")]
+mod consul {
+    use super::*;
+    use crate::support::consul_sim::{ConsulSim, SimOptions};
+    use bad_input::unreachable_case;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn consul_sim_bad_input_matrix() {
+        let sim = ConsulSim::start();
+        let (a, b) = two(&sim.url()).await;
+        let mut m = run_matrix("consul-sim", a, b, "bad/").await;
+        url_cases(
+            &mut m,
+            &[
+                "consul://",
+                "consul://127.0.0.1:notaport",
+                "consul://127.0.0.1:99999",
+                "consul://127.0.0.1:8500?timeout=banana",
+                "consul://127.0.0.1:8500?no_such_option=1",
+            ],
+        )
+        .await;
+        unreachable_case(
+            &mut m,
+            &format!(
+                "consul://127.0.0.1:{}?timeout=2s&connect_timeout=1s",
+                closed_port()
+            ),
+        )
+        .await;
+        report(&m);
+    }
+
+    /// With an ACL token required: a wrong or missing token gives PermissionDenied and writes
+    /// nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn consul_sim_wrong_token() {
+        let sim = ConsulSim::start_with(SimOptions {
+            acl_token: Some("s3cret".into()),
+            ..Default::default()
+        })
+        .expect("start simulator");
+        let good = format!("{}?token=s3cret", sim.url());
+        let store = coordkit::connect(&good).await.expect("connect with token");
+        store
+            .put("auth/k", b"v".to_vec(), coordkit::PutOptions::default())
+            .await
+            .expect("put with the right token");
+        let mut m = Matrix {
+            label: "consul-sim-auth".into(),
+            ..Default::default()
+        };
+        let denied = [coordkit::ErrorKind::PermissionDenied];
+        for url in [format!("{}?token=wrong", sim.url()), sim.url()] {
+            m.expect_err(format!("{url} put"), &denied, async {
+                let s = coordkit::connect(&url).await?;
+                s.put("auth/k", b"evil".to_vec(), coordkit::PutOptions::default())
+                    .await
+                    .map(|_| ())
+            })
+            .await;
+        }
+        m.expect_ok(
+            "read-back with the right token",
+            store.get("auth/k", coordkit::Consistency::Strong),
+            |e| e.as_ref().is_some_and(|e| e.value == b"v"),
+        )
+        .await;
+        report(&m);
+    }
+}
+
+#[cfg(all(feature = "etcd", feature = "zookeeper"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sharded_bad_input_matrix() {
+    let enc = |u: &str| -> String { url::form_urlencoded::byte_serialize(u.as_bytes()).collect() };
+    let url = format!(
+        "sharded+ring://?shard={}&shard={}",
+        enc(&support::etcd::shared_url()),
+        enc(&support::zookeeper::shared().url())
+    );
+    let (a, b) = two(&url).await;
+    let mut m = run_matrix("sharded", a, b, "bad-sharded/").await;
+    url_cases(
+        &mut m,
+        &[
+            "sharded+ring://",
+            "sharded+nosuch://?shard=memory://",
+            "sharded+ring://host?shard=memory://",
+            "sharded+ring://?shard=nosuch://x",
+            "sharded+ring://?shard=memory://&weights=1,2,3",
+        ],
+    )
+    .await;
+    report(&m);
+}

@@ -1,0 +1,250 @@
+//! Mutual exclusion across OS processes: `examples/contender` processes contend for one lock
+//! and do a non-atomic read-modify-write of a counter held by a fencing-checking resource
+//! (`tests/support/fenced.rs`), against every backend that spans processes (the in-memory
+//! backend does not), with and without faults. See `docs/reliability.md`.
+//!
+//! `COORDKIT_RELIABILITY_ROUNDS` (default 200) and `COORDKIT_RELIABILITY_PROCS` (default 8) set
+//! the size of each run. Runs with faults take turns; runs without faults run alongside.
+
+#[path = "support/contention.rs"]
+mod contention;
+#[path = "support/fenced.rs"]
+mod fenced;
+mod support;
+
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use contention::{publish, run, Fault, RunConfig, RunReport};
+
+/// Runs with faults (short TTLs, timed pauses) take turns; runs without faults use long TTLs
+/// and may share the machine with anything.
+fn fault_turn() -> MutexGuard<'static, ()> {
+    static TURN: Mutex<()> = Mutex::new(());
+    TURN.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The backend's capabilities, from a client connected to `url`.
+fn caps(url: &str) -> coordkit::Capabilities {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let s = coordkit::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        s.capabilities()
+    })
+}
+
+/// A run without faults: every round completes, the count is exact, tokens strictly increase.
+fn clean_run(label: &str, url: &str) -> RunReport {
+    let c = caps(url);
+    let mut cfg = RunConfig::new(label, url);
+    cfg.ttl = Duration::from_secs(15).max(c.min_lock_ttl);
+    cfg.expiry_factor = c.lease_expiry_factor;
+    let report = run(&cfg, vec![]);
+    publish(&report);
+    assert!(report.violations.is_empty(), "{report}");
+    assert_eq!(
+        report.final_value,
+        (cfg.procs as u64 * cfg.rounds) as i64,
+        "{report}"
+    );
+    assert_eq!(
+        report.rounds_done as u64,
+        cfg.procs as u64 * cfg.rounds,
+        "{report}"
+    );
+    assert!(cfg.procs >= 8 || std::env::var("COORDKIT_RELIABILITY_PROCS").is_ok());
+    report
+}
+
+/// A run with a SIGKILLed holder, a SIGSTOPped holder (past its TTL) and `extra` faults.
+fn faulty_run(label: &str, url: &str, extra: Vec<Fault>) -> RunReport {
+    let _turn = fault_turn();
+    let c = caps(url);
+    let mut cfg = RunConfig::new(label, url);
+    // Fewer rounds than the clean runs by default: the faults, not the rounds, are the point,
+    // and each costs up to twice the TTL of waiting. COORDKIT_RELIABILITY_ROUNDS sets both.
+    cfg.rounds = contention::rounds(60);
+    cfg.slow_every = (cfg.rounds / 6).max(2);
+    cfg.ttl = Duration::from_secs(2).max(c.min_lock_ttl);
+    cfg.expiry_factor = c.lease_expiry_factor;
+    cfg.slow = Duration::from_millis(250);
+    let mut faults = vec![Fault::KillHolder, Fault::PauseHolder];
+    faults.extend(extra);
+    let n_faults = faults.len();
+    let report = run(&cfg, faults);
+    publish(&report);
+    assert!(report.violations.is_empty(), "{report}");
+    assert_eq!(report.faults.len(), n_faults, "{report}");
+    assert!(
+        report.stale_rejected >= 1,
+        "the paused holder's write was not refused: {report}"
+    );
+    // Everyone but the killed process finished all rounds.
+    assert!(
+        report.rounds_done as u64 >= (cfg.procs as u64 - 1) * cfg.rounds,
+        "{report}"
+    );
+    report
+}
+
+/// The control: the same processes without a lock. The checks must report lost updates and
+/// overlapping critical sections, or they prove nothing.
+#[test]
+fn without_a_lock_the_checks_catch_violations() {
+    let mut cfg = RunConfig::new("control-no-lock", "memory://");
+    cfg.no_lock = true;
+    cfg.rounds = 40;
+    cfg.procs = 8;
+    cfg.pause = Duration::from_millis(3);
+    let report = run(&cfg, vec![]);
+    publish(&report);
+    let lost = report
+        .violations
+        .iter()
+        .any(|v| v.contains("lost an update") || v.contains("final count"));
+    assert!(lost, "the control run lost no update: {report}");
+    assert!(
+        report.overlaps > 0,
+        "the control run saw no overlap: {report}"
+    );
+    assert!(report.final_value < 8 * 40, "{report}");
+}
+
+#[cfg(feature = "etcd")]
+mod etcd {
+    use super::*;
+    use crate::support::etcd::{shared_url, EtcdCluster};
+
+    #[test]
+    fn etcd_processes() {
+        clean_run("etcd", &shared_url());
+    }
+
+    #[test]
+    fn etcd_processes_under_faults() {
+        let cluster = std::sync::Arc::new(Mutex::new(EtcdCluster::start(3)));
+        let url = cluster.lock().unwrap_or_else(|p| p.into_inner()).url();
+        let c = cluster.clone();
+        let leader_kill = Fault::Custom(
+            "SIGKILL the etcd leader, restart it".into(),
+            Box::new(move || {
+                let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(leader) = c.leader() else {
+                    return "no leader found".into();
+                };
+                let t0 = std::time::Instant::now();
+                c.kill(leader);
+                let new = support::wait_until(
+                    Duration::from_secs(20),
+                    || matches!(c.leader(), Some(l) if l != leader),
+                );
+                let elected = t0.elapsed();
+                std::thread::sleep(Duration::from_secs(2));
+                c.restart(leader);
+                format!(
+                    "killed member {leader}; new leader {} after {:.2}s; restarted",
+                    if new { "elected" } else { "NOT elected" },
+                    elected.as_secs_f64()
+                )
+            }),
+        );
+        let report = faulty_run("etcd-faults", &url, vec![leader_kill]);
+        assert!(!report.faults[2].contains("NOT"), "{report}");
+    }
+}
+
+#[cfg(feature = "zookeeper")]
+mod zookeeper {
+    use super::*;
+    use crate::support::zookeeper::{shared, ZkEnsemble};
+
+    #[test]
+    fn zookeeper_processes() {
+        clean_run("zookeeper", &shared().url());
+    }
+
+    #[test]
+    fn zookeeper_processes_under_faults() {
+        let ens = std::sync::Arc::new(Mutex::new(ZkEnsemble::start(3)));
+        let url = ens.lock().unwrap_or_else(|p| p.into_inner()).url();
+        let e = ens.clone();
+        let leader_kill = Fault::Custom(
+            "SIGKILL the ZooKeeper leader, restart it".into(),
+            Box::new(move || {
+                let mut e = e.lock().unwrap_or_else(|p| p.into_inner());
+                let Some(leader) = e.leader() else {
+                    return "no leader found".into();
+                };
+                let t0 = std::time::Instant::now();
+                e.kill(leader);
+                let new = support::wait_until(
+                    Duration::from_secs(30),
+                    || matches!(e.leader(), Some(l) if l != leader),
+                );
+                let elected = t0.elapsed();
+                std::thread::sleep(Duration::from_secs(2));
+                e.restart(leader);
+                let back = e.wait_serving(Duration::from_secs(60));
+                format!(
+                    "killed node {leader}; new leader {} after {:.2}s; restarted, {}",
+                    if new { "elected" } else { "NOT elected" },
+                    elected.as_secs_f64(),
+                    if back { "serving again" } else { "NOT serving" }
+                )
+            }),
+        );
+        let report = faulty_run("zookeeper-faults", &url, vec![leader_kill]);
+        assert!(!report.faults[2].contains("NOT"), "{report}");
+    }
+}
+
+#[cfg(feature = "consul")]
+mod consul {
+    use super::*;
+    use crate::support::consul_sim::ConsulSim;
+
+    #[test]
+    fn consul_sim_processes() {
+        let sim = ConsulSim::start();
+        clean_run("consul-sim", &sim.url());
+    }
+
+    #[test]
+    fn consul_sim_processes_under_faults() {
+        let sim = ConsulSim::start();
+        faulty_run("consul-sim-faults", &sim.url(), vec![]);
+    }
+}
+
+/// A sharded store over every backend of this build: the lock lives on one shard, picked by
+/// the hash of its name.
+mod sharded {
+    use super::*;
+
+    fn enc(url: &str) -> String {
+        url::form_urlencoded::byte_serialize(url.as_bytes()).collect()
+    }
+
+    #[test]
+    #[cfg(all(feature = "etcd", feature = "zookeeper"))]
+    fn sharded_processes() {
+        let shards = [
+            crate::support::etcd::shared_url(),
+            crate::support::zookeeper::shared().url(),
+        ];
+        let url = format!(
+            "sharded+ring://?{}",
+            shards
+                .iter()
+                .map(|s| format!("shard={}", enc(s)))
+                .collect::<Vec<_>>()
+                .join("&")
+        );
+        clean_run("sharded", &url);
+    }
+}
