@@ -16,6 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod etcd;
+
 static BASE: OnceLock<PathBuf> = OnceLock::new();
 static PORTS: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
 

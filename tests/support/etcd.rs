@@ -1,0 +1,342 @@
+//! Real etcd servers for tests: Debian's `/usr/bin/etcd` started as plain processes on free
+//! loopback ports under [`fresh_dir`](super::fresh_dir), health-checked over HTTP, and stopped
+//! by PID (by `Drop`, and by the reaper if the test process dies).
+//!
+//! - [`shared`]: one single-node server per test binary, started on first use and left to the
+//!   reaper at exit. Tests share it, so they must use their own key prefixes.
+//! - [`EtcdCluster::start`]: an owned cluster of N members for fault tests (kill, restart,
+//!   find the leader); dropping it kills every member.
+//!
+//! `url()` gives an `etcd://` URL for `coordkit::connect`, `endpoints()` the plain
+//! `host:port` list (as `etcdctl --endpoints` wants it).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::{free_port, fresh_dir, wait_until, Proc};
+
+/// The etcd server binary (Debian package `etcd-server`).
+pub const ETCD_BIN: &str = "/usr/bin/etcd";
+/// The etcdctl binary (Debian package `etcd-client`).
+pub const ETCDCTL_BIN: &str = "/usr/bin/etcdctl";
+
+/// How long a start may take before the harness gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Whether etcd answers `GET /health` on `port` with `"health":"true"`.
+pub fn healthy(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
+
+/// One etcd member process.
+pub struct Member {
+    /// The member name (`n0`, `n1`, …).
+    pub name: String,
+    /// Client port (gRPC + HTTP) on 127.0.0.1.
+    pub client_port: u16,
+    /// Peer port on 127.0.0.1.
+    pub peer_port: u16,
+    /// Its data directory (kept across a restart).
+    pub data_dir: PathBuf,
+    dir: PathBuf,
+    initial_cluster: String,
+    restarts: u32,
+    proc: Option<Proc>,
+}
+
+impl Member {
+    fn new(name: &str, dir: &Path) -> Member {
+        let client_port = free_port();
+        Member {
+            name: name.to_string(),
+            client_port,
+            peer_port: client_port + 1,
+            data_dir: dir.join(format!("{name}.etcd")),
+            dir: dir.to_path_buf(),
+            initial_cluster: String::new(),
+            restarts: 0,
+            proc: None,
+        }
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
+    }
+
+    /// `127.0.0.1:<client port>`.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let log = self
+            .dir
+            .join(format!("{}-{}.log", self.name, self.restarts));
+        self.restarts += 1;
+        let mut cmd = Command::new(ETCD_BIN);
+        cmd.arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-client-urls")
+            .arg(&client)
+            .arg("--advertise-client-urls")
+            .arg(&client)
+            .arg("--listen-peer-urls")
+            .arg(self.peer_url())
+            .arg("--initial-advertise-peer-urls")
+            .arg(self.peer_url())
+            .arg("--initial-cluster")
+            .arg(&self.initial_cluster)
+            .arg("--initial-cluster-state")
+            .arg("new")
+            .arg("--initial-cluster-token")
+            .arg(
+                self.dir
+                    .file_name()
+                    .map(|n| n.to_string_lossy().to_string())
+                    .unwrap_or_default(),
+            );
+        self.proc = Some(Proc::spawn(&format!("etcd {}", self.name), &mut cmd, &log));
+    }
+
+    /// Whether the process runs.
+    pub fn alive(&mut self) -> bool {
+        self.proc.as_mut().map(|p| p.alive()).unwrap_or(false)
+    }
+
+    /// SIGKILL this member (by PID) and reap it.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// SIGSTOP: the member stops answering without closing connections.
+    pub fn pause(&self) {
+        if let Some(p) = &self.proc {
+            p.pause();
+        }
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        if let Some(p) = &self.proc {
+            p.resume();
+        }
+    }
+
+    /// The member's log so far (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let log = self.dir.join(format!(
+            "{}-{}.log",
+            self.name,
+            self.restarts.saturating_sub(1)
+        ));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let start = text.len().saturating_sub(3000);
+        text.get(start..).unwrap_or("").to_string()
+    }
+}
+
+/// A single etcd node or a cluster of members, owned by the test that started it.
+pub struct EtcdCluster {
+    /// The members, in start order.
+    pub members: Vec<Member>,
+    dir: PathBuf,
+}
+
+impl EtcdCluster {
+    /// Starts `n` members on free loopback ports and waits until every one is healthy.
+    /// Panics (failing the test) if they are not healthy within 30 s.
+    pub fn start(n: usize) -> EtcdCluster {
+        assert!(n >= 1);
+        assert!(
+            Path::new(ETCD_BIN).exists(),
+            "{ETCD_BIN} missing: install the Debian package etcd-server (scripts/test.sh does)"
+        );
+        let dir = fresh_dir("etcd");
+        let mut members: Vec<Member> = (0..n)
+            .map(|i| Member::new(&format!("n{i}"), &dir))
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = initial.clone();
+            m.spawn();
+        }
+        let mut c = EtcdCluster { members, dir };
+        c.wait_healthy_all();
+        c
+    }
+
+    fn wait_healthy_all(&mut self) {
+        let ports: Vec<u16> = self.members.iter().map(|m| m.client_port).collect();
+        let ok = wait_until(START_TIMEOUT, || ports.iter().all(|p| healthy(*p)));
+        if !ok {
+            let logs: Vec<String> = self
+                .members
+                .iter()
+                .map(|m| format!("--- {} ---\n{}", m.name, m.log_tail()))
+                .collect();
+            panic!(
+                "etcd did not become healthy within {START_TIMEOUT:?}\n{}",
+                logs.join("\n")
+            );
+        }
+    }
+
+    /// The client endpoints, `127.0.0.1:P1,127.0.0.1:P2,…` (every member, running or not).
+    pub fn endpoints(&self) -> String {
+        self.members
+            .iter()
+            .map(|m| m.endpoint())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `etcd://127.0.0.1:P1,127.0.0.1:P2,…` for `coordkit::connect`.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoints())
+    }
+
+    /// The index of the current leader, asked of the running members through `etcdctl endpoint
+    /// status`; `None` if no running member names one.
+    pub fn leader(&mut self) -> Option<usize> {
+        for i in 0..self.members.len() {
+            if !self.members[i].alive() {
+                continue;
+            }
+            let out = Command::new(ETCDCTL_BIN)
+                .env("ETCDCTL_API", "3")
+                .args(["--dial-timeout", "2s", "--command-timeout", "3s"])
+                .arg("--endpoints")
+                .arg(self.members[i].endpoint())
+                .args(["endpoint", "status", "-w", "json"])
+                .output()
+                .ok()?;
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+                continue;
+            };
+            let status = &v[0]["Status"];
+            let (Some(me), Some(leader)) = (
+                status["header"]["member_id"].as_u64(),
+                status["leader"].as_u64(),
+            ) else {
+                continue;
+            };
+            if leader == 0 {
+                continue;
+            }
+            if me == leader {
+                return Some(i);
+            }
+            // Ask the leader's own status to map its ID to an index.
+            for j in 0..self.members.len() {
+                if j == i || !self.members[j].alive() {
+                    continue;
+                }
+                let out = Command::new(ETCDCTL_BIN)
+                    .env("ETCDCTL_API", "3")
+                    .args(["--dial-timeout", "2s", "--command-timeout", "3s"])
+                    .arg("--endpoints")
+                    .arg(self.members[j].endpoint())
+                    .args(["endpoint", "status", "-w", "json"])
+                    .output()
+                    .ok()?;
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                    if v[0]["Status"]["header"]["member_id"].as_u64() == Some(leader) {
+                        return Some(j);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// SIGKILL member `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.members[i].kill();
+    }
+
+    /// Restarts a killed member `i` with its data directory and waits until it is healthy.
+    pub fn restart(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        m.kill();
+        m.spawn();
+        let port = m.client_port;
+        if !wait_until(START_TIMEOUT, || healthy(port)) {
+            panic!(
+                "restarted etcd {} not healthy within {START_TIMEOUT:?}\n{}",
+                self.members[i].name,
+                self.members[i].log_tail()
+            );
+        }
+    }
+
+    /// The directory holding data dirs and logs.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for m in &mut self.members {
+            m.kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A single etcd node shared by every test of this test binary (started on first use; the
+/// reaper kills it when the test process exits).
+pub fn shared() -> &'static EtcdCluster {
+    static SHARED: OnceLock<EtcdCluster> = OnceLock::new();
+    SHARED.get_or_init(|| EtcdCluster::start(1))
+}
+
+/// The shared single node's `etcd://` URL.
+pub fn shared_url() -> String {
+    shared().url()
+}
+
+/// Runs `etcdctl` (API v3) against `endpoints` with `args`; returns (success, stdout, stderr).
+pub fn etcdctl(endpoints: &str, args: &[&str]) -> (bool, String, String) {
+    match Command::new(ETCDCTL_BIN)
+        .env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(endpoints)
+        .args(args)
+        .output()
+    {
+        Ok(out) => (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        ),
+        Err(e) => (false, String::new(), e.to_string()),
+    }
+}
