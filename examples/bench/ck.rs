@@ -41,10 +41,15 @@ impl Target for Coordkit {
     async fn setup(&self, op: Op) -> R<()> {
         match op {
             Op::GetStrong | Op::GetStale => {
-                self.store.put(KEY, self.value.clone(), PutOptions::default()).await?;
+                self.store
+                    .put(KEY, self.value.clone(), PutOptions::default())
+                    .await?;
             }
             Op::Cas => {
-                let v = self.store.put(CAS_KEY, self.value.clone(), PutOptions::default()).await?;
+                let v = self
+                    .store
+                    .put(CAS_KEY, self.value.clone(), PutOptions::default())
+                    .await?;
                 self.version.store(v.as_raw(), Ordering::SeqCst);
             }
             Op::Put | Op::LockUnlock => {}
@@ -55,13 +60,21 @@ impl Target for Coordkit {
     async fn run(&self, op: Op) -> R<()> {
         match op {
             Op::GetStrong => {
-                self.store.get(KEY, Consistency::Strong).await?.ok_or_else(|| err("key missing"))?;
+                self.store
+                    .get(KEY, Consistency::Strong)
+                    .await?
+                    .ok_or_else(|| err("key missing"))?;
             }
             Op::GetStale => {
-                self.store.get(KEY, Consistency::Stale).await?.ok_or_else(|| err("key missing"))?;
+                self.store
+                    .get(KEY, Consistency::Stale)
+                    .await?
+                    .ok_or_else(|| err("key missing"))?;
             }
             Op::Put => {
-                self.store.put(KEY, self.value.clone(), PutOptions::default()).await?;
+                self.store
+                    .put(KEY, self.value.clone(), PutOptions::default())
+                    .await?;
             }
             Op::Cas => {
                 let expect = Version::from_raw(self.version.load(Ordering::SeqCst));
@@ -97,6 +110,8 @@ impl Held for CkHeld {
 #[async_trait]
 impl Contender for CkContender {
     async fn acquire(&self, name: &str) -> R<Box<dyn Held>> {
-        Ok(Box::new(CkHeld(self.0.lock(name, &LockOptions::new()).await?)))
+        Ok(Box::new(CkHeld(
+            self.0.lock(name, &LockOptions::new()).await?,
+        )))
     }
 }

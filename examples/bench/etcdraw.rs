@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, EventType, GetOptions, LockOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, LockOptions, PutOptions, SortOrder,
+    SortTarget, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 
 use crate::harness::{err, Contender, Held, Op, Target, R};
@@ -97,7 +97,9 @@ impl Target for EtcdRaw {
                 r.kvs().first().ok_or_else(|| err("key missing"))?;
             }
             Op::GetStale => {
-                let r = c.get(KEY, Some(GetOptions::new().with_serializable())).await?;
+                let r = c
+                    .get(KEY, Some(GetOptions::new().with_serializable()))
+                    .await?;
                 r.kvs().first().ok_or_else(|| err("key missing"))?;
             }
             Op::Put => {
@@ -150,7 +152,9 @@ async fn acquire(client: &Client, recipe: Recipe, lease: i64, name: &str) -> R<B
     let mut c = client.clone();
     let key = match recipe {
         Recipe::LockRpc => {
-            let r = c.lock(name, Some(LockOptions::new().with_lease(lease))).await?;
+            let r = c
+                .lock(name, Some(LockOptions::new().with_lease(lease)))
+                .await?;
             r.key().to_vec()
         }
         Recipe::Textbook => textbook_lock(&mut c, lease, name).await?,
@@ -168,11 +172,27 @@ async fn textbook_lock(c: &mut Client, lease: i64, name: &str) -> R<Vec<u8>> {
     let my_key = format!("{pfx}{lease:x}");
     let owner = TxnOp::get(
         pfx.clone(),
-        Some(GetOptions::new().with_prefix().with_sort(SortTarget::Create, SortOrder::Ascend).with_limit(1)),
+        Some(
+            GetOptions::new()
+                .with_prefix()
+                .with_sort(SortTarget::Create, SortOrder::Ascend)
+                .with_limit(1),
+        ),
     );
     let txn = Txn::new()
-        .when([Compare::create_revision(my_key.clone(), CompareOp::Equal, 0)])
-        .and_then([TxnOp::put(my_key.clone(), "", Some(PutOptions::new().with_lease(lease))), owner.clone()])
+        .when([Compare::create_revision(
+            my_key.clone(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then([
+            TxnOp::put(
+                my_key.clone(),
+                "",
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            owner.clone(),
+        ])
         .or_else([TxnOp::get(my_key.clone(), None), owner]);
     let r = c.txn(txn).await?;
     let header_rev = r.header().ok_or_else(|| err("no header"))?.revision();
@@ -181,7 +201,9 @@ async fn textbook_lock(c: &mut Client, lease: i64, name: &str) -> R<Vec<u8>> {
         header_rev
     } else {
         match ops.first() {
-            Some(TxnOpResponse::Get(g)) => g.kvs().first().map(|kv| kv.create_revision()).unwrap_or(0),
+            Some(TxnOpResponse::Get(g)) => {
+                g.kvs().first().map(|kv| kv.create_revision()).unwrap_or(0)
+            }
             _ => return Err(err("unexpected txn response")),
         }
     };
@@ -203,7 +225,10 @@ async fn textbook_lock(c: &mut Client, lease: i64, name: &str) -> R<Vec<u8>> {
         let Some(last) = r.kvs().first() else { break };
         let rev = r.header().ok_or_else(|| err("no header"))?.revision();
         let mut stream = c
-            .watch(last.key().to_vec(), Some(WatchOptions::new().with_start_revision(rev)))
+            .watch(
+                last.key().to_vec(),
+                Some(WatchOptions::new().with_start_revision(rev)),
+            )
             .await?;
         'wait: loop {
             let Some(msg) = stream.message().await? else {
@@ -238,7 +263,11 @@ impl EtcdContender {
     pub async fn new(endpoint: &str, recipe: Recipe) -> R<Self> {
         let mut client = connect(endpoint).await?;
         let lease = client.lease_grant(LEASE_TTL, None).await?.id();
-        Ok(EtcdContender { client, recipe, lease })
+        Ok(EtcdContender {
+            client,
+            recipe,
+            lease,
+        })
     }
 }
 
@@ -251,11 +280,20 @@ impl Contender for EtcdContender {
 
 /// gRPC messages the server received, per method (from etcd's Prometheus `/metrics`).
 pub async fn grpc_counts(http: &reqwest::Client, endpoint: &str) -> R<BTreeMap<String, f64>> {
-    let text = http.get(format!("{endpoint}/metrics")).send().await?.text().await?;
+    let text = http
+        .get(format!("{endpoint}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
     let mut out = BTreeMap::new();
     for line in text.lines() {
-        let Some(rest) = line.strip_prefix("grpc_server_msg_received_total{") else { continue };
-        let Some((labels, value)) = rest.split_once("} ") else { continue };
+        let Some(rest) = line.strip_prefix("grpc_server_msg_received_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
         let method = labels
             .split(',')
             .find_map(|l| l.strip_prefix("grpc_method=\""))
@@ -268,7 +306,11 @@ pub async fn grpc_counts(http: &reqwest::Client, endpoint: &str) -> R<BTreeMap<S
 }
 
 /// Round trips per operation by method: the difference of two [`grpc_counts`] over `n` ops.
-pub fn per_op(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, n: usize) -> BTreeMap<String, f64> {
+pub fn per_op(
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    n: usize,
+) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for (m, a) in after {
         let d = a - before.get(m).copied().unwrap_or(0.0);

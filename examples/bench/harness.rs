@@ -60,9 +60,17 @@ pub trait Target: Send + Sync {
 
 /// Runs `op` on every target that supports it: a warm-up, then `n` measured operations per
 /// target in interleaved blocks of `block`, so that drift on a shared machine hits all alike.
-pub async fn interleaved(targets: &[Arc<dyn Target>], op: Op, n: usize, block: usize) -> R<Vec<(String, Series)>> {
+pub async fn interleaved(
+    targets: &[Arc<dyn Target>],
+    op: Op,
+    n: usize,
+    block: usize,
+) -> R<Vec<(String, Series)>> {
     let active: Vec<&Arc<dyn Target>> = targets.iter().filter(|t| t.supports(op)).collect();
-    let mut out: Vec<(String, Series)> = active.iter().map(|t| (t.name(), Series::default())).collect();
+    let mut out: Vec<(String, Series)> = active
+        .iter()
+        .map(|t| (t.name(), Series::default()))
+        .collect();
     for t in &active {
         t.setup(op).await?;
         for _ in 0..(n / 10).clamp(20, 200) {
@@ -114,7 +122,12 @@ pub struct Handoff {
 /// Contended handoff: every contender loops lock → note the time → release, on one lock name,
 /// until `rounds` handoffs were seen. Each sample is the time from the moment a holder began
 /// its release to the moment the next holder's acquire returned. `busy` is the wall time.
-pub async fn handoff(contenders: Vec<Arc<dyn Contender>>, name: &str, rounds: usize, limit: Duration) -> R<Handoff> {
+pub async fn handoff(
+    contenders: Vec<Arc<dyn Contender>>,
+    name: &str,
+    rounds: usize,
+    limit: Duration,
+) -> R<Handoff> {
     struct Shared {
         last_release: Mutex<Option<Instant>>,
         samples: Mutex<Vec<Duration>>,
@@ -134,14 +147,22 @@ pub async fn handoff(contenders: Vec<Arc<dyn Contender>>, name: &str, rounds: us
             loop {
                 let held = c.acquire(&name).await?;
                 let now = Instant::now();
-                let prev = shared.last_release.lock().map_err(|_| err("poisoned"))?.take();
+                let prev = shared
+                    .last_release
+                    .lock()
+                    .map_err(|_| err("poisoned"))?
+                    .take();
                 let n = shared.acquisitions.fetch_add(1, Ordering::SeqCst);
                 if n > rounds {
                     held.release().await?;
                     return Ok::<(), BoxError>(());
                 }
                 if let Some(t) = prev {
-                    shared.samples.lock().map_err(|_| err("poisoned"))?.push(now - t);
+                    shared
+                        .samples
+                        .lock()
+                        .map_err(|_| err("poisoned"))?
+                        .push(now - t);
                 }
                 *shared.last_release.lock().map_err(|_| err("poisoned"))? = Some(Instant::now());
                 held.release().await?;
@@ -166,4 +187,41 @@ pub async fn handoff(contenders: Vec<Arc<dyn Contender>>, name: &str, rounds: us
     series.ops = samples.len() as u64;
     series.busy = busy;
     Ok(Handoff { series })
+}
+
+/// Throughput without per-operation clocks (for the in-memory backend, where reading the clock
+/// would cost as much as the operation): `n` operations per target in interleaved blocks;
+/// (name, wall time, operations) per target.
+pub async fn batch(
+    targets: &[Arc<dyn Target>],
+    op: Op,
+    n: usize,
+    block: usize,
+) -> R<Vec<(String, Duration, u64)>> {
+    let active: Vec<&Arc<dyn Target>> = targets.iter().filter(|t| t.supports(op)).collect();
+    let mut out: Vec<(String, Duration, u64)> = active
+        .iter()
+        .map(|t| (t.name(), Duration::ZERO, 0))
+        .collect();
+    for t in &active {
+        t.setup(op).await?;
+    }
+    let mut done = 0;
+    let mut round = 0;
+    while done < n {
+        let this = block.min(n - done);
+        for k in 0..active.len() {
+            let i = (k + round) % active.len();
+            let t = active[i];
+            let start = Instant::now();
+            for _ in 0..this {
+                t.run(op).await?;
+            }
+            out[i].1 += start.elapsed();
+            out[i].2 += this as u64;
+        }
+        done += this;
+        round += 1;
+    }
+    Ok(out)
 }

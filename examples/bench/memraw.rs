@@ -28,12 +28,20 @@ impl RawMap {
     }
 
     pub fn get(&self, key: &str) -> R<Option<(Vec<u8>, u64)>> {
-        Ok(self.map.lock().map_err(|_| err("poisoned"))?.get(key).cloned())
+        Ok(self
+            .map
+            .lock()
+            .map_err(|_| err("poisoned"))?
+            .get(key)
+            .cloned())
     }
 
     pub fn put(&self, key: &str, value: Vec<u8>) -> R<u64> {
         let v = self.rev.fetch_add(1, Ordering::SeqCst) + 1;
-        self.map.lock().map_err(|_| err("poisoned"))?.insert(key.to_string(), (value, v));
+        self.map
+            .lock()
+            .map_err(|_| err("poisoned"))?
+            .insert(key.to_string(), (value, v));
         Ok(v)
     }
 
@@ -88,7 +96,11 @@ impl Target for RawMap {
                 self.put(KEY, self.value.clone())?;
             }
             Op::Cas => {
-                let v = self.cas(CAS_KEY, self.version.load(Ordering::SeqCst), self.value.clone())?;
+                let v = self.cas(
+                    CAS_KEY,
+                    self.version.load(Ordering::SeqCst),
+                    self.value.clone(),
+                )?;
                 self.version.store(v, Ordering::SeqCst);
             }
             Op::LockUnlock => {

@@ -19,7 +19,14 @@ pub async fn connect(hostport: &str) -> R<Client> {
 }
 
 async fn ensure(c: &Client, path: &str) -> R<()> {
-    match c.create(path, b"", &CreateMode::Persistent.with_acls(Acls::anyone_all())).await {
+    match c
+        .create(
+            path,
+            b"",
+            &CreateMode::Persistent.with_acls(Acls::anyone_all()),
+        )
+        .await
+    {
         Ok(_) | Err(zookeeper_client::Error::NodeExists) => Ok(()),
         Err(e) => Err(e.into()),
     }
@@ -116,7 +123,11 @@ async fn acquire(c: &Client, name: &str) -> R<Box<dyn Held>> {
     let dir = format!("{LOCKS}/{name}");
     let prefix = format!("{dir}/lock-");
     let (_, seq) = c
-        .create(&prefix, b"", &CreateMode::EphemeralSequential.with_acls(Acls::anyone_all()))
+        .create(
+            &prefix,
+            b"",
+            &CreateMode::EphemeralSequential.with_acls(Acls::anyone_all()),
+        )
         .await?;
     let mine = format!("lock-{seq}");
     let path = format!("{dir}/{mine}");
@@ -151,7 +162,11 @@ pub struct ZkContender {
 impl ZkContender {
     pub async fn new(hostport: &str, name: &str) -> R<Self> {
         let client = connect(hostport).await?;
-        for p in [ROOT.to_string(), LOCKS.to_string(), format!("{LOCKS}/{name}")] {
+        for p in [
+            ROOT.to_string(),
+            LOCKS.to_string(),
+            format!("{LOCKS}/{name}"),
+        ] {
             ensure(&client, &p).await?;
         }
         Ok(ZkContender { client })
