@@ -31,7 +31,24 @@ fn cdf(samples: &[f64]) -> Vec<(f64, f64)> {
     out
 }
 
+/// A fixed colour per client, so coordkit looks the same in every panel.
+fn color(client: &str, i: usize) -> RGBColor {
+    match client {
+        "coordkit" => RGBColor(214, 39, 40),
+        _ if client.contains("Python") => [RGBColor(255, 127, 14), RGBColor(148, 103, 189)][i % 2],
+        _ => [
+            RGBColor(31, 119, 180),
+            RGBColor(44, 160, 44),
+            RGBColor(23, 190, 207),
+        ][i % 3],
+    }
+}
+
 pub fn write(path: &Path, sections: &[Section], title: &str) -> R<()> {
+    let sections: Vec<&Section> = sections
+        .iter()
+        .filter(|s| !s.rows.is_empty() || !s.handoff.is_empty())
+        .collect();
     let rows = sections.len().max(1);
     let cols = OPS.len();
     let root =
@@ -55,40 +72,57 @@ pub fn write(path: &Path, sections: &[Section], title: &str) -> R<()> {
                     .map(|r| (r.client.clone(), cdf(&r.series.lat_us)))
                     .collect()
             };
+            // Plotted on log10(latency), whole decades, labelled in µs/ms.
             let all = lines.iter().flat_map(|(_, p)| p.iter().map(|(x, _)| *x));
             let (lo, hi) = all.fold((f64::MAX, 0.0f64), |(lo, hi), x| (lo.min(x), hi.max(x)));
             let (lo, hi) = if hi <= 0.0 {
-                (1.0, 10.0)
+                (0.0, 1.0)
             } else {
-                (lo * 0.8, hi * 1.25)
+                let lo = lo.log10().floor();
+                (lo, hi.log10().ceil().max(lo + 1.0))
             };
             let mut chart = ChartBuilder::on(panel)
                 .caption(format!("{} — {}", s.backend, op), ("sans-serif", 13))
                 .margin(6)
                 .x_label_area_size(28)
                 .y_label_area_size(34)
-                .build_cartesian_2d((lo..hi).log_scale(), 0f64..100f64)
+                .build_cartesian_2d(lo..hi, 0f64..100f64)
                 .map_err(e)?;
             chart
                 .configure_mesh()
-                .x_desc("latency, µs (log)")
+                .x_desc("latency (log scale)")
                 .y_desc("percentile")
-                .x_labels(5)
+                .x_labels(if hi - lo > 3.0 {
+                    (hi - lo) as usize + 1
+                } else {
+                    ((hi - lo) * 2.0) as usize + 1
+                })
+                .max_light_lines(1)
                 .y_labels(5)
+                .x_label_formatter(&|x| crate::stats::fmt_us(10f64.powf(*x)))
                 .label_style(("sans-serif", 10))
                 .draw()
                 .map_err(e)?;
-            for (i, (name, pts)) in lines.iter().enumerate() {
-                let color = Palette99::pick(i);
+            let (mut raw_i, mut peer_i) = (0, 0);
+            for (name, pts) in lines.iter() {
+                let idx = if name.contains("Python") {
+                    &mut peer_i
+                } else {
+                    &mut raw_i
+                };
+                let c = color(name, *idx);
+                if name != "coordkit" {
+                    *idx += 1;
+                }
                 chart
-                    .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+                    .draw_series(LineSeries::new(
+                        pts.iter().map(|(x, y)| (x.log10(), *y)),
+                        c.stroke_width(2),
+                    ))
                     .map_err(e)?
                     .label(name.clone())
                     .legend(move |(x, y)| {
-                        PathElement::new(
-                            vec![(x, y), (x + 14, y)],
-                            Palette99::pick(i).stroke_width(2),
-                        )
+                        PathElement::new(vec![(x, y), (x + 14, y)], c.stroke_width(2))
                     });
             }
             if !lines.is_empty() {
