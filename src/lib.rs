@@ -64,3 +64,8 @@ pub use lock::{
 pub trait Backend: KvStore + DistLock {}
 
 impl<T: KvStore + DistLock + ?Sized> Backend for T {}
+
+/// The README's code samples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

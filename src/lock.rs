@@ -335,3 +335,119 @@ pub trait DistLockExt: DistLock {
 }
 
 impl<T: DistLock + ?Sized> DistLockExt for T {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    /// A lock whose guards are lost `after` the acquisition.
+    #[derive(Debug)]
+    struct LosingLock {
+        after: Duration,
+        released: Arc<AtomicBool>,
+    }
+
+    struct Handle(Arc<AtomicBool>);
+
+    #[async_trait]
+    impl LockHandle for Handle {
+        async fn release(self: Box<Self>) -> Result<()> {
+            self.0.store(true, Ordering::SeqCst);
+            Ok(())
+        }
+        fn suspend_keep_alive(&self) {}
+    }
+
+    #[async_trait]
+    impl DistLock for LosingLock {
+        async fn lock(&self, name: &str, _opts: &LockOptions) -> Result<LockGuard> {
+            let lost = CancellationToken::new();
+            let l2 = lost.clone();
+            let after = self.after;
+            tokio::spawn(async move {
+                tokio::time::sleep(after).await;
+                l2.cancel();
+            });
+            let handle = Box::new(Handle(self.released.clone()));
+            Ok(LockGuard::new(
+                name,
+                FencingToken::from_raw(7),
+                lost,
+                handle,
+            ))
+        }
+        async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
+            self.lock(name, opts).await.map(Some)
+        }
+    }
+
+    #[tokio::test]
+    async fn run_locked_cancels_the_job_when_the_lock_is_lost() {
+        let released = Arc::new(AtomicBool::new(false));
+        let lock = LosingLock {
+            after: Duration::from_millis(50),
+            released: released.clone(),
+        };
+        let finished = Arc::new(AtomicBool::new(false));
+        let f2 = finished.clone();
+        let saw_signal = Arc::new(AtomicBool::new(false));
+        let s2 = saw_signal.clone();
+        let r = lock
+            .run_locked("j", &LockOptions::new(), move |ctx| async move {
+                assert_eq!(ctx.token().get(), 7);
+                let lost = ctx.lost();
+                tokio::spawn(async move {
+                    lost.await;
+                    s2.store(true, Ordering::SeqCst);
+                });
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                f2.store(true, Ordering::SeqCst);
+            })
+            .await;
+        assert_eq!(r.unwrap_err().kind(), ErrorKind::LockLost);
+        assert!(
+            !finished.load(Ordering::SeqCst),
+            "job ran to completion after loss"
+        );
+        assert!(
+            released.load(Ordering::SeqCst),
+            "lock not released after loss"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            saw_signal.load(Ordering::SeqCst),
+            "job's lost signal did not fire"
+        );
+    }
+
+    #[tokio::test]
+    async fn run_locked_returns_the_job_output_and_releases() {
+        let released = Arc::new(AtomicBool::new(false));
+        let lock = LosingLock {
+            after: Duration::from_secs(60),
+            released: released.clone(),
+        };
+        let out = lock
+            .run_locked("j", &LockOptions::new(), |ctx| async move {
+                ctx.token().get() + 1
+            })
+            .await
+            .unwrap();
+        assert_eq!(out, 8);
+        assert!(released.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn releasing_a_lost_guard_reports_lock_lost() {
+        let lock = LosingLock {
+            after: Duration::from_millis(1),
+            released: Arc::new(AtomicBool::new(false)),
+        };
+        let g = lock.lock("j", &LockOptions::new()).await.unwrap();
+        g.lost().await;
+        assert!(g.is_lost());
+        assert_eq!(g.release().await.unwrap_err().kind(), ErrorKind::LockLost);
+    }
+}

@@ -603,3 +603,75 @@ impl LockHandle for MemoryLock {
             .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex as StdMutex;
+
+    #[tokio::test]
+    async fn waiters_are_served_in_arrival_order() {
+        let store = MemoryStore::new();
+        let opts = LockOptions::new();
+        let first = store.lock("l", &opts).await.unwrap();
+        let order = Arc::new(StdMutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for i in 0..6 {
+            let (store, order, opts) = (store.clone(), order.clone(), opts.clone());
+            tasks.push(tokio::spawn(async move {
+                let g = store.lock("l", &opts).await.unwrap();
+                order.lock().unwrap().push(i);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                g.release().await.unwrap();
+            }));
+            // Let task i enqueue before task i+1.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        first.release().await.unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_waiter_leaves_the_queue() {
+        let store = MemoryStore::new();
+        let opts = LockOptions::new();
+        let held = store.lock("l", &opts).await.unwrap();
+        let waiting = {
+            let store = store.clone();
+            let opts = opts.clone();
+            tokio::spawn(async move { store.lock("l", &opts).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        waiting.abort();
+        let _ = waiting.await;
+        held.release().await.unwrap();
+        // Nobody is left holding or waiting: try_lock succeeds at once.
+        let again = store.try_lock("l", &opts).await.unwrap();
+        assert!(again.is_some());
+        drop(again);
+        assert!(store.shared.lock().locks.is_empty(), "lock state leaked");
+    }
+
+    #[tokio::test]
+    async fn expired_keys_are_gone_for_reads_before_the_reaper_runs() {
+        let store = MemoryStore::new();
+        store
+            .put(
+                "k",
+                b"v".to_vec(),
+                PutOptions::ttl(Duration::from_millis(30)),
+            )
+            .await
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(40)); // block the runtime: no reaper task runs
+        assert!(store.get("k", Consistency::Strong).await.unwrap().is_none());
+        assert!(store
+            .list("", Consistency::Strong)
+            .await
+            .unwrap()
+            .is_empty());
+    }
+}

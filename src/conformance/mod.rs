@@ -4,10 +4,20 @@
 //! with a message when the backend breaks the contract. Backends outside this crate can run the
 //! same suite. A test file runs it all with one line:
 //!
-//! ```ignore
-//! coordkit::conformance_tests!(coordkit::conformance::Harness::new("memory", || async {
-//!     Ok(std::sync::Arc::new(coordkit::MemoryStore::new()) as _)
-//! }));
+//! ```no_run
+//! use std::sync::Arc;
+//! use coordkit::{conformance::Harness, Backend, MemoryStore};
+//!
+//! fn memory() -> Harness {
+//!     let store = MemoryStore::new();
+//!     Harness::new("memory", move || {
+//!         let store = store.clone();
+//!         async move { Ok(Arc::new(store) as Arc<dyn Backend>) }
+//!     })
+//! }
+//!
+//! coordkit::conformance_tests!(memory());
+//! # fn main() {}
 //! ```
 //!
 //! (For memory, the harness must hand out clones of one store so that "clients" share data.)

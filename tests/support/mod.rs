@@ -8,6 +8,8 @@
 //! never killed by name.
 #![allow(dead_code)]
 
+pub mod zookeeper;
+
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::TcpListener;

@@ -1,0 +1,316 @@
+//! ZooKeeper test servers: Debian's `zookeeper` (3.8) started as plain java processes on free
+//! loopback ports.
+//!
+//! - [`shared`]: one standalone server per test binary, started on first use and killed by the
+//!   reaper when the test process exits.
+//! - [`ZkEnsemble::start`]: an owned 3-node ensemble for fault tests; dropping it kills its nodes
+//!   (by PID).
+//!
+//! Every server runs with `tickTime=500` (so the smallest session timeout is 1 s), a maximum
+//! session timeout of 60 s, TTL nodes enabled (`zookeeper.extendedTypesEnabled=true`) and the
+//! container/TTL reaper running every 500 ms (`znode.container.checkIntervalMs`). Readiness is
+//! the `srvr` four-letter word showing a `Mode:` line (not `ruok`, which answers before the
+//! server can serve). [`url`](ZkStandalone::url) gives a `zk://` URL for `coordkit::connect`
+//! whose options match these settings.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::{fresh_dir, free_port, Proc};
+
+/// The classpath of the Debian package (the jar's manifest pulls in the rest) plus a logger.
+pub const CLASSPATH: &str = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar";
+/// The server's tick; sessions may be 2 to 120 ticks long (min/maxSessionTimeout below).
+pub const TICK_MS: u64 = 500;
+/// How often the server reaps expired TTL nodes and empty containers.
+pub const REAP_INTERVAL_MS: u64 = 500;
+
+/// The `zk://` URL query that matches the servers started here: the server's smallest session
+/// timeout (2 ticks) and TTL reaping interval, so the backend declares honest limits.
+pub fn url_options() -> String {
+    format!(
+        "min_session_timeout={}ms&ttl_reap_interval={}ms&connect_timeout=5s",
+        2 * TICK_MS,
+        REAP_INTERVAL_MS
+    )
+}
+
+/// Whether ZooKeeper is installed (`scripts/test.sh` installs it).
+pub fn installed() -> bool {
+    Path::new("/usr/share/java/zookeeper.jar").exists()
+}
+
+/// Sends a four-letter word to `127.0.0.1:port` and returns the answer (empty on failure).
+pub fn four_letter(port: u16, word: &str) -> String {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(300)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(1000)));
+    let _ = s.set_write_timeout(Some(Duration::from_millis(1000)));
+    if s.write_all(word.as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// The server's mode from `srvr` (`standalone`, `leader`, `follower`), if it is serving.
+pub fn mode(port: u16) -> Option<String> {
+    let out = four_letter(port, "srvr");
+    out.lines()
+        .find_map(|l| l.strip_prefix("Mode: "))
+        .map(|m| m.trim().to_string())
+}
+
+/// One ZooKeeper server process and how to restart it.
+pub struct ZkNode {
+    /// The server id (`myid`), 1-based; 0 for a standalone server.
+    pub id: u32,
+    /// The client port on 127.0.0.1.
+    pub port: u16,
+    dir: PathBuf,
+    cfg: PathBuf,
+    proc: Option<Proc>,
+    starts: u32,
+}
+
+impl ZkNode {
+    fn spawn(&mut self) {
+        let log = self.dir.join(format!("server-{}.log", self.starts));
+        self.starts += 1;
+        let mut cmd = Command::new("java");
+        cmd.arg("-Xmx256m")
+            .arg("-XX:+UseSerialGC")
+            .arg("-Dzookeeper.extendedTypesEnabled=true")
+            .arg(format!("-Dznode.container.checkIntervalMs={REAP_INTERVAL_MS}"))
+            .arg("-Dzookeeper.admin.enableServer=false")
+            .arg("-cp")
+            .arg(CLASSPATH)
+            .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
+            .arg(&self.cfg);
+        self.proc = Some(Proc::spawn(&format!("zookeeper-{}", self.id), &mut cmd, &log));
+    }
+
+    /// Whether the process runs.
+    pub fn alive(&mut self) -> bool {
+        self.proc.as_mut().is_some_and(|p| p.alive())
+    }
+
+    /// SIGKILL (by PID).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// The server's log so far (for failure messages).
+    pub fn log_tail(&self) -> String {
+        let log = self
+            .dir
+            .join(format!("server-{}.log", self.starts.saturating_sub(1)));
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// The `srvr` mode, if serving.
+    pub fn mode(&self) -> Option<String> {
+        mode(self.port)
+    }
+}
+
+fn write_config(dir: &Path, port: u16, id: u32, peers: &[(u32, u16)]) -> PathBuf {
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).expect("create data dir");
+    let mut cfg = format!(
+        "tickTime={TICK_MS}\nminSessionTimeout={}\nmaxSessionTimeout=60000\ndataDir={}\n\
+         clientPort={port}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n\
+         4lw.commands.whitelist=*\nmaxClientCnxns=0\n",
+        2 * TICK_MS,
+        data.display()
+    );
+    if !peers.is_empty() {
+        cfg.push_str("initLimit=20\nsyncLimit=10\ncnxTimeout=500\n");
+        for (pid, quorum) in peers {
+            cfg.push_str(&format!(
+                "server.{pid}=127.0.0.1:{quorum}:{}\n",
+                quorum + 1
+            ));
+        }
+        std::fs::write(data.join("myid"), format!("{id}\n")).expect("write myid");
+    }
+    let path = dir.join("zoo.cfg");
+    std::fs::write(&path, cfg).expect("write zoo.cfg");
+    path
+}
+
+/// A standalone server.
+pub struct ZkStandalone {
+    node: ZkNode,
+}
+
+impl ZkStandalone {
+    /// Starts a standalone server and waits until it serves.
+    pub fn start() -> ZkStandalone {
+        let dir = fresh_dir("zk-standalone");
+        let port = free_port();
+        let cfg = write_config(&dir, port, 0, &[]);
+        let mut node = ZkNode {
+            id: 0,
+            port,
+            dir,
+            cfg,
+            proc: None,
+            starts: 0,
+        };
+        node.spawn();
+        let started = Instant::now();
+        while node.mode().as_deref() != Some("standalone") {
+            if !node.alive() || started.elapsed() > Duration::from_secs(60) {
+                panic!(
+                    "ZooKeeper standalone on port {port} did not start:\n{}",
+                    node.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ZkStandalone { node }
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.node.port
+    }
+
+    /// `zk://127.0.0.1:PORT?…` for `coordkit::connect`.
+    pub fn url(&self) -> String {
+        format!("zk://127.0.0.1:{}?{}", self.node.port, url_options())
+    }
+
+    /// The same, with a chroot (`/app` style).
+    pub fn url_with_chroot(&self, chroot: &str) -> String {
+        format!("zk://127.0.0.1:{}{chroot}?{}", self.node.port, url_options())
+    }
+
+    /// The server process.
+    pub fn node(&mut self) -> &mut ZkNode {
+        &mut self.node
+    }
+}
+
+/// The standalone server shared by every test of this test binary (killed by the reaper at exit).
+pub fn shared() -> &'static ZkStandalone {
+    static SHARED: OnceLock<ZkStandalone> = OnceLock::new();
+    SHARED.get_or_init(ZkStandalone::start)
+}
+
+/// An owned ensemble; dropping it kills every node.
+pub struct ZkEnsemble {
+    /// The nodes, by index (node `i` has `myid` `i + 1`).
+    pub nodes: Vec<ZkNode>,
+}
+
+impl ZkEnsemble {
+    /// Starts `n` nodes and waits until all serve (one leader).
+    pub fn start(n: usize) -> ZkEnsemble {
+        let base = fresh_dir("zk-ensemble");
+        let peers: Vec<(u32, u16)> = (1..=n as u32).map(|id| (id, free_port())).collect();
+        let mut nodes = Vec::new();
+        for (id, _) in &peers {
+            let dir = base.join(format!("node{id}"));
+            std::fs::create_dir_all(&dir).expect("create node dir");
+            let port = free_port();
+            let cfg = write_config(&dir, port, *id, &peers);
+            nodes.push(ZkNode {
+                id: *id,
+                port,
+                dir,
+                cfg,
+                proc: None,
+                starts: 0,
+            });
+        }
+        for node in &mut nodes {
+            node.spawn();
+        }
+        let mut ens = ZkEnsemble { nodes };
+        if !ens.wait_serving(Duration::from_secs(60)) {
+            let logs: Vec<String> = ens.nodes.iter().map(|n| n.log_tail()).collect();
+            panic!("ZooKeeper ensemble did not start:\n{}", logs.join("\n----\n"));
+        }
+        ens
+    }
+
+    /// Waits until every running node serves and one is the leader; whether that happened.
+    pub fn wait_serving(&mut self, timeout: Duration) -> bool {
+        let started = Instant::now();
+        loop {
+            let mut leaders = 0;
+            let mut all = true;
+            for node in &mut self.nodes {
+                if !node.alive() {
+                    continue;
+                }
+                match node.mode().as_deref() {
+                    Some("leader") => leaders += 1,
+                    Some("follower") => {}
+                    _ => all = false,
+                }
+            }
+            if all && leaders == 1 {
+                return true;
+            }
+            if started.elapsed() > timeout {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The index of the current leader, if any.
+    pub fn leader(&self) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.mode().as_deref() == Some("leader"))
+    }
+
+    /// SIGKILL node `i`.
+    pub fn kill(&mut self, i: usize) {
+        self.nodes[i].kill();
+    }
+
+    /// Starts node `i` again with its data.
+    pub fn restart(&mut self, i: usize) {
+        self.nodes[i].kill();
+        self.nodes[i].spawn();
+    }
+
+    /// The connect string `127.0.0.1:P1,127.0.0.1:P2,…`.
+    pub fn hosts(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `zk://host:port,…?…` for `coordkit::connect`.
+    pub fn url(&self) -> String {
+        format!("zk://{}?{}", self.hosts(), url_options())
+    }
+}
+
+impl Drop for ZkEnsemble {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.kill();
+        }
+    }
+}
