@@ -22,6 +22,9 @@ fn ensemble_elects_and_survives_leader_kill() {
     let new_leader = ens.leader().expect("a new leader");
     assert_ne!(new_leader, leader);
     ens.restart(leader);
-    assert!(ens.wait_serving(Duration::from_secs(30)), "restarted node did not rejoin");
+    assert!(
+        ens.wait_serving(Duration::from_secs(30)),
+        "restarted node did not rejoin"
+    );
     assert_eq!(mode(ens.nodes[leader].port).as_deref(), Some("follower"));
 }

@@ -28,7 +28,6 @@ mod peers;
 mod plot;
 mod report;
 mod rss;
-mod servers;
 mod stats;
 mod zkraw;
 
@@ -332,41 +331,38 @@ async fn run(args: Args) -> R<()> {
                 )
                 .await
             }
-            ("zookeeper", None) => match tokio::task::block_in_place(servers::Zk::start) {
-                Ok(zk) => {
-                    let hp = format!("127.0.0.1:{}", zk.port);
-                    let server = servers::srvr(zk.port)
-                        .lines()
-                        .next()
-                        .map(|l| {
-                            l.replace("Zookeeper version: ", "ZooKeeper ")
-                                .split('-')
-                                .next()
-                                .unwrap_or("")
-                                .to_string()
-                        })
-                        .unwrap_or_else(|| "ZooKeeper".to_string());
-                    let mut pre = Section::new("", "");
-                    let py = peer_python(&mut pre);
-                    let url = format!("zk://{hp}");
-                    let mut s = bench_zk(
-                        &url,
-                        &hp,
-                        zk.port,
-                        &format!("{server}, standalone"),
-                        args.counts,
-                        py,
-                        &args.out,
-                    )
-                    .await;
-                    if let Ok(s) = &mut s {
-                        s.notes.extend(pre.notes);
-                    }
-                    drop(zk);
-                    s
+            ("zookeeper", None) => {
+                let zk = tokio::task::block_in_place(support::zookeeper::ZkStandalone::start);
+                let hp = format!("127.0.0.1:{}", zk.port());
+                let server = support::zookeeper::four_letter(zk.port(), "srvr")
+                    .lines()
+                    .next()
+                    .map(|l| {
+                        l.replace("Zookeeper version: ", "ZooKeeper ")
+                            .split('-')
+                            .next()
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .unwrap_or_else(|| "ZooKeeper".to_string());
+                let mut pre = Section::new("", "");
+                let py = peer_python(&mut pre);
+                let mut s = bench_zk(
+                    &zk.url(),
+                    &hp,
+                    zk.port(),
+                    &format!("{server}, standalone"),
+                    args.counts,
+                    py,
+                    &args.out,
+                )
+                .await;
+                if let Ok(s) = &mut s {
+                    s.notes.extend(pre.notes);
                 }
-                Err(e) => Err(e),
-            },
+                drop(zk);
+                s
+            }
             ("consul", None) => {
                 let mut s = Section::new("consul", "simulator");
                 s.notes

@@ -21,7 +21,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{fresh_dir, free_port, Proc};
+use super::{free_port, fresh_dir, Proc};
 
 /// The classpath of the Debian package (the jar's manifest pulls in the rest) plus a logger.
 pub const CLASSPATH: &str = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar";
@@ -89,13 +89,19 @@ impl ZkNode {
         cmd.arg("-Xmx256m")
             .arg("-XX:+UseSerialGC")
             .arg("-Dzookeeper.extendedTypesEnabled=true")
-            .arg(format!("-Dznode.container.checkIntervalMs={REAP_INTERVAL_MS}"))
+            .arg(format!(
+                "-Dznode.container.checkIntervalMs={REAP_INTERVAL_MS}"
+            ))
             .arg("-Dzookeeper.admin.enableServer=false")
             .arg("-cp")
             .arg(CLASSPATH)
             .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
             .arg(&self.cfg);
-        self.proc = Some(Proc::spawn(&format!("zookeeper-{}", self.id), &mut cmd, &log));
+        self.proc = Some(Proc::spawn(
+            &format!("zookeeper-{}", self.id),
+            &mut cmd,
+            &log,
+        ));
     }
 
     /// Whether the process runs.
@@ -139,10 +145,7 @@ fn write_config(dir: &Path, port: u16, id: u32, peers: &[(u32, u16)]) -> PathBuf
     if !peers.is_empty() {
         cfg.push_str("initLimit=20\nsyncLimit=10\ncnxTimeout=500\n");
         for (pid, quorum) in peers {
-            cfg.push_str(&format!(
-                "server.{pid}=127.0.0.1:{quorum}:{}\n",
-                quorum + 1
-            ));
+            cfg.push_str(&format!("server.{pid}=127.0.0.1:{quorum}:{}\n", quorum + 1));
         }
         std::fs::write(data.join("myid"), format!("{id}\n")).expect("write myid");
     }
@@ -196,7 +199,11 @@ impl ZkStandalone {
 
     /// The same, with a chroot (`/app` style).
     pub fn url_with_chroot(&self, chroot: &str) -> String {
-        format!("zk://127.0.0.1:{}{chroot}?{}", self.node.port, url_options())
+        format!(
+            "zk://127.0.0.1:{}{chroot}?{}",
+            self.node.port,
+            url_options()
+        )
     }
 
     /// The server process.
@@ -243,7 +250,10 @@ impl ZkEnsemble {
         let mut ens = ZkEnsemble { nodes };
         if !ens.wait_serving(Duration::from_secs(60)) {
             let logs: Vec<String> = ens.nodes.iter().map(|n| n.log_tail()).collect();
-            panic!("ZooKeeper ensemble did not start:\n{}", logs.join("\n----\n"));
+            panic!(
+                "ZooKeeper ensemble did not start:\n{}",
+                logs.join("\n----\n")
+            );
         }
         ens
     }
