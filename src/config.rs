@@ -41,6 +41,13 @@ fn known_schemes() -> String {
 /// `InvalidConfig` for a malformed URL, an unknown scheme (the message lists the known ones),
 /// or a scheme whose feature this build lacks; otherwise what the backend's connect returns.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
+    // etcd URLs may list several host:port pairs, which `Url` cannot parse.
+    #[cfg(feature = "etcd")]
+    if url.trim().starts_with("etcd://") {
+        return Ok(Arc::new(
+            crate::backend::etcd::EtcdStore::connect_str(url).await?,
+        ));
+    }
     let parsed = Url::parse(url.trim()).map_err(|e| {
         Error::config(format!(
             "malformed backend URL {:?}: {e}; expected one of {}",

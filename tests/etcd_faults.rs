@@ -1,12 +1,489 @@
-//! Fault tests against real etcd processes: a killed lock holder, a killed leader, an
-//! unreachable endpoint.
+//! Fault tests against real etcd processes: a lock holder killed with SIGKILL, a killed leader,
+//! unreachable and silent endpoints, and watches across dropped connections and compaction.
 #![cfg(feature = "etcd")]
 
 mod support;
 
-use std::time::Duration;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use support::etcd::{etcdctl, EtcdCluster};
+use coordkit::{Consistency, ErrorKind, LockOptions, PutOptions, WatchEvent};
+use futures::StreamExt;
+use support::etcd::{etcdctl, shared, EtcdCluster};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+
+/// A TCP proxy in front of an etcd endpoint that can cut every connection (and refuse new
+/// ones) and let them through again: a dropped network between one client and etcd.
+struct Proxy {
+    port: u16,
+    open: Arc<AtomicBool>,
+    generation: Arc<std::sync::Mutex<CancellationToken>>,
+    stop: CancellationToken,
+}
+
+impl Proxy {
+    async fn start(upstream: u16) -> Proxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let open = Arc::new(AtomicBool::new(true));
+        let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
+        let stop = CancellationToken::new();
+        let (o, g, s) = (open.clone(), generation.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = s.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((mut inbound, _)) = accepted else {
+                    continue;
+                };
+                if !o.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let cut = g.lock().unwrap().clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = cut.cancelled() => {}
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            port,
+            open,
+            generation,
+            stop,
+        }
+    }
+
+    fn url(&self, query: &str) -> String {
+        format!("etcd://127.0.0.1:{}{query}", self.port)
+    }
+
+    /// Drops every connection and refuses new ones.
+    fn cut(&self) {
+        self.open.store(false, Ordering::SeqCst);
+        let mut g = self.generation.lock().unwrap();
+        g.cancel();
+        *g = CancellationToken::new();
+    }
+
+    fn restore(&self) {
+        self.open.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.generation.lock().unwrap().cancel();
+    }
+}
+
+async fn next_event(
+    w: &mut coordkit::WatchStream,
+    within: Duration,
+) -> coordkit::Result<WatchEvent> {
+    match tokio::time::timeout(within, w.next()).await {
+        Ok(Some(r)) => r,
+        Ok(None) => panic!("watch ended"),
+        Err(_) => panic!("no watch event within {within:?}"),
+    }
+}
+
+/// A watch whose connection drops resumes from the revision after the last one it delivered:
+/// every change made while it was cut off arrives, in order, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_resumes_after_dropped_connection() {
+    let server = shared();
+    let port = server.members[0].client_port;
+    let proxy = Proxy::start(port).await;
+    let watcher = coordkit::connect(&proxy.url("?timeout=2s&connect_timeout=1s"))
+        .await
+        .expect("connect through proxy");
+    let writer = coordkit::connect(&server.url()).await.expect("connect");
+    let dir = format!("resume-{}/", std::process::id());
+    let mut w = watcher.watch(&dir).await.expect("watch");
+    for i in 0..3 {
+        writer
+            .put(&format!("{dir}k{i}"), vec![i], PutOptions::default())
+            .await
+            .expect("put");
+    }
+    for i in 0..3u8 {
+        match next_event(&mut w, Duration::from_secs(5))
+            .await
+            .expect("event")
+        {
+            WatchEvent::Put(e) => assert_eq!(e.value, vec![i]),
+            other => panic!("{other:?}"),
+        }
+    }
+    proxy.cut();
+    let cut_at = Instant::now();
+    for i in 3..10u8 {
+        writer
+            .put(&format!("{dir}k{i}"), vec![i], PutOptions::default())
+            .await
+            .expect("put while cut");
+    }
+    writer
+        .delete(&format!("{dir}k0"))
+        .await
+        .expect("delete while cut");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.restore();
+    for i in 3..10u8 {
+        match next_event(&mut w, Duration::from_secs(15))
+            .await
+            .expect("event")
+        {
+            WatchEvent::Put(e) => assert_eq!((e.key, e.value), (format!("{dir}k{i}"), vec![i])),
+            other => panic!("expected put k{i}, got {other:?}"),
+        }
+    }
+    match next_event(&mut w, Duration::from_secs(5))
+        .await
+        .expect("event")
+    {
+        WatchEvent::Delete { key } => assert_eq!(key, format!("{dir}k0")),
+        other => panic!("expected delete, got {other:?}"),
+    }
+    eprintln!(
+        "watch resumed; all events {:?} after the cut",
+        cut_at.elapsed()
+    );
+    // Nothing is repeated.
+    let extra = tokio::time::timeout(Duration::from_millis(500), w.next()).await;
+    assert!(extra.is_err(), "extra event after resume: {extra:?}");
+}
+
+/// If history the watch needs to resume from was compacted while it was cut off, the stream
+/// yields one WatchGap error and ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_reports_gap_after_compaction() {
+    let server = shared();
+    let proxy = Proxy::start(server.members[0].client_port).await;
+    let watcher = coordkit::connect(&proxy.url("?timeout=2s&connect_timeout=1s"))
+        .await
+        .expect("connect through proxy");
+    let writer = coordkit::connect(&server.url()).await.expect("connect");
+    let dir = format!("gap-{}/", std::process::id());
+    let mut w = watcher.watch(&dir).await.expect("watch");
+    writer
+        .put(&format!("{dir}a"), b"1".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    assert!(matches!(
+        next_event(&mut w, Duration::from_secs(5)).await,
+        Ok(WatchEvent::Put(_))
+    ));
+    proxy.cut();
+    let mut last = 0;
+    for i in 0..3 {
+        last = writer
+            .put(&format!("{dir}b{i}"), b"2".to_vec(), PutOptions::default())
+            .await
+            .expect("put")
+            .as_raw();
+    }
+    let (ok, _, err) = etcdctl(&server.endpoints(), &["compact", &last.to_string()]);
+    assert!(ok, "compact: {err}");
+    proxy.restore();
+    match tokio::time::timeout(Duration::from_secs(15), w.next()).await {
+        Ok(Some(Err(e))) => {
+            assert_eq!(e.kind(), ErrorKind::WatchGap, "{e}");
+            eprintln!("gap reported: {e}");
+        }
+        other => panic!("expected a WatchGap error, got {other:?}"),
+    }
+    let end = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
+    assert!(
+        matches!(end, Ok(None)),
+        "stream must end after the gap: {end:?}"
+    );
+}
+
+/// When this binary is re-executed as a lock holder, the lock URL and name.
+const CHILD_URL: &str = "COORDKIT_ETCD_HOLDER_URL";
+const CHILD_NAME: &str = "COORDKIT_ETCD_HOLDER_NAME";
+const CHILD_FILE: &str = "COORDKIT_ETCD_HOLDER_FILE";
+const HOLDER_TTL: Duration = Duration::from_secs(3);
+
+/// Not a test on its own: the lock holder of `holder_killed_by_sigkill`, run in a child
+/// process (this binary re-executed with `--ignored --exact lock_holder_child`).
+#[tokio::test]
+#[ignore = "run as a child process by holder_killed_by_sigkill"]
+async fn lock_holder_child() {
+    let (Ok(url), Ok(name), Ok(file)) = (
+        std::env::var(CHILD_URL),
+        std::env::var(CHILD_NAME),
+        std::env::var(CHILD_FILE),
+    ) else {
+        return;
+    };
+    let store = coordkit::connect(&url).await.expect("child connect");
+    let guard = store
+        .lock(&name, &LockOptions::new().ttl(HOLDER_TTL))
+        .await
+        .expect("child lock");
+    std::fs::write(&file, guard.token().to_string()).expect("write token");
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    drop(guard);
+}
+
+/// (a) A lock holder in another OS process is killed with SIGKILL: another client gets the
+/// lock within TTL + 2 s, with a larger fencing token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holder_killed_by_sigkill() {
+    let server = shared();
+    let name = format!("sigkill-{}", std::process::id());
+    let dir = support::fresh_dir("holder");
+    let exe = std::env::current_exe().expect("current exe");
+    let token_file = dir.join("token");
+    let mut cmd = Command::new(exe);
+    // The second filter names the test dir so that the reaper recognises the child.
+    cmd.args(["--ignored", "--exact", "--nocapture", "lock_holder_child"])
+        .arg(dir.display().to_string())
+        .env(CHILD_URL, server.url())
+        .env(CHILD_NAME, &name)
+        .env(CHILD_FILE, &token_file);
+    let mut child = support::Proc::spawn("lock holder", &mut cmd, &dir.join("child.log"));
+    assert!(
+        support::wait_until(Duration::from_secs(60), || token_file.exists()),
+        "the child did not report holding the lock"
+    );
+    std::thread::sleep(Duration::from_millis(50));
+    let child_token: u64 = std::fs::read_to_string(&token_file)
+        .expect("token file")
+        .trim()
+        .parse()
+        .expect("token");
+    let store = coordkit::connect(&server.url()).await.expect("connect");
+    let opts = LockOptions::new().ttl(Duration::from_secs(5));
+    assert!(
+        store
+            .try_lock(&name, &opts)
+            .await
+            .expect("try_lock")
+            .is_none(),
+        "got the lock the child holds"
+    );
+    child.kill();
+    let killed = Instant::now();
+    let guard = store
+        .lock(
+            &name,
+            &opts.clone().wait(HOLDER_TTL + Duration::from_secs(10)),
+        )
+        .await
+        .expect("lock after the holder died");
+    let took = killed.elapsed();
+    eprintln!("holder SIGKILLed (TTL {HOLDER_TTL:?}); lock acquired {took:?} later");
+    assert!(
+        took <= HOLDER_TTL + Duration::from_secs(2),
+        "took {took:?}, more than TTL + 2 s"
+    );
+    assert!(
+        guard.token().get() > child_token,
+        "{} vs {child_token}",
+        guard.token()
+    );
+    guard.release().await.expect("release");
+}
+
+/// Retries `f` (each call bounded by `per_call`, which must hold) until it succeeds; returns
+/// how long that took.
+async fn recovers<F, Fut, T>(what: &str, per_call: Duration, total: Duration, mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = coordkit::Result<T>>,
+{
+    let start = Instant::now();
+    loop {
+        let call = Instant::now();
+        let r = tokio::time::timeout(per_call + Duration::from_secs(1), f()).await;
+        let took = call.elapsed();
+        match r {
+            Ok(Ok(_)) => return start.elapsed(),
+            Ok(Err(e)) => {
+                assert!(
+                    matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
+                    "{what}: unexpected error {e}"
+                );
+                eprintln!("{what}: {:?} after {took:?}: {e}", e.kind());
+            }
+            Err(_) => panic!("{what}: a call hung for {took:?}"),
+        }
+        assert!(
+            start.elapsed() < total,
+            "{what}: not working again within {total:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// (b) The leader of a 3-member cluster is killed: KV operations and lock acquisition work
+/// again within 5 s, no call hangs; the member is restarted and rejoins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_killed() {
+    let mut cluster = EtcdCluster::start(3);
+    let timeout = Duration::from_secs(2);
+    let store = coordkit::connect(&format!("{}?timeout=2s&connect_timeout=1s", cluster.url()))
+        .await
+        .expect("connect");
+    store
+        .put("leader/k", b"before".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    let held = store
+        .lock(
+            "leader/held",
+            &LockOptions::new().ttl(Duration::from_secs(10)),
+        )
+        .await
+        .expect("lock");
+    let leader = cluster.leader().expect("a leader");
+    cluster.kill(leader);
+    let killed = Instant::now();
+    let s = store.clone();
+    let put = recovers("put", timeout, Duration::from_secs(5), || {
+        let s = s.clone();
+        async move {
+            s.put("leader/k", b"after".to_vec(), PutOptions::default())
+                .await
+        }
+    })
+    .await;
+    let s = store.clone();
+    let lock = recovers("lock", timeout, Duration::from_secs(5), || {
+        let s = s.clone();
+        async move {
+            let g = s
+                .lock(
+                    "leader/new",
+                    &LockOptions::new().ttl(Duration::from_secs(5)).wait(timeout),
+                )
+                .await?;
+            g.release().await
+        }
+    })
+    .await;
+    let got = store
+        .get("leader/k", Consistency::Strong)
+        .await
+        .expect("get");
+    assert_eq!(got.map(|e| e.value), Some(b"after".to_vec()));
+    eprintln!(
+        "leader killed: put worked again after {put:?}, lock after {:?} (total {:?})",
+        lock,
+        killed.elapsed()
+    );
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    assert!(
+        !held.is_lost(),
+        "a lock with a 10 s TTL was lost over a leader change"
+    );
+    held.release().await.expect("release held lock");
+    cluster.restart(leader);
+    let (ok, out, err) = etcdctl(
+        &cluster.members[leader].endpoint(),
+        &[
+            "get",
+            "kv/leader/k",
+            "--print-value-only",
+            "--consistency=s",
+        ],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "after", "restarted member caught up");
+}
+
+/// (c) An endpoint nobody listens on gives Unavailable or Timeout within the configured
+/// bounds; so does a server that stopped answering (SIGSTOP), for every kind of call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_and_silent_endpoints() {
+    let port = support::free_port();
+    let started = Instant::now();
+    let r = coordkit::connect(&format!(
+        "etcd://127.0.0.1:{port}?timeout=1s&connect_timeout=500ms"
+    ))
+    .await;
+    let took = started.elapsed();
+    let e = r.map(|_| ()).unwrap_err();
+    assert!(
+        matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
+        "{e}"
+    );
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    eprintln!("refused endpoint: {:?} after {took:?}: {e}", e.kind());
+
+    let cluster = EtcdCluster::start(1);
+    let store = coordkit::connect(&format!(
+        "{}?timeout=1s&connect_timeout=500ms",
+        cluster.url()
+    ))
+    .await
+    .expect("connect");
+    store
+        .put("silent/k", b"v".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    cluster.members[0].pause();
+    let bound = Duration::from_millis(2500);
+    macro_rules! bounded_fail {
+        ($what:expr, $fut:expr) => {{
+            let started = Instant::now();
+            let r = tokio::time::timeout(Duration::from_secs(10), $fut).await;
+            let took = started.elapsed();
+            let e = match r {
+                Ok(Err(e)) => e,
+                Ok(Ok(_)) => panic!("{}: succeeded against a stopped server", $what),
+                Err(_) => panic!("{}: hung", $what),
+            };
+            assert!(
+                matches!(e.kind(), ErrorKind::Unavailable | ErrorKind::Timeout),
+                "{}: {e}",
+                $what
+            );
+            assert!(took < bound, "{}: took {took:?}", $what);
+            eprintln!("stopped server, {}: {:?} after {took:?}", $what, e.kind());
+        }};
+    }
+    bounded_fail!("get", store.get("silent/k", Consistency::Strong));
+    bounded_fail!(
+        "put",
+        store.put("silent/k", b"x".to_vec(), PutOptions::default())
+    );
+    bounded_fail!("list", store.list("silent/", Consistency::Stale));
+    bounded_fail!("watch", store.watch("silent/"));
+    bounded_fail!(
+        "lock",
+        store.lock("silent/l", &LockOptions::new().ttl(Duration::from_secs(5)))
+    );
+    bounded_fail!(
+        "connect",
+        coordkit::connect(&format!(
+            "{}?timeout=1s&connect_timeout=500ms",
+            cluster.url()
+        ))
+    );
+    cluster.members[0].resume();
+    let got = store
+        .get("silent/k", Consistency::Strong)
+        .await
+        .expect("get after resume");
+    assert_eq!(got.map(|e| e.value), Some(b"v".to_vec()));
+}
 
 /// The harness itself: a 3-member cluster starts, names a leader, survives the leader's death
 /// and takes the restarted member back.

@@ -8,3 +8,6 @@
 //! | Consul | `consul` | `consul` (default) | `consul://host:port`, `consul+https://host:port` |
 
 pub mod memory;
+
+#[cfg(feature = "etcd")]
+pub mod etcd;

@@ -24,6 +24,8 @@ static BASE: OnceLock<PathBuf> = OnceLock::new();
 static PORTS: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
 
 /// The per-process base directory; starts the reaper on first use.
+// The reaper outlives this process on purpose: it is never waited for.
+#[allow(clippy::zombie_processes)]
 pub fn base_dir() -> &'static Path {
     BASE.get_or_init(|| {
         let me = std::process::id();

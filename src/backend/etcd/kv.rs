@@ -1,0 +1,431 @@
+//! [`KvStore`] over etcd: data key `K` is stored at `<namespace>kv/K`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Compare, CompareOp, GetOptions, KeyValue, PutOptions as EtcdPut, SortOrder, SortTarget, Txn,
+    TxnOp, WatchFilterType, WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use super::{error, grant_lease, ttl_secs, EtcdStore, Inner, NAME};
+use crate::caps::Capabilities;
+use crate::error::{Error, ErrorKind, Result};
+use crate::key::{validate_key, validate_prefix};
+use crate::kv::{
+    Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream,
+};
+
+impl Inner {
+    fn data_key(&self, key: &str) -> String {
+        format!("{}{key}", self.kv_prefix)
+    }
+
+    /// The coordkit key of an etcd key under the data prefix; `None` for keys that are not
+    /// coordkit data keys (not UTF-8, outside the prefix).
+    fn user_key(&self, raw: &[u8]) -> Option<String> {
+        let s = std::str::from_utf8(raw).ok()?;
+        s.strip_prefix(self.kv_prefix.as_str()).map(str::to_string)
+    }
+
+    fn entry(&self, kv: &KeyValue) -> Option<Entry> {
+        Some(Entry {
+            key: self.user_key(kv.key())?,
+            value: kv.value().to_vec(),
+            version: version_of(kv.mod_revision()),
+        })
+    }
+
+    fn check_size(&self, key: &str, value: &[u8]) -> Result<()> {
+        let max = self.max_value_size();
+        if value.len() > max {
+            return Err(Error::new(
+                ErrorKind::ValueTooLarge,
+                NAME,
+                format!(
+                    "{} bytes exceeds the limit of {max} bytes (etcd's request limit \
+                     --max-request-bytes={} less {} bytes for key and framing)",
+                    value.len(),
+                    self.config.max_request_bytes,
+                    super::REQUEST_OVERHEAD
+                ),
+            )
+            .with_key(key));
+        }
+        Ok(())
+    }
+}
+
+fn version_of(rev: i64) -> Version {
+    Version::from_raw(u64::try_from(rev).unwrap_or(0))
+}
+
+fn rev_of(v: Version) -> i64 {
+    i64::try_from(v.as_raw()).unwrap_or(i64::MAX)
+}
+
+fn header_rev(h: Option<&etcd_client::ResponseHeader>) -> Result<i64> {
+    h.map(|h| h.revision()).ok_or_else(|| {
+        Error::new(
+            ErrorKind::Backend,
+            NAME,
+            "etcd sent a response without a header",
+        )
+    })
+}
+
+#[async_trait]
+impl KvStore for EtcdStore {
+    async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<Entry>> {
+        validate_key(key)?;
+        let inner = &self.inner;
+        let mut opts = GetOptions::new();
+        if consistency == Consistency::Stale {
+            opts = opts.with_serializable();
+        }
+        let mut kv = inner.kv.clone();
+        let k = inner.data_key(key);
+        let resp = inner
+            .call("get", Some(key), async move { kv.get(k, Some(opts)).await })
+            .await?;
+        Ok(resp.kvs().first().and_then(|kv| inner.entry(kv)))
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
+        validate_key(key)?;
+        let inner = &self.inner;
+        inner.check_size(key, &value)?;
+        let lease = match opts.ttl {
+            Some(ttl) => {
+                let secs = ttl_secs(ttl, "key", key)?;
+                Some(grant_lease(inner, secs, key).await?)
+            }
+            None => None,
+        };
+        let mut put = EtcdPut::new();
+        if let Some(id) = lease {
+            put = put.with_lease(id);
+        }
+        let mut kv = inner.kv.clone();
+        let k = inner.data_key(key);
+        let resp = inner
+            .call("put", Some(key), async move {
+                kv.put(k, value, Some(put)).await
+            })
+            .await;
+        let resp = match resp {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(id) = lease {
+                    revoke_quietly(inner, id).await;
+                }
+                return Err(e);
+            }
+        };
+        Ok(version_of(header_rev(resp.header())?))
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        validate_key(key)?;
+        let inner = &self.inner;
+        let mut kv = inner.kv.clone();
+        let k = inner.data_key(key);
+        inner
+            .call("delete", Some(key), async move { kv.delete(k, None).await })
+            .await?;
+        Ok(())
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        new: Option<Vec<u8>>,
+    ) -> Result<Option<Version>> {
+        validate_key(key)?;
+        let inner = &self.inner;
+        if let Some(v) = &new {
+            inner.check_size(key, v)?;
+        }
+        let k = inner.data_key(key);
+        let cmp = match expect {
+            // A missing key compares as mod revision 0.
+            Expect::Absent => Compare::mod_revision(k.clone(), CompareOp::Equal, 0),
+            Expect::Version(v) => Compare::mod_revision(k.clone(), CompareOp::Equal, rev_of(v)),
+        };
+        if matches!(expect, Expect::Version(v) if v.as_raw() == 0 || rev_of(v) == i64::MAX) {
+            return Err(conflict(key, expect));
+        }
+        let op = match &new {
+            Some(v) => vec![TxnOp::put(k.clone(), v.clone(), None)],
+            None if matches!(expect, Expect::Absent) => vec![],
+            None => vec![TxnOp::delete(k.clone(), None)],
+        };
+        let txn = Txn::new().when(vec![cmp]).and_then(op);
+        let mut kv = inner.kv.clone();
+        let resp = inner
+            .call(
+                "compare-and-swap",
+                Some(key),
+                async move { kv.txn(txn).await },
+            )
+            .await?;
+        if !resp.succeeded() {
+            return Err(conflict(key, expect));
+        }
+        match new {
+            Some(_) => Ok(Some(version_of(header_rev(resp.header())?))),
+            None => Ok(None),
+        }
+    }
+
+    async fn list(&self, prefix: &str, consistency: Consistency) -> Result<Vec<Entry>> {
+        validate_prefix(prefix)?;
+        let inner = &self.inner;
+        let mut opts = GetOptions::new()
+            .with_prefix()
+            .with_sort(SortTarget::Key, SortOrder::Ascend);
+        if consistency == Consistency::Stale {
+            opts = opts.with_serializable();
+        }
+        let mut kv = inner.kv.clone();
+        let k = inner.data_key(prefix);
+        let resp = inner
+            .call(
+                "list",
+                Some(prefix),
+                async move { kv.get(k, Some(opts)).await },
+            )
+            .await?;
+        Ok(resp.kvs().iter().filter_map(|kv| inner.entry(kv)).collect())
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<WatchStream> {
+        validate_prefix(prefix)?;
+        let inner = self.inner.clone();
+        let etcd_prefix = inner.data_key(prefix);
+        let (stream, created_rev) = open_watch(&inner, &etcd_prefix, 0, prefix, false).await?;
+        let (tx, rx) = mpsc::channel(256);
+        tokio::spawn(pump(
+            inner,
+            etcd_prefix,
+            prefix.to_string(),
+            stream,
+            created_rev,
+            tx,
+        ));
+        Ok(Box::pin(stream_from(rx)))
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.caps()
+    }
+}
+
+fn stream_from<T: Send + 'static>(
+    rx: mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send + 'static {
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|v| (v, rx)) })
+}
+
+fn conflict(key: &str, expect: Expect) -> Error {
+    let what = match expect {
+        Expect::Absent => "the key exists".to_string(),
+        Expect::Version(v) => format!("the key is not at version {v}"),
+    };
+    Error::new(
+        ErrorKind::Conflict,
+        NAME,
+        format!("compare-and-swap failed: {what}"),
+    )
+    .with_key(key)
+}
+
+async fn revoke_quietly(inner: &Inner, id: i64) {
+    let mut lease = inner.lease.clone();
+    let _ = inner
+        .call(
+            "revoking a lease",
+            None,
+            async move { lease.revoke(id).await },
+        )
+        .await;
+}
+
+/// Opens a watch on `etcd_prefix` from `start_rev` (0: now) and waits until etcd confirms it;
+/// returns the stream and the revision it was created at.
+///
+/// A watch whose start revision was compacted gives `WatchGap`.
+pub(crate) async fn open_watch(
+    inner: &Inner,
+    etcd_prefix: &str,
+    start_rev: i64,
+    shown: &str,
+    deletes_only: bool,
+) -> Result<(etcd_client::WatchStream, i64)> {
+    let mut opts = WatchOptions::new().with_prefix();
+    if deletes_only {
+        opts = opts.with_filters([WatchFilterType::NoPut]);
+    }
+    if start_rev > 0 {
+        opts = opts.with_start_revision(start_rev);
+    }
+    let mut client = inner.watch.clone();
+    let key = etcd_prefix.to_string();
+    // Ok(Err(compact_revision)): the start revision was compacted.
+    let opened = inner
+        .call("watch", Some(shown), async move {
+            let mut stream = client.watch(key, Some(opts)).await?;
+            loop {
+                match stream.message().await? {
+                    Some(resp) if resp.canceled() => {
+                        if resp.compact_revision() > 0 {
+                            return Ok(Err(resp.compact_revision()));
+                        }
+                        return Err(etcd_client::Error::WatchError(format!(
+                            "etcd canceled the watch at creation: {}",
+                            resp.cancel_reason()
+                        )));
+                    }
+                    Some(resp) if resp.created() => {
+                        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                        return Ok(Ok((stream, rev)));
+                    }
+                    Some(_) => continue,
+                    None => {
+                        return Err(etcd_client::Error::WatchError(
+                            "watch stream closed before it was created".into(),
+                        ))
+                    }
+                }
+            }
+        })
+        .await?;
+    opened.map_err(|compacted| gap(shown, start_rev - 1, compacted))
+}
+
+/// One event of an etcd watch response, classified without `Event::event_type` (which panics
+/// on a type it does not know): a delete event carries the key with version 0.
+pub(crate) enum RawEvent {
+    Put(KeyValue),
+    Delete(KeyValue),
+}
+
+pub(crate) fn classify(ev: &etcd_client::Event) -> Option<RawEvent> {
+    let kv = ev.kv()?.clone();
+    if kv.version() == 0 {
+        Some(RawEvent::Delete(kv))
+    } else {
+        Some(RawEvent::Put(kv))
+    }
+}
+
+/// Moves events from etcd to the user's stream; on a dropped stream it re-watches from the
+/// revision after the last one delivered.
+async fn pump(
+    inner: Arc<Inner>,
+    etcd_prefix: String,
+    shown: String,
+    mut stream: etcd_client::WatchStream,
+    created_rev: i64,
+    tx: mpsc::Sender<Result<WatchEvent>>,
+) {
+    // Every event at or below `delivered` has been handed over.
+    let mut delivered = created_rev;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let next = tokio::select! {
+            _ = tx.closed() => return,
+            m = stream.message() => m,
+        };
+        match next {
+            Ok(Some(resp)) => {
+                backoff = Duration::from_millis(50);
+                if resp.canceled() {
+                    if resp.compact_revision() > 0 {
+                        let _ = tx
+                            .send(Err(gap(&shown, delivered, resp.compact_revision())))
+                            .await;
+                        return;
+                    }
+                    // Canceled for another reason (no leader, …): re-watch.
+                } else {
+                    for ev in resp.events() {
+                        let Some(raw) = classify(ev) else { continue };
+                        let (kv, is_put) = match &raw {
+                            RawEvent::Put(kv) => (kv, true),
+                            RawEvent::Delete(kv) => (kv, false),
+                        };
+                        if kv.mod_revision() <= delivered {
+                            continue; // already delivered before a resume
+                        }
+                        let Some(key) = inner.user_key(kv.key()) else {
+                            continue;
+                        };
+                        let event = if is_put {
+                            WatchEvent::Put(Entry {
+                                key,
+                                value: kv.value().to_vec(),
+                                version: version_of(kv.mod_revision()),
+                            })
+                        } else {
+                            WatchEvent::Delete { key }
+                        };
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                    // All events of one revision arrive in one response: everything up to
+                    // the last event's revision is delivered.
+                    if let Some(last) = resp.events().iter().filter_map(|e| e.kv()).next_back() {
+                        delivered = delivered.max(last.mod_revision());
+                    }
+                    continue;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::debug!(prefix = %shown, error = %error::map(e, "watch"), "watch stream broke; resuming");
+            }
+        }
+        // Re-watch from the revision after the last delivered one, until it works, the user
+        // drops the stream, or history turns out to be compacted.
+        loop {
+            if tx.is_closed() {
+                return;
+            }
+            match open_watch(&inner, &etcd_prefix, delivered + 1, &shown, false).await {
+                Ok((s, _)) => {
+                    stream = s;
+                    break;
+                }
+                Err(e) if e.kind() == ErrorKind::WatchGap => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(prefix = %shown, error = %e, "re-watch failed; retrying");
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+}
+
+fn gap(shown: &str, delivered: i64, compacted: i64) -> Error {
+    Error::new(
+        ErrorKind::WatchGap,
+        NAME,
+        format!(
+            "events after revision {delivered} are no longer available: etcd compacted its \
+             history up to revision {compacted}; start a new watch and re-read"
+        ),
+    )
+    .with_key(shown)
+}

@@ -1,0 +1,305 @@
+//! The etcd backend against a real etcd (Debian's `/usr/bin/etcd`, started by the test):
+//! the whole conformance suite, interoperation with `etcdctl lock`, oversized values.
+#![cfg(feature = "etcd")]
+
+mod support;
+
+use coordkit::conformance::Harness;
+
+fn etcd() -> Harness {
+    let url = support::etcd::shared_url();
+    Harness::new("etcd", move || {
+        let url = url.clone();
+        async move { coordkit::connect(&url).await }
+    })
+}
+
+coordkit::conformance_tests!(etcd());
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use coordkit::{Consistency, ErrorKind, LockOptions, PutOptions};
+use support::etcd::{etcdctl, shared, ETCDCTL_BIN};
+use support::{fresh_dir, wait_until, Proc};
+
+/// Starts `etcdctl lock locks/<name> sh -c …`: the shell touches `<dir>/acquired` once etcdctl
+/// holds the lock, then waits until `<dir>/release` exists; etcdctl unlocks when it exits.
+fn etcdctl_lock(name: &str, dir: &Path) -> Proc {
+    let script = format!(
+        "touch '{d}/acquired'; while [ ! -f '{d}/release' ]; do sleep 0.05; done",
+        d = dir.display()
+    );
+    let mut cmd = Command::new(ETCDCTL_BIN);
+    cmd.env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(shared().endpoints())
+        .args([
+            "lock",
+            "--ttl",
+            "10",
+            &format!("locks/{name}"),
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+    Proc::spawn("etcdctl lock", &mut cmd, &dir.join("etcdctl.log"))
+}
+
+fn lock_keys(name: &str) -> Vec<(String, u64)> {
+    let (ok, out, err) = etcdctl(
+        &shared().endpoints(),
+        &["get", "--prefix", &format!("locks/{name}/"), "-w", "json"],
+    );
+    assert!(ok, "etcdctl get: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+    v["kvs"]
+        .as_array()
+        .map(|kvs| {
+            kvs.iter()
+                .map(|kv| {
+                    let key = kv["key"].as_str().unwrap_or("");
+                    let key = String::from_utf8(decode_b64(key)).unwrap_or_default();
+                    (key, kv["create_revision"].as_u64().unwrap_or(0))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn decode_b64(s: &str) -> Vec<u8> {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let Some(v) = T.iter().position(|t| *t == c) else {
+            continue;
+        };
+        buf = (buf << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    out
+}
+
+/// A lock held by `etcdctl lock locks/NAME` excludes coordkit's lock `NAME`; once etcdctl
+/// releases it, coordkit gets it with a token above etcdctl's key revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_lock_excludes_coordkit() {
+    let store = coordkit::connect(&shared().url()).await.expect("connect");
+    let name = format!("interop-a-{}", std::process::id());
+    let dir = fresh_dir("etcdctl-lock");
+    let mut holder = etcdctl_lock(&name, &dir);
+    assert!(
+        wait_until(Duration::from_secs(10), || dir.join("acquired").exists()),
+        "etcdctl did not acquire the lock"
+    );
+    let keys = lock_keys(&name);
+    assert_eq!(keys.len(), 1, "etcdctl's lock key: {keys:?}");
+    let etcdctl_rev = keys[0].1;
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+    let tried = store.try_lock(&name, &opts).await.expect("try_lock");
+    assert!(tried.is_none(), "coordkit took a lock etcdctl holds");
+    let waited = store
+        .lock(&name, &opts.clone().wait(Duration::from_secs(1)))
+        .await;
+    assert_eq!(waited.map(|_| ()).unwrap_err().kind(), ErrorKind::Timeout);
+    // A waiter queued behind etcdctl gets the lock when etcdctl releases.
+    let waiter = {
+        let store = store.clone();
+        let (name, opts) = (name.clone(), opts.clone());
+        tokio::spawn(async move { store.lock(&name, &opts.wait(Duration::from_secs(20))).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "waiter got the lock while etcdctl held it"
+    );
+    std::fs::write(dir.join("release"), b"").expect("release file");
+    let guard = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("waiter finished")
+        .expect("waiter task")
+        .expect("lock after etcdctl released");
+    assert!(
+        guard.token().get() > etcdctl_rev,
+        "token {} vs etcdctl's {etcdctl_rev}",
+        guard.token()
+    );
+    assert!(wait_until(Duration::from_secs(5), || !holder.alive()));
+    guard.release().await.expect("release");
+    assert!(lock_keys(&name).is_empty(), "keys left behind");
+}
+
+/// A lock held by coordkit excludes `etcdctl lock locks/NAME` until coordkit releases it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordkit_lock_excludes_etcdctl() {
+    let store = coordkit::connect(&shared().url()).await.expect("connect");
+    let name = format!("interop-b-{}", std::process::id());
+    let guard = store
+        .lock(&name, &LockOptions::new().ttl(Duration::from_secs(10)))
+        .await
+        .expect("lock");
+    let keys = lock_keys(&name);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert!(keys[0].0.starts_with(&format!("locks/{name}/")), "{keys:?}");
+    assert_eq!(
+        keys[0].1,
+        guard.token().get(),
+        "token is the key's create revision"
+    );
+    let dir = fresh_dir("etcdctl-wait");
+    let mut waiter = etcdctl_lock(&name, &dir);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        !dir.join("acquired").exists(),
+        "etcdctl took a lock coordkit holds"
+    );
+    assert_eq!(lock_keys(&name).len(), 2, "etcdctl should be queued");
+    let released = Instant::now();
+    guard.release().await.expect("release");
+    assert!(
+        wait_until(Duration::from_secs(5), || dir.join("acquired").exists()),
+        "etcdctl did not get the lock after coordkit released it"
+    );
+    eprintln!(
+        "etcdctl acquired {:?} after coordkit's release",
+        released.elapsed()
+    );
+    std::fs::write(dir.join("release"), b"").expect("release file");
+    assert!(wait_until(Duration::from_secs(5), || !waiter.alive()));
+}
+
+/// Values over the limit give ValueTooLarge naming the limit, checked before sending, and
+/// leave the stored value alone; when the client is told a larger limit than the server's,
+/// the server's refusal maps to ValueTooLarge too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_values_name_the_limit_and_change_nothing() {
+    let store = coordkit::connect(&shared().url()).await.expect("connect");
+    let key = format!("big-{}/k", std::process::id());
+    store
+        .put(&key, b"small".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    let max = store.capabilities().max_value_size;
+    assert!(max < 1_572_864 && max > 1_500_000, "max {max}");
+    let e = store
+        .put(&key, vec![1u8; max + 1], PutOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ValueTooLarge);
+    assert!(e.to_string().contains("1572864"), "{e}");
+    assert!(e.to_string().contains(&max.to_string()), "{e}");
+    // Exactly at the limit is stored.
+    store
+        .put(&key, vec![2u8; max], PutOptions::default())
+        .await
+        .expect("put at the limit");
+    store
+        .put(&key, b"small".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    // A client that believes the server takes 8 MiB: the server refuses.
+    let lax = coordkit::connect(&format!("{}?max_request_bytes=8388608", shared().url()))
+        .await
+        .expect("connect");
+    for size in [1_800_000usize, 3_000_000] {
+        let started = Instant::now();
+        let e = lax
+            .put(&key, vec![3u8; size], PutOptions::default())
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ValueTooLarge, "{size}: {e}");
+        assert!(started.elapsed() < Duration::from_secs(6));
+    }
+    let got = store.get(&key, Consistency::Strong).await.expect("get");
+    assert_eq!(got.map(|e| e.value), Some(b"small".to_vec()));
+}
+
+/// Data keys live under `kv/`, and a namespace prefixes everything (checked with etcdctl).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_layout_and_namespace() {
+    let ns = format!("app{}/", std::process::id());
+    let store = coordkit::connect(&format!("{}?namespace={ns}", shared().url()))
+        .await
+        .expect("connect");
+    store
+        .put("cfg/a", b"1".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    let (ok, out, err) = etcdctl(
+        &shared().endpoints(),
+        &["get", &format!("{ns}kv/cfg/a"), "--print-value-only"],
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "1");
+    let guard = store
+        .lock("jobs/x", &LockOptions::new().ttl(Duration::from_secs(5)))
+        .await
+        .expect("lock");
+    let (ok, out, _) = etcdctl(
+        &shared().endpoints(),
+        &[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{ns}locks/jobs/x/"),
+        ],
+    );
+    assert!(ok);
+    assert_eq!(out.lines().filter(|l| !l.is_empty()).count(), 1, "{out}");
+    guard.release().await.expect("release");
+    // The plain client does not see the namespaced key.
+    let plain = coordkit::connect(&shared().url()).await.expect("connect");
+    assert!(plain
+        .get("cfg/a", Consistency::Strong)
+        .await
+        .expect("get")
+        .is_none());
+}
+
+/// Locks of one client share one lease per TTL (no lease per lock).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_share_one_lease_per_ttl() {
+    let store = coordkit::connect(&shared().url()).await.expect("connect");
+    let opts = LockOptions::new().ttl(Duration::from_secs(7));
+    let mut guards = Vec::new();
+    let p = std::process::id();
+    for i in 0..5 {
+        guards.push(
+            store
+                .lock(&format!("share-{p}/l{i}"), &opts)
+                .await
+                .expect("lock"),
+        );
+    }
+    let (ok, out, err) = etcdctl(
+        &shared().endpoints(),
+        &[
+            "get",
+            "--prefix",
+            &format!("locks/share-{p}/"),
+            "-w",
+            "json",
+        ],
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let leases: std::collections::HashSet<i64> = v["kvs"]
+        .as_array()
+        .expect("kvs")
+        .iter()
+        .map(|kv| kv["lease"].as_i64().unwrap_or(0))
+        .collect();
+    assert_eq!(leases.len(), 1, "{leases:?}");
+    assert!(!leases.contains(&0));
+    for g in guards {
+        g.release().await.expect("release");
+    }
+}
