@@ -57,6 +57,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
     })?;
     match parsed.scheme() {
         "memory" => Ok(Arc::new(MemoryStore::new())),
+        #[cfg(feature = "consul")]
+        "consul" | "consul+https" => Ok(Arc::new(
+            crate::backend::consul::ConsulStore::connect_url(&parsed).await?,
+        )),
         // Each backend adds its arm here, behind its feature.
         other => {
             if let Some((_, feature)) = SCHEMES.iter().find(|(s, _)| *s == other) {

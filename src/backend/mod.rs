@@ -11,3 +11,6 @@ pub mod memory;
 
 #[cfg(feature = "etcd")]
 pub mod etcd;
+
+#[cfg(feature = "consul")]
+pub mod consul;

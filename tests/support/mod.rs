@@ -8,7 +8,7 @@
 //! never killed by name.
 #![allow(dead_code)]
 
-pub mod zookeeper;
+pub mod consul_sim;
 
 use std::collections::HashSet;
 use std::io::Write;
@@ -19,6 +19,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod etcd;
+pub mod zookeeper;
 
 static BASE: OnceLock<PathBuf> = OnceLock::new();
 static PORTS: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
