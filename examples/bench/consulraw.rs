@@ -21,7 +21,9 @@ pub struct ConsulRaw {
 }
 
 fn client() -> R<reqwest::Client> {
-    Ok(reqwest::Client::builder().timeout(Duration::from_secs(60)).build()?)
+    Ok(reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()?)
 }
 
 async fn ok_true(resp: reqwest::Response) -> R<bool> {
@@ -41,8 +43,11 @@ pub async fn create_session(http: &reqwest::Client, base: &str) -> R<String> {
         .send()
         .await?
         .error_for_status()?;
-    let v: serde_json::Value = resp.json().await?;
-    v["ID"].as_str().map(str::to_string).ok_or_else(|| err("no session ID"))
+    let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await?)?;
+    v["ID"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| err("no session ID"))
 }
 
 impl ConsulRaw {
@@ -59,7 +64,12 @@ impl ConsulRaw {
     }
 
     async fn put(&self, key: &str) -> R<()> {
-        let r = self.http.put(format!("{}/v1/kv/{key}", self.base)).body(self.value.clone()).send().await?;
+        let r = self
+            .http
+            .put(format!("{}/v1/kv/{key}", self.base))
+            .body(self.value.clone())
+            .send()
+            .await?;
         if !ok_true(r).await? {
             return Err(err("put returned false"));
         }
@@ -67,9 +77,16 @@ impl ConsulRaw {
     }
 
     async fn modify_index(&self, key: &str) -> R<u64> {
-        let r = self.http.get(format!("{}/v1/kv/{key}", self.base)).send().await?.error_for_status()?;
-        let v: serde_json::Value = r.json().await?;
-        v[0]["ModifyIndex"].as_u64().ok_or_else(|| err("no ModifyIndex"))
+        let r = self
+            .http
+            .get(format!("{}/v1/kv/{key}", self.base))
+            .send()
+            .await?
+            .error_for_status()?;
+        let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+        v[0]["ModifyIndex"]
+            .as_u64()
+            .ok_or_else(|| err("no ModifyIndex"))
     }
 }
 
@@ -88,7 +105,8 @@ impl Target for ConsulRaw {
             Op::GetStrong | Op::GetStale => self.put(KEY).await?,
             Op::Cas => {
                 self.put(CAS_KEY).await?;
-                self.version.store(self.modify_index(CAS_KEY).await?, Ordering::SeqCst);
+                self.version
+                    .store(self.modify_index(CAS_KEY).await?, Ordering::SeqCst);
             }
             _ => {}
         }
@@ -98,8 +116,17 @@ impl Target for ConsulRaw {
     async fn run(&self, op: Op) -> R<()> {
         match op {
             Op::GetStrong | Op::GetStale => {
-                let q = if op == Op::GetStrong { "consistent" } else { "stale" };
-                let r = self.http.get(format!("{}/v1/kv/{KEY}?{q}", self.base)).send().await?.error_for_status()?;
+                let q = if op == Op::GetStrong {
+                    "consistent"
+                } else {
+                    "stale"
+                };
+                let r = self
+                    .http
+                    .get(format!("{}/v1/kv/{KEY}?{q}", self.base))
+                    .send()
+                    .await?
+                    .error_for_status()?;
                 let _ = r.bytes().await?;
             }
             Op::Put => self.put(KEY).await?,
@@ -111,12 +138,19 @@ impl Target for ConsulRaw {
                     "Value": base64::engine::general_purpose::STANDARD.encode(&self.value),
                     "Index": idx,
                 }}]);
-                let r = self.http.put(format!("{}/v1/txn", self.base)).json(&body).send().await?;
+                let r = self
+                    .http
+                    .put(format!("{}/v1/txn", self.base))
+                    .body(serde_json::to_vec(&body)?)
+                    .send()
+                    .await?;
                 if !r.status().is_success() {
                     return Err(err(format!("raw CAS failed: HTTP {}", r.status())));
                 }
-                let v: serde_json::Value = r.json().await?;
-                let new = v["Results"][0]["KV"]["ModifyIndex"].as_u64().ok_or_else(|| err("no ModifyIndex in txn result"))?;
+                let v: serde_json::Value = serde_json::from_slice(&r.bytes().await?)?;
+                let new = v["Results"][0]["KV"]["ModifyIndex"]
+                    .as_u64()
+                    .ok_or_else(|| err("no ModifyIndex in txn result"))?;
                 self.version.store(new, Ordering::SeqCst);
             }
             Op::LockUnlock => {
@@ -137,7 +171,11 @@ struct ConsulHeld {
 #[async_trait]
 impl Held for ConsulHeld {
     async fn release(self: Box<Self>) -> R<()> {
-        let r = self.http.put(format!("{}?release={}", self.url, self.session)).send().await?;
+        let r = self
+            .http
+            .put(format!("{}?release={}", self.url, self.session))
+            .send()
+            .await?;
         if !ok_true(r).await? {
             return Err(err("release returned false"));
         }
@@ -160,7 +198,10 @@ async fn acquire(http: &reqwest::Client, base: &str, session: &str, key: &str) -
         }
         let mut index = 0u64;
         loop {
-            let r = http.get(format!("{url}?index={index}&wait=30s")).send().await?;
+            let r = http
+                .get(format!("{url}?index={index}&wait=30s"))
+                .send()
+                .await?;
             let status = r.status();
             let next: u64 = r
                 .headers()
@@ -171,7 +212,8 @@ async fn acquire(http: &reqwest::Client, base: &str, session: &str, key: &str) -
             if status == reqwest::StatusCode::NOT_FOUND {
                 break;
             }
-            let v: serde_json::Value = r.error_for_status()?.json().await?;
+            let v: serde_json::Value =
+                serde_json::from_slice(&r.error_for_status()?.bytes().await?)?;
             if v[0].get("Session").and_then(|s| s.as_str()).is_none() {
                 break;
             }

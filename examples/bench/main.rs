@@ -21,6 +21,7 @@
 mod support;
 
 mod ck;
+mod consulraw;
 mod etcdraw;
 mod harness;
 mod memraw;
@@ -158,6 +159,27 @@ fn main() -> ExitCode {
             }
         };
     }
+    if argv.first().map(String::as_str) == Some("--consul-sim") {
+        // A separate server process: `--consul-sim PORT DIR` (DIR names the run's base directory
+        // so the reaper recognises the process).
+        let port = argv.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let opts = support::consul_sim::SimOptions {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            acl_token: None,
+        };
+        return match support::consul_sim::ConsulSim::start_with(opts) {
+            Ok(sim) => {
+                println!("consul simulator listening on http://{}", sim.addr());
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(e) => {
+                eprintln!("consul simulator: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let args = match parse_args(&argv) {
         Ok(a) => a,
         Err(e) => {
@@ -196,6 +218,23 @@ enum Spec {
         hostport: String,
         port: u16,
     },
+    Consul {
+        url: String,
+        hostport: String,
+    },
+}
+
+/// Starts the Consul simulator as a separate process of this binary; (process, port).
+fn start_consul_sim() -> R<(support::Proc, u16)> {
+    let dir = support::fresh_dir("consul-sim");
+    let port = support::free_port();
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("--consul-sim").arg(port.to_string()).arg(&dir);
+    let proc = support::Proc::spawn("consul simulator", &mut cmd, &dir.join("sim.log"));
+    if !support::wait_until(Duration::from_secs(20), || support::port_open(port)) {
+        return Err(err("the Consul simulator did not listen within 20 s"));
+    }
+    Ok((proc, port))
 }
 
 fn first_hostport(url: &str) -> R<String> {
@@ -223,6 +262,7 @@ async fn run(args: Args) -> R<()> {
     std::fs::create_dir_all(&args.out)?;
     let wanted = |b: &str| args.only.as_ref().is_none_or(|o| o.iter().any(|x| x == b));
     let started = Instant::now();
+    let load_start = loadavg();
     let mut sections = Vec::new();
     let mut python: Option<Result<PathBuf, String>> = None;
     let mut peer_python = |sec: &mut Section| -> Option<PathBuf> {
@@ -259,6 +299,10 @@ async fn run(args: Args) -> R<()> {
                         hostport: hp,
                     }
                 }
+                "consul" => Spec::Consul {
+                    url: url.clone(),
+                    hostport: first_hostport(url)?,
+                },
                 other => {
                     return Err(err(format!(
                         "COORDKIT_URL scheme {other:?} is not benchmarked"
@@ -363,12 +407,24 @@ async fn run(args: Args) -> R<()> {
                 drop(zk);
                 s
             }
-            ("consul", None) => {
-                let mut s = Section::new("consul", "simulator");
-                s.notes
-                    .push("The Consul side is not in this build of the benchmark yet.".into());
-                Ok(s)
+            (_, Some(Spec::Consul { url, hostport })) => {
+                bench_consul(&url, &hostport, "Consul (COORDKIT_URL)", args.counts).await
             }
+            ("consul", None) => match start_consul_sim() {
+                Ok((sim, port)) => {
+                    let hp = format!("127.0.0.1:{port}");
+                    let s = bench_consul(
+                        &format!("consul://{hp}"),
+                        &hp,
+                        "the Consul API simulator (tests/support/consul_sim), own process",
+                        args.counts,
+                    )
+                    .await;
+                    drop(sim);
+                    s
+                }
+                Err(e) => Err(e),
+            },
             (other, _) => Err(err(format!("unknown backend {other}"))),
         };
         match result {
@@ -386,7 +442,7 @@ async fn run(args: Args) -> R<()> {
         }
     }
 
-    let header = header_md(args.counts, started.elapsed());
+    let header = header_md(args.counts, started.elapsed(), &load_start);
     let md = report::full_md(&sections, &header);
     println!("{md}");
     std::fs::write(args.out.join("results.md"), &md)?;
@@ -418,7 +474,14 @@ fn version_of(bin: &str) -> String {
         .unwrap_or_else(|| format!("{bin} single node"))
 }
 
-fn header_md(c: Counts, took: Duration) -> String {
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn header_md(c: Counts, took: Duration, load_start: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -455,7 +518,7 @@ fn header_md(c: Counts, took: Duration) -> String {
         "Machine: {cpu}, {cores} cores, {:.0} GiB RAM, {os}, Linux {}; servers and clients share the cores, \
          loopback only.\n\nCounts: {} get/put/CAS and {} lock+unlock per client (interleaved in blocks of {}, after a \
          warm-up), {} handoffs among {} contenders, {} in-memory operations per client; round trips counted on the \
-         server over {} operations. Run time {:.0} s.\n",
+         server over {} operations. Run time {:.0} s; load average (1/5/15 min) {} at the start, {} at the end.\n",
         mem as f64 / 1048576.0,
         kernel.trim(),
         c.kv,
@@ -465,7 +528,9 @@ fn header_md(c: Counts, took: Duration) -> String {
         CONTENDERS,
         c.mem,
         c.rtt,
-        took.as_secs_f64()
+        took.as_secs_f64(),
+        load_start,
+        loadavg()
     )
 }
 
@@ -784,6 +849,42 @@ async fn bench_zk(
     sort_rows(&mut s);
     s.notes.push(
         "Round trips: packets the server received per operation (`srvr` `Received:`), session pings included."
+            .into(),
+    );
+    Ok(s)
+}
+
+async fn bench_consul(url: &str, hostport: &str, server: &str, c: Counts) -> R<Section> {
+    let mut s = Section::new("consul", server);
+    let base = format!("http://{hostport}");
+    let ck = coordkit_for(&mut s, url).await;
+    let mut targets: Vec<Arc<dyn Target>> = Vec::new();
+    if let Some(store) = &ck {
+        targets.push(Arc::new(Coordkit::new(store.clone(), VALUE)));
+    }
+    targets.push(Arc::new(consulraw::ConsulRaw::new(&base, VALUE).await?));
+    op_rows(&mut s, &targets, c, c.kv, c.lock).await?;
+    drop(targets);
+    if ck.is_some() {
+        match ck_contenders(url).await {
+            Ok(v) => run_handoff(&mut s, COORDKIT, v, "bench/contended", c).await,
+            Err(e) => s
+                .notes
+                .push(format!("coordkit contenders could not connect: {e}")),
+        }
+    }
+    let mut v: Vec<Arc<dyn Contender>> = Vec::new();
+    for _ in 0..CONTENDERS {
+        v.push(Arc::new(consulraw::ConsulContender::new(&base).await?));
+    }
+    run_handoff(&mut s, "reqwest HTTP", v, "rawbench/locks/contended", c).await;
+    if ck.is_some() {
+        measure_rss(&mut s, url, c.rss);
+    }
+    s.notes.push(
+        "Consul figures are against the simulator, an in-memory model of Consul's HTTP API without Raft or disk: \
+         they show client overhead and round trips, not what a real Consul cluster would do. No peer library: \
+         tooz dropped its Consul driver and python-consul is unmaintained."
             .into(),
     );
     Ok(s)
