@@ -48,6 +48,14 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
             crate::backend::etcd::EtcdStore::connect_str(url).await?,
         ));
     }
+    // zk:// may list several hosts, which `Url` cannot parse.
+    #[cfg(feature = "zookeeper")]
+    if url.trim().starts_with("zk://") {
+        let cfg = crate::backend::zookeeper::ZkConfig::from_url_str(url)?;
+        return Ok(Arc::new(
+            crate::backend::zookeeper::ZkStore::connect(cfg).await?,
+        ));
+    }
     let parsed = Url::parse(url.trim()).map_err(|e| {
         Error::config(format!(
             "malformed backend URL {:?}: {e}; expected one of {}",

@@ -228,9 +228,9 @@ impl Drop for LockGuard {
 /// - At most one [`LockGuard`] for a name is un-lost at any time, across all clients of the
 ///   same backend cluster, as long as leases are renewed in time. A holder that cannot renew
 ///   sees [`LockGuard::lost`] fire; correctness under pauses needs the fencing token.
-/// - Waiters are served in arrival order where the backend orders them (all built-in
-///   backends do), are woken by the backend (no polling), and each waits only on its
-///   predecessor.
+/// - Waiters are woken by the backend (no polling). Where the backend keeps a queue (memory,
+///   etcd, ZooKeeper) they are served in arrival order and each waits only on its predecessor;
+///   Consul keeps no queue, so its waiters race on each release (see its backend docs).
 /// - A crashed holder blocks others for at most the TTL (times the backend's
 ///   `lease_expiry_factor`).
 #[async_trait]

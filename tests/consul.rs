@@ -1,6 +1,7 @@
 //! The Consul backend: the whole conformance suite against the in-process Consul simulator
 //! (`tests/support/consul_sim/`), the same suite against a real Consul when `CONSUL_HTTP_ADDR`
 //! is set, and fault and bad-input tests against the simulator.
+#![cfg(feature = "consul")]
 
 mod support;
 
@@ -68,6 +69,19 @@ mod real {
         }))
     }
 
+    /// Prints the skip notice straight to stderr (past the test harness's output capture),
+    /// once per test binary.
+    fn skipped_notice(test: &str) {
+        use std::io::Write;
+        static SHOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !SHOWN.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let _ = writeln!(
+                std::io::stderr(),
+                "NOTICE: CONSUL_HTTP_ADDR is not set: the conformance suite against a real Consul (consul::real::*) is SKIPPED; only the simulator was tested (first skipped: real::{test})"
+            );
+        }
+    }
+
     macro_rules! real_tests {
         ($($name:ident),* $(,)?) => {
             $(
@@ -75,10 +89,7 @@ mod real {
                 async fn $name() {
                     match harness() {
                         Some(h) => coordkit::conformance::$name(&h).await,
-                        None => eprintln!(
-                            "SKIPPED consul real::{}: CONSUL_HTTP_ADDR is not set, so no real Consul was tested (the simulator tests ran)",
-                            stringify!($name)
-                        ),
+                        None => skipped_notice(stringify!($name)),
                     }
                 }
             )*

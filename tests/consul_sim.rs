@@ -839,8 +839,11 @@ fn fidelity_with_py_consul() {
     match probe {
         Ok(o) if o.status.success() => {}
         other => {
-            eprintln!(
-                "SKIPPED fidelity_with_py_consul: {python} cannot import py-consul ({}); run scripts/test.sh to install it",
+            use std::io::Write;
+            // Straight to stderr, past the test harness's output capture.
+            let _ = writeln!(
+                std::io::stderr(),
+                "NOTICE: fidelity_with_py_consul SKIPPED: {python} cannot import py-consul ({}); scripts/test.sh installs it",
                 match other {
                     Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
                     Err(e) => e.to_string(),

@@ -14,3 +14,5 @@ pub mod etcd;
 
 #[cfg(feature = "consul")]
 pub mod consul;
+#[cfg(feature = "zookeeper")]
+pub mod zookeeper;

@@ -116,6 +116,20 @@ impl ZkNode {
         }
     }
 
+    /// SIGSTOP: the server stops answering (connections stay open).
+    pub fn pause(&self) {
+        if let Some(p) = &self.proc {
+            p.pause();
+        }
+    }
+
+    /// SIGCONT.
+    pub fn resume(&self) {
+        if let Some(p) = &self.proc {
+            p.resume();
+        }
+    }
+
     /// The server's log so far (for failure messages).
     pub fn log_tail(&self) -> String {
         let log = self

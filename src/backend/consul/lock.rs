@@ -238,7 +238,7 @@ impl ConsulStore {
                     Ok(Attempt::Held)
                 } else if what.contains("invalid session") {
                     Err(Error::new(
-                        ErrorKind::LockLost,
+                        ErrorKind::Unavailable,
                         NAME,
                         format!("the lock's session expired while acquiring: {what}"),
                     )

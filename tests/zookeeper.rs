@@ -1,0 +1,552 @@
+//! The ZooKeeper backend against a real standalone ZooKeeper 3.8 server started by the test:
+//! the whole conformance suite, the key mapping as seen on the server, versions across a
+//! delete and re-create, TTL keys made permanent, oversized values, and lock interop with a real
+//! Apache Curator `InterProcessMutex` (Java, compiled here with javac).
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use coordkit::backend::zookeeper::{ZkConfig, ZkStore, MAX_VALUE_SIZE};
+use coordkit::conformance::Harness;
+use coordkit::{Consistency, DistLock, ErrorKind, Expect, KvStore, LockOptions, PutOptions};
+use support::zookeeper::shared;
+use zookeeper_client as zk;
+
+fn zookeeper() -> Harness {
+    let url = shared().url();
+    Harness::new("zookeeper", move || {
+        let url = url.clone();
+        async move { coordkit::connect(&url).await }
+    })
+}
+
+coordkit::conformance_tests!(zookeeper());
+
+const STRONG: Consistency = Consistency::Strong;
+
+fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{name}{}x{nanos}", std::process::id())
+}
+
+async fn store(chroot: &str) -> ZkStore {
+    let cfg = ZkConfig::from_url_str(&shared().url_with_chroot(chroot)).expect("url");
+    ZkStore::connect(cfg).await.expect("connect")
+}
+
+async fn raw() -> zk::Client {
+    zk::Client::connect(&format!("127.0.0.1:{}", shared().port()))
+        .await
+        .expect("raw connect")
+}
+
+async fn exists(c: &zk::Client, path: &str) -> bool {
+    c.check_stat(path).await.expect("stat").is_some()
+}
+
+#[tokio::test]
+async fn keys_map_onto_znodes_reversibly() {
+    let root = format!("/{}", unique("map"));
+    let s = store(&root).await;
+    let keys = ["zookeeper", "a/b", "a/b/c", "a/bc", "x.y/-_/Z9"];
+    for k in keys {
+        s.put(k, k.as_bytes().to_vec(), PutOptions::default())
+            .await
+            .expect("put");
+    }
+    let c = raw().await;
+    for (k, path) in [
+        ("zookeeper", format!("{root}/kv/zookeeper")),
+        ("a/b", format!("{root}/kv/a~/b")),
+        ("a/b/c", format!("{root}/kv/a~/b~/c")),
+        ("a/bc", format!("{root}/kv/a~/bc")),
+        ("x.y/-_/Z9", format!("{root}/kv/x.y~/-_~/Z9")),
+    ] {
+        let (data, _) = c.get_data(&path).await.expect("znode of the key");
+        assert_eq!(data, k.as_bytes(), "{path} holds the raw value");
+        assert_eq!(
+            coordkit::backend::zookeeper::path::path_to_key(&root, &path).as_deref(),
+            Some(k)
+        );
+    }
+    // Lists return only keys, never the directory znodes.
+    let all: Vec<String> = s
+        .list("", STRONG)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    let mut want: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+    want.sort();
+    assert_eq!(all, want);
+    // Deleting the deeper key leaves `a/b` itself, and nothing else shows up.
+    s.delete("a/b/c").await.expect("delete");
+    let under: Vec<String> = s
+        .list("a/", STRONG)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(under, ["a/b", "a/bc"]);
+    // Nothing outside the chroot was touched.
+    assert!(!exists(&c, "/kv/a~/b").await || root.is_empty());
+    // A key whose znode was put there by hand with a bad name is skipped, not mis-reported.
+    c.create(
+        &format!("{root}/kv/a~/bad name"),
+        b"x",
+        &zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all()),
+    )
+    .await
+    .expect("create odd znode");
+    let under: Vec<String> = s
+        .list("a/", STRONG)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(under, ["a/b", "a/bc"]);
+}
+
+#[tokio::test]
+async fn version_does_not_survive_delete_and_recreate() {
+    let s = store("").await;
+    let key = format!("{}/k", unique("aba"));
+    let v1 = s
+        .put(&key, b"one".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    s.delete(&key).await.expect("delete");
+    let v2 = s
+        .put(&key, b"two".to_vec(), PutOptions::default())
+        .await
+        .expect("re-create");
+    assert_ne!(v1, v2, "a re-created key reused the old version");
+    let e = s
+        .compare_and_swap(&key, Expect::Version(v1), Some(b"stale".to_vec()))
+        .await
+        .expect_err("CAS with a version from before the delete");
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    let e = s
+        .compare_and_swap(&key, Expect::Version(v1), None)
+        .await
+        .expect_err("delete-CAS with a version from before the delete");
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    let got = s
+        .get(&key, STRONG)
+        .await
+        .expect("get")
+        .expect("still there");
+    assert_eq!((got.value, got.version), (b"two".to_vec(), v2));
+    // Every write gets a new version, even of the same bytes.
+    let v3 = s
+        .put(&key, b"two".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    assert_ne!(v2, v3);
+}
+
+#[tokio::test]
+async fn ttl_key_made_permanent_is_pinned_and_invisible_pin() {
+    let s = store("").await;
+    let caps = s.capabilities();
+    let ns = unique("pin");
+    let key = format!("{ns}/k");
+    s.put(&key, b"t".to_vec(), PutOptions::ttl(caps.min_ttl))
+        .await
+        .expect("put ttl");
+    s.put(&key, b"p".to_vec(), PutOptions::default())
+        .await
+        .expect("put permanent");
+    let c = raw().await;
+    assert!(
+        exists(&c, &format!("/kv/{ns}~/k/~keep")).await,
+        "TTL znode not pinned"
+    );
+    let listed = s.list(&format!("{ns}/"), STRONG).await.expect("list");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    tokio::time::sleep(caps.min_ttl * 2 + Duration::from_secs(1)).await;
+    assert_eq!(
+        s.get(&key, STRONG).await.expect("get").map(|e| e.value),
+        Some(b"p".to_vec()),
+        "a key made permanent expired"
+    );
+    s.delete(&key).await.expect("delete pinned key");
+    assert_eq!(s.get(&key, STRONG).await.expect("get"), None);
+    assert!(s
+        .list(&format!("{ns}/"), STRONG)
+        .await
+        .expect("list")
+        .is_empty());
+}
+
+#[tokio::test]
+async fn values_up_to_the_limit_are_stored_and_larger_ones_rejected() {
+    let s = store("").await;
+    let key = format!("{}/big", unique("size"));
+    s.put(&key, b"small".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    // The declared limit is what the server really takes (with the longest chroot-less key).
+    let at_limit = vec![3u8; MAX_VALUE_SIZE];
+    let long_key = format!("{}/{}", unique("size"), "k".repeat(400));
+    s.put(&long_key, at_limit.clone(), PutOptions::default())
+        .await
+        .expect("a value of exactly max_value_size");
+    assert_eq!(
+        s.get(&long_key, STRONG)
+            .await
+            .expect("get")
+            .map(|e| e.value.len()),
+        Some(MAX_VALUE_SIZE)
+    );
+    for size in [MAX_VALUE_SIZE + 1, 2 * 1024 * 1024] {
+        let started = Instant::now();
+        let e = s
+            .put(&key, vec![1u8; size], PutOptions::default())
+            .await
+            .expect_err("oversized put");
+        assert_eq!(e.kind(), ErrorKind::ValueTooLarge, "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "checked before sending"
+        );
+    }
+    assert_eq!(
+        s.get(&key, STRONG).await.expect("get").map(|e| e.value),
+        Some(b"small".to_vec())
+    );
+    // The session survived (the oversized value never reached the server).
+    s.put(&key, b"after".to_vec(), PutOptions::default())
+        .await
+        .expect("put after");
+}
+
+#[tokio::test]
+async fn lock_nodes_follow_curators_layout() {
+    let root = format!("/{}", unique("layout"));
+    let s = store(&root).await;
+    let g = s
+        .lock(
+            "jobs/nightly",
+            &LockOptions::new().ttl(Duration::from_secs(5)),
+        )
+        .await
+        .expect("lock");
+    let c = raw().await;
+    let (children, _) = c
+        .get_children(&format!("{root}/locks/jobs/nightly"))
+        .await
+        .expect("lock dir");
+    assert_eq!(children.len(), 1);
+    let name = &children[0];
+    let re_ok = name.starts_with("_c_")
+        && name.len() == "_c_".len() + 36 + "-lock-".len() + 10
+        && name[3 + 36..].starts_with("-lock-")
+        && name[name.len() - 10..].bytes().all(|b| b.is_ascii_digit());
+    assert!(re_ok, "node {name} is not _c_<uuid>-lock-<10 digits>");
+    let stat = c
+        .check_stat(&format!("{root}/locks/jobs/nightly/{name}"))
+        .await
+        .expect("stat")
+        .expect("node");
+    assert_eq!(
+        g.token().get(),
+        stat.czxid as u64,
+        "token is the czxid of the own node"
+    );
+    assert_ne!(stat.ephemeral_owner, 0, "lock node is ephemeral");
+    g.release().await.expect("release");
+    // The lock directory is a container: empty, or already removed by the server.
+    match c.get_children(&format!("{root}/locks/jobs/nightly")).await {
+        Ok((children, _)) => assert!(children.is_empty(), "release left {children:?}"),
+        Err(zk::Error::NoNode) => {}
+        Err(e) => panic!("lock dir: {e}"),
+    }
+    // Locks and keys never collide.
+    assert!(s.list("", STRONG).await.expect("list").is_empty());
+}
+
+// ---- Curator interop ---------------------------------------------------------------------
+
+const CURATOR_CP: &str = "/usr/share/java/curator-recipes.jar:/usr/share/java/curator-framework.jar:\
+/usr/share/java/curator-client.jar:/usr/share/java/zookeeper.jar:/usr/share/java/zookeeper-jute.jar:\
+/usr/share/java/guava.jar:/usr/share/java/slf4j-api.jar:/usr/share/java/slf4j-nop.jar";
+
+const HOLDER: &str = r#"
+import java.util.concurrent.TimeUnit;
+import org.apache.curator.framework.CuratorFramework;
+import org.apache.curator.framework.CuratorFrameworkFactory;
+import org.apache.curator.framework.recipes.locks.InterProcessMutex;
+import org.apache.curator.retry.RetryOneTime;
+
+public class Holder {
+    public static void main(String[] a) throws Exception {
+        String connect = a[0], path = a[1];
+        long waitMs = Long.parseLong(a[2]), holdMs = Long.parseLong(a[3]);
+        CuratorFramework c = CuratorFrameworkFactory.newClient(connect, 10000, 5000, new RetryOneTime(100));
+        c.start();
+        c.blockUntilConnected();
+        InterProcessMutex m = new InterProcessMutex(c, path);
+        System.out.println("TRYING");
+        System.out.flush();
+        if (!m.acquire(waitMs, TimeUnit.MILLISECONDS)) {
+            System.out.println("TIMEOUT");
+            System.out.flush();
+            c.close();
+            return;
+        }
+        System.out.println("ACQUIRED");
+        System.out.flush();
+        Thread.sleep(holdMs);
+        m.release();
+        System.out.println("RELEASED");
+        System.out.flush();
+        c.close();
+    }
+}
+"#;
+
+fn compile_holder() -> PathBuf {
+    let dir = support::fresh_dir("curator-holder");
+    std::fs::write(dir.join("Holder.java"), HOLDER).expect("write Holder.java");
+    let out = Command::new("javac")
+        .arg("-cp")
+        .arg(CURATOR_CP)
+        .arg("-d")
+        .arg(&dir)
+        .arg(dir.join("Holder.java"))
+        .output()
+        .expect("run javac (scripts/test.sh installs a JDK)");
+    assert!(
+        out.status.success(),
+        "javac failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// Starts the Curator holder: contends for `path`, waits at most `wait_ms`, holds `hold_ms`.
+fn curator(classes: &Path, path: &str, wait_ms: u64, hold_ms: u64) -> (support::Proc, PathBuf) {
+    let log = classes.join(format!("holder-{}.log", unique("")));
+    let mut cmd = Command::new("java");
+    cmd.arg("-cp")
+        .arg(format!("{}:{CURATOR_CP}", classes.display()))
+        .arg("Holder")
+        .arg(format!("127.0.0.1:{}", shared().port()))
+        .arg(path)
+        .arg(wait_ms.to_string())
+        .arg(hold_ms.to_string());
+    (support::Proc::spawn("curator-holder", &mut cmd, &log), log)
+}
+
+fn log_has(log: &Path, word: &str) -> bool {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.trim() == word)
+}
+
+async fn wait_log(log: &Path, word: &str, within: Duration) -> Option<Instant> {
+    let started = Instant::now();
+    while started.elapsed() < within {
+        if log_has(log, word) {
+            return Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curator_interprocess_mutex_interoperates_both_ways() {
+    if !support::zookeeper::installed() {
+        panic!("ZooKeeper is not installed; run scripts/test.sh");
+    }
+    let classes = compile_holder();
+    let name = unique("interop");
+    let zk_path = format!("/locks/{name}");
+    let s = store("").await;
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+
+    // 1. coordkit holds; Curator queues behind it and gets the lock only after the release.
+    let held = s.lock(&name, &opts).await.expect("coordkit lock");
+    let (mut proc1, log1) = curator(&classes, &zk_path, 30_000, 3_000);
+    assert!(
+        wait_log(&log1, "TRYING", Duration::from_secs(30))
+            .await
+            .is_some(),
+        "Curator holder did not start"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !log_has(&log1, "ACQUIRED"),
+        "Curator acquired a lock coordkit holds"
+    );
+    let released = Instant::now();
+    held.release().await.expect("release");
+    let acquired = wait_log(&log1, "ACQUIRED", Duration::from_secs(10))
+        .await
+        .expect("Curator never got the lock after coordkit released it");
+    eprintln!("coordkit -> Curator handoff: {:?}", acquired - released);
+
+    // 2. Curator holds; coordkit is excluded, queues behind it and takes over after it.
+    let other = store("").await;
+    assert!(
+        other
+            .try_lock(&name, &opts)
+            .await
+            .expect("try_lock")
+            .is_none(),
+        "coordkit got a lock Curator holds"
+    );
+    let e = other
+        .lock(&name, &opts.clone().wait(Duration::from_millis(500)))
+        .await
+        .expect_err("bounded lock while Curator holds");
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    let g = other
+        .lock(&name, &opts.clone().wait(Duration::from_secs(20)))
+        .await
+        .expect("coordkit lock after Curator");
+    let got = Instant::now();
+    let curator_released = wait_log(&log1, "RELEASED", Duration::from_secs(5)).await;
+    assert!(
+        curator_released.is_some(),
+        "coordkit got the lock before Curator released it"
+    );
+    assert!(
+        got.duration_since(acquired) >= Duration::from_millis(2500),
+        "coordkit got the lock {:?} after Curator took it for 3 s",
+        got.duration_since(acquired)
+    );
+    proc1.kill();
+
+    // 3. And Curator is excluded while coordkit holds (bounded try on the Java side).
+    let (mut proc2, log2) = curator(&classes, &zk_path, 1_000, 0);
+    assert!(
+        wait_log(&log2, "TIMEOUT", Duration::from_secs(30))
+            .await
+            .is_some(),
+        "Curator was not excluded by coordkit's lock"
+    );
+    assert!(!log_has(&log2, "ACQUIRED"));
+    proc2.kill();
+    g.release().await.expect("release");
+}
+
+/// Hammering one key from several writers: the watch may fall behind, but it never skips or
+/// repeats a value silently. Every delivered value was written, versions strictly increase, and
+/// if fewer events than writes arrived, the stream ended with `WatchGap`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_never_skips_silently_under_fast_writes() {
+    use futures::StreamExt;
+    let s = store("").await;
+    let ns = format!("{}/", unique("hammer"));
+    let key = format!("{ns}hot");
+    let mut events = s.watch(&ns).await.expect("watch");
+    const WRITERS: usize = 4;
+    const WRITES: usize = 50;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        let key = key.clone();
+        tasks.push(tokio::spawn(async move {
+            let s = store("").await;
+            for i in 0..WRITES {
+                s.put(
+                    &key,
+                    format!("w{w}-{i}").into_bytes(),
+                    PutOptions::default(),
+                )
+                .await
+                .expect("put");
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.expect("writer");
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut last = None;
+    let mut gap = false;
+    let mut delivered = 0;
+    while delivered < WRITERS * WRITES {
+        match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
+            Ok(Some(Ok(coordkit::WatchEvent::Put(e)))) => {
+                let v = String::from_utf8(e.value).expect("utf8");
+                assert!(v.starts_with('w'), "unknown value {v}");
+                assert!(seen.insert(v.clone()), "value {v} delivered twice");
+                if let Some(prev) = last {
+                    assert!(e.version.as_raw() > prev, "versions out of order");
+                }
+                last = Some(e.version.as_raw());
+                delivered += 1;
+            }
+            Ok(Some(Ok(other))) => panic!("unexpected event {other:?}"),
+            Ok(Some(Err(e))) => {
+                assert_eq!(e.kind(), ErrorKind::WatchGap, "{e}");
+                gap = true;
+                break;
+            }
+            Ok(None) => panic!("watch ended without an error"),
+            Err(_) => panic!(
+                "watch silent after {delivered} of {} events",
+                WRITERS * WRITES
+            ),
+        }
+    }
+    eprintln!(
+        "fast writes: {delivered} of {} events delivered exactly{}",
+        WRITERS * WRITES,
+        if gap { ", then a WatchGap" } else { "" }
+    );
+    assert!(gap || delivered == WRITERS * WRITES);
+}
+
+/// Deleting the holder's lock node (an operator, or another tool) fires `lost()` at once, and
+/// the next contender gets the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_fires_when_the_lock_node_is_deleted() {
+    let root = format!("/{}", unique("nodedel"));
+    let s = store(&root).await;
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+    let g = s.lock("victim", &opts).await.expect("lock");
+    let c = raw().await;
+    let dir = format!("{root}/locks/victim");
+    let (children, _) = c.get_children(&dir).await.expect("lock dir");
+    assert_eq!(children.len(), 1);
+    let deleted = Instant::now();
+    c.delete(&format!("{dir}/{}", children[0]), None)
+        .await
+        .expect("delete the lock node");
+    tokio::time::timeout(Duration::from_secs(5), g.lost())
+        .await
+        .expect("lost() did not fire after the lock node was deleted");
+    eprintln!("lock node deleted -> lost() after {:?}", deleted.elapsed());
+    assert!(g.is_lost());
+    let next = s
+        .lock("victim", &opts.clone().wait(Duration::from_secs(5)))
+        .await
+        .expect("next lock");
+    assert!(next.token() > g.token());
+    assert_eq!(
+        g.release()
+            .await
+            .expect_err("release of a lost lock")
+            .kind(),
+        ErrorKind::LockLost
+    );
+    assert!(
+        !next.is_lost(),
+        "releasing the lost guard broke the new holder"
+    );
+    next.release().await.expect("release");
+}
