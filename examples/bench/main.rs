@@ -77,11 +77,11 @@ pub struct Counts {
 
 impl Counts {
     pub const FULL: Counts = Counts {
-        kv: 2000,
-        lock: 1000,
+        kv: 1000,
+        lock: 500,
         block: 250,
         rounds: 1000,
-        mem: 200_000,
+        mem: 100_000,
         rtt: 200,
         rss: 1000,
     };
@@ -228,7 +228,14 @@ enum Spec {
 fn start_consul_sim() -> R<(support::Proc, u16)> {
     let dir = support::fresh_dir("consul-sim");
     let port = support::free_port();
-    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    let exe = std::env::current_exe()?;
+    if !exe.exists() {
+        return Err(err(format!(
+            "{} is gone (rebuilt during the run?)",
+            exe.display()
+        )));
+    }
+    let mut cmd = std::process::Command::new(exe);
     cmd.arg("--consul-sim").arg(port.to_string()).arg(&dir);
     let proc = support::Proc::spawn("consul simulator", &mut cmd, &dir.join("sim.log"));
     if !support::wait_until(Duration::from_secs(20), || support::port_open(port)) {
@@ -432,6 +439,9 @@ async fn run(args: Args) -> R<()> {
                 eprintln!("{}", report::section_md(&s));
                 eprintln!("   ({name} took {:.0} s)", t.elapsed().as_secs_f64());
                 sections.push(s);
+                // Partial results survive a later failure.
+                let partial = report::full_md(&sections, "(partial: the run has not finished)\n");
+                let _ = std::fs::write(args.out.join("results.md"), partial);
             }
             Err(e) => {
                 eprintln!("{name}: failed: {e}");
@@ -663,6 +673,13 @@ fn add_peer(
             }
             if let Some(mut h) = p.handoff {
                 h.peer = true;
+                if h.series.lat_us.len() < c.rounds {
+                    s.notes.push(format!(
+                        "{label}'s contended run stopped at its 60 s limit after {} of {} handoffs.",
+                        h.series.lat_us.len(),
+                        c.rounds
+                    ));
+                }
                 s.handoff.push(h);
             }
         }

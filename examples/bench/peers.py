@@ -25,10 +25,14 @@ def timed(fn, n):
     return {"lat_us": lat, "busy_s": time.perf_counter() - start, "ops": n}
 
 
+HANDOFF_LIMIT_S = 60.0
+
+
 def handoff(make_lock, n_rounds, n_contenders):
     """Each contender loops acquire -> note time -> release; a sample is the time from a
-    holder starting its release to the next holder's acquire returning."""
-    state = {"last": None, "count": 0, "samples": [], "error": None}
+    holder starting its release to the next holder's acquire returning. Stops after n_rounds
+    handoffs or HANDOFF_LIMIT_S seconds, whichever comes first (slow peers)."""
+    state = {"last": None, "count": 0, "samples": [], "error": None, "deadline": time.perf_counter() + HANDOFF_LIMIT_S}
     guard = threading.Lock()
     locks = [make_lock(i) for i in range(n_contenders)]
 
@@ -41,7 +45,8 @@ def handoff(make_lock, n_rounds, n_contenders):
                     prev, state["last"] = state["last"], None
                     n = state["count"]
                     state["count"] += 1
-                    if n > n_rounds:
+                    if n > n_rounds or now > state["deadline"]:
+                        state["count"] = n_rounds + 2
                         lock.release()
                         return
                     if prev is not None:
