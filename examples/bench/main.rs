@@ -267,7 +267,11 @@ fn port_of(hostport: &str) -> u16 {
 
 async fn run(args: Args) -> R<()> {
     std::fs::create_dir_all(&args.out)?;
-    let wanted = |b: &str| args.only.as_ref().map_or(true, |o| o.iter().any(|x| x == b));
+    let wanted = |b: &str| {
+        args.only
+            .as_ref()
+            .map_or(true, |o| o.iter().any(|x| x == b))
+    };
     let started = Instant::now();
     let load_start = loadavg();
     let mut sections = Vec::new();
