@@ -303,3 +303,56 @@ async fn locks_share_one_lease_per_ttl() {
         g.release().await.expect("release");
     }
 }
+
+/// `lost()` fires when someone else deletes the lock key, and when the lease is revoked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_fires_on_key_deletion_and_lease_revocation() {
+    let store = coordkit::connect(&shared().url()).await.expect("connect");
+    let name = format!("lost-{}", std::process::id());
+    let opts = LockOptions::new().ttl(Duration::from_secs(9));
+    let guard = store.lock(&name, &opts).await.expect("lock");
+    let (ok, _, err) = etcdctl(
+        &shared().endpoints(),
+        &["del", "--prefix", &format!("locks/{name}/")],
+    );
+    assert!(ok, "{err}");
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .expect("lost() after the key was deleted");
+    eprintln!(
+        "lost() fired {:?} after the key was deleted",
+        started.elapsed()
+    );
+    assert_eq!(
+        guard.release().await.unwrap_err().kind(),
+        ErrorKind::LockLost
+    );
+
+    // Revoking the lease (which deletes its keys and ends keep-alives).
+    let name2 = format!("{name}-revoke");
+    let guard = store.lock(&name2, &opts).await.expect("lock again");
+    let (ok, out, err) = etcdctl(
+        &shared().endpoints(),
+        &["get", "--prefix", &format!("locks/{name2}/"), "-w", "json"],
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let lease = v["kvs"][0]["lease"].as_i64().expect("lease id");
+    let (ok, _, err) = etcdctl(
+        &shared().endpoints(),
+        &["lease", "revoke", &format!("{lease:x}")],
+    );
+    assert!(ok, "{err}");
+    tokio::time::timeout(Duration::from_secs(5), guard.lost())
+        .await
+        .expect("lost() after the lease was revoked");
+    drop(guard);
+    // The client grants a new lease for the next lock.
+    let next = store
+        .lock(&name2, &opts)
+        .await
+        .expect("lock after revocation");
+    assert!(!next.is_lost());
+    next.release().await.expect("release");
+}

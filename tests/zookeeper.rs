@@ -3,6 +3,8 @@
 //! delete and re-create, TTL keys made permanent, oversized values, and lock interop with a real
 //! Apache Curator `InterProcessMutex` (Java, compiled here with javac).
 
+#![cfg(feature = "zookeeper")]
+
 mod support;
 
 use std::path::{Path, PathBuf};

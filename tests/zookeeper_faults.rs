@@ -2,6 +2,8 @@
 //! ensemble leader killed, the server paused past the session timeout, and no server at all.
 //! Each test prints the timing it observed (`cargo test --test zookeeper_faults -- --nocapture`).
 
+#![cfg(feature = "zookeeper")]
+
 mod support;
 
 use std::io::{BufRead, BufReader};

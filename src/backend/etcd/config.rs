@@ -332,6 +332,9 @@ impl EtcdConfig {
         if self.uses_tls() && self.ca_file.is_none() {
             return Err(bad("TLS needs the CA to trust: give ca=PATH (a PEM file)"));
         }
+        if self.user.is_some() != self.password.is_some() {
+            return Err(bad("etcd authentication needs both a user and a password"));
+        }
         if self.cert_file.is_some() != self.key_file.is_some() {
             return Err(bad("a client certificate needs both cert and key"));
         }
@@ -405,6 +408,8 @@ mod tests {
             "etcd://h:1?namespace=/abs/",
             "etcd://h:1?cert=/a.pem",
             "etcd://h:1?tls=true",
+            "etcd://alice@h:1",
+            "etcd://h:1?password=x",
             "http://h:1",
         ] {
             let e = EtcdConfig::from_url_str(u).unwrap_err();

@@ -13,6 +13,7 @@ const DEADLINE_EXCEEDED: i32 = 4;
 const NOT_FOUND: i32 = 5;
 const PERMISSION_DENIED: i32 = 7;
 const RESOURCE_EXHAUSTED: i32 = 8;
+const FAILED_PRECONDITION: i32 = 9;
 const ABORTED: i32 = 10;
 const OUT_OF_RANGE: i32 = 11;
 const UNAVAILABLE: i32 = 14;
@@ -25,6 +26,13 @@ pub(crate) fn kind_of_status(code: i32, msg: &str) -> ErrorKind {
         DEADLINE_EXCEEDED => ErrorKind::Timeout,
         UNAUTHENTICATED | PERMISSION_DENIED => ErrorKind::PermissionDenied,
         INVALID_ARGUMENT if msg.contains("request is too large") => ErrorKind::ValueTooLarge,
+        INVALID_ARGUMENT | FAILED_PRECONDITION
+            if msg.contains("authentication failed")
+                || msg.contains("user name is empty")
+                || msg.contains("authentication is not enabled") =>
+        {
+            ErrorKind::PermissionDenied
+        }
         RESOURCE_EXHAUSTED if msg.contains("larger than max") => ErrorKind::ValueTooLarge,
         INVALID_ARGUMENT | OUT_OF_RANGE => ErrorKind::InvalidArgument,
         NOT_FOUND if msg.contains("lease not found") => ErrorKind::LockLost,
@@ -37,6 +45,18 @@ pub(crate) fn kind_of_status(code: i32, msg: &str) -> ErrorKind {
             ErrorKind::Unavailable
         }
         _ => ErrorKind::Backend,
+    }
+}
+
+/// Whether the error shows that the request never reached a server (the connection to the
+/// chosen endpoint could not be made), so that sending it again cannot apply it twice.
+pub(crate) fn never_sent(e: &EtcdError) -> bool {
+    match e {
+        EtcdError::GRpcStatus(s) if s.code() as i32 == UNAVAILABLE => {
+            let m = s.message();
+            m.contains("tcp connect error") || m.contains("error trying to connect")
+        }
+        _ => false,
     }
 }
 
@@ -84,6 +104,11 @@ mod tests {
             ),
             (PERMISSION_DENIED, "no", ErrorKind::PermissionDenied),
             (UNAUTHENTICATED, "bad token", ErrorKind::PermissionDenied),
+            (
+                INVALID_ARGUMENT,
+                "etcdserver: authentication failed, invalid user ID or password",
+                ErrorKind::PermissionDenied,
+            ),
             (DEADLINE_EXCEEDED, "slow", ErrorKind::Timeout),
             (13, "boom", ErrorKind::Backend),
         ];

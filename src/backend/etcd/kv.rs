@@ -85,10 +85,12 @@ impl KvStore for EtcdStore {
         if consistency == Consistency::Stale {
             opts = opts.with_serializable();
         }
-        let mut kv = inner.kv.clone();
         let k = inner.data_key(key);
         let resp = inner
-            .call("get", Some(key), async move { kv.get(k, Some(opts)).await })
+            .call("get", Some(key), || {
+                let (mut kv, k, o) = (inner.kv.clone(), k.clone(), opts.clone());
+                async move { kv.get(k, Some(o)).await }
+            })
             .await?;
         Ok(resp.kvs().first().and_then(|kv| inner.entry(kv)))
     }
@@ -108,11 +110,11 @@ impl KvStore for EtcdStore {
         if let Some(id) = lease {
             put = put.with_lease(id);
         }
-        let mut kv = inner.kv.clone();
         let k = inner.data_key(key);
         let resp = inner
-            .call("put", Some(key), async move {
-                kv.put(k, value, Some(put)).await
+            .call("put", Some(key), || {
+                let (mut kv, k, v, o) = (inner.kv.clone(), k.clone(), value.clone(), put.clone());
+                async move { kv.put(k, v, Some(o)).await }
             })
             .await;
         let resp = match resp {
@@ -130,10 +132,12 @@ impl KvStore for EtcdStore {
     async fn delete(&self, key: &str) -> Result<()> {
         validate_key(key)?;
         let inner = &self.inner;
-        let mut kv = inner.kv.clone();
         let k = inner.data_key(key);
         inner
-            .call("delete", Some(key), async move { kv.delete(k, None).await })
+            .call("delete", Some(key), || {
+                let (mut kv, k) = (inner.kv.clone(), k.clone());
+                async move { kv.delete(k, None).await }
+            })
             .await?;
         Ok(())
     }
@@ -164,13 +168,11 @@ impl KvStore for EtcdStore {
             None => vec![TxnOp::delete(k.clone(), None)],
         };
         let txn = Txn::new().when(vec![cmp]).and_then(op);
-        let mut kv = inner.kv.clone();
         let resp = inner
-            .call(
-                "compare-and-swap",
-                Some(key),
-                async move { kv.txn(txn).await },
-            )
+            .call("compare-and-swap", Some(key), || {
+                let (mut kv, t) = (inner.kv.clone(), txn.clone());
+                async move { kv.txn(t).await }
+            })
             .await?;
         if !resp.succeeded() {
             return Err(conflict(key, expect));
@@ -190,14 +192,12 @@ impl KvStore for EtcdStore {
         if consistency == Consistency::Stale {
             opts = opts.with_serializable();
         }
-        let mut kv = inner.kv.clone();
         let k = inner.data_key(prefix);
         let resp = inner
-            .call(
-                "list",
-                Some(prefix),
-                async move { kv.get(k, Some(opts)).await },
-            )
+            .call("list", Some(prefix), || {
+                let (mut kv, k, o) = (inner.kv.clone(), k.clone(), opts.clone());
+                async move { kv.get(k, Some(o)).await }
+            })
             .await?;
         Ok(resp.kvs().iter().filter_map(|kv| inner.entry(kv)).collect())
     }
@@ -244,13 +244,11 @@ fn conflict(key: &str, expect: Expect) -> Error {
 }
 
 async fn revoke_quietly(inner: &Inner, id: i64) {
-    let mut lease = inner.lease.clone();
     let _ = inner
-        .call(
-            "revoking a lease",
-            None,
-            async move { lease.revoke(id).await },
-        )
+        .call("revoking a lease", None, || {
+            let mut lease = inner.lease.clone();
+            async move { lease.revoke(id).await }
+        })
         .await;
 }
 
@@ -272,32 +270,34 @@ pub(crate) async fn open_watch(
     if start_rev > 0 {
         opts = opts.with_start_revision(start_rev);
     }
-    let mut client = inner.watch.clone();
-    let key = etcd_prefix.to_string();
     // Ok(Err(compact_revision)): the start revision was compacted.
     let opened = inner
-        .call("watch", Some(shown), async move {
-            let mut stream = client.watch(key, Some(opts)).await?;
-            loop {
-                match stream.message().await? {
-                    Some(resp) if resp.canceled() => {
-                        if resp.compact_revision() > 0 {
-                            return Ok(Err(resp.compact_revision()));
+        .call("watch", Some(shown), || {
+            let (mut client, key, opts) =
+                (inner.watch.clone(), etcd_prefix.to_string(), opts.clone());
+            async move {
+                let mut stream = client.watch(key, Some(opts)).await?;
+                loop {
+                    match stream.message().await? {
+                        Some(resp) if resp.canceled() => {
+                            if resp.compact_revision() > 0 {
+                                return Ok(Err(resp.compact_revision()));
+                            }
+                            return Err(etcd_client::Error::WatchError(format!(
+                                "etcd canceled the watch at creation: {}",
+                                resp.cancel_reason()
+                            )));
                         }
-                        return Err(etcd_client::Error::WatchError(format!(
-                            "etcd canceled the watch at creation: {}",
-                            resp.cancel_reason()
-                        )));
-                    }
-                    Some(resp) if resp.created() => {
-                        let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-                        return Ok(Ok((stream, rev)));
-                    }
-                    Some(_) => continue,
-                    None => {
-                        return Err(etcd_client::Error::WatchError(
-                            "watch stream closed before it was created".into(),
-                        ))
+                        Some(resp) if resp.created() => {
+                            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                            return Ok(Ok((stream, rev)));
+                        }
+                        Some(_) => continue,
+                        None => {
+                            return Err(etcd_client::Error::WatchError(
+                                "watch stream closed before it was created".into(),
+                            ))
+                        }
                     }
                 }
             }

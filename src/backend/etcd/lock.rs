@@ -198,6 +198,11 @@ struct Enqueued {
 }
 
 impl Enqueued {
+    /// Gives back the local queue place without deleting anything (no key was put).
+    fn into_local(mut self) -> Option<OwnedMutexGuard<()>> {
+        self.local.take()
+    }
+
     /// Deletes the key now and leaves the local queue.
     async fn withdraw(mut self) -> Result<()> {
         let r = delete_key(&self.inner, &self.key, &self.name).await;
@@ -230,11 +235,10 @@ impl Drop for Enqueued {
 }
 
 async fn delete_key(inner: &Inner, key: &str, name: &str) -> Result<()> {
-    let mut kv = inner.kv.clone();
-    let k = key.to_string();
     inner
-        .call("deleting a lock key", Some(name), async move {
-            kv.delete(k, None).await
+        .call("deleting a lock key", Some(name), || {
+            let (mut kv, k) = (inner.kv.clone(), key.to_string());
+            async move { kv.delete(k, None).await }
         })
         .await
         .map(|_| ())
@@ -360,26 +364,49 @@ impl EtcdStore {
         local: OwnedMutexGuard<()>,
     ) -> Result<Option<LockGuard>> {
         let inner = &self.inner;
-        let session = match inner.session(secs, name).await {
-            Ok(s) => s,
-            Err(e) => {
-                inner.leave_local(name, local);
-                return Err(e);
+        let dir = inner.lock_dir(name);
+        let mut local = Some(local);
+        let mut watch: Option<DirWatch> = None;
+        let mut retried = false;
+        let (session, enq, my_key, my_rev, ahead) = loop {
+            let session = match inner.session(secs, name).await {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(l) = local.take() {
+                        inner.leave_local(name, l);
+                    }
+                    return Err(e);
+                }
+            };
+            let my_key = format!("{dir}{:x}", session.id);
+            let enq = Enqueued {
+                inner: inner.clone(),
+                name: name.to_string(),
+                key: my_key.clone(),
+                local: local.take(),
+            };
+            // Watch the directory from "now" before enqueuing: the watch is in etcd's synced
+            // group, so the predecessor's DELETE reaches us at once (a watch from a past
+            // revision waits for etcd's 100 ms catch-up loop).
+            if watch.is_none() {
+                watch = Some(DirWatch::open(inner, &dir, name).await?);
+            }
+            match self.enqueue(name, &dir, &my_key, session.id).await {
+                Ok((rev, ahead)) => break (session, enq, my_key, rev, ahead),
+                // The lease vanished (revoked, or expired before the keep-alive noticed):
+                // drop it and try once more with a new one.
+                Err(e) if e.kind() == ErrorKind::LockLost && !retried => {
+                    tracing::debug!(lock = name, error = %e, "lease gone; granting a new one");
+                    session.lost.cancel();
+                    retried = true;
+                    local = enq.into_local();
+                }
+                Err(e) => return Err(e),
             }
         };
-        let dir = inner.lock_dir(name);
-        let my_key = format!("{dir}{:x}", session.id);
-        let enq = Enqueued {
-            inner: inner.clone(),
-            name: name.to_string(),
-            key: my_key.clone(),
-            local: Some(local),
+        let Some(mut watch) = watch else {
+            return Err(Error::new(ErrorKind::Backend, NAME, "lock watch missing").with_key(name));
         };
-        // Watch the directory from "now" before enqueuing: the watch is in etcd's synced group,
-        // so the predecessor's DELETE reaches us at once (a watch from a past revision waits
-        // for etcd's 100 ms catch-up loop).
-        let mut watch = DirWatch::open(inner, &dir, name).await?;
-        let (my_rev, ahead) = self.enqueue(name, &dir, &my_key, session.id).await?;
         if !ahead.is_empty() {
             if try_only {
                 enq.withdraw().await?;
@@ -387,7 +414,7 @@ impl EtcdStore {
             }
             // Returns only once our key is the oldest *and* still exists (the lesson of etcd
             // issue 11456: after waiting, the lease may have expired).
-            self.wait_predecessors(name, &dir, &my_key, my_rev, ahead, &mut watch)
+            self.wait_predecessors(name, &my_key, my_rev, ahead, &mut watch, &session)
                 .await?;
         }
         if session.lost.is_cancelled() {
@@ -398,6 +425,7 @@ impl EtcdStore {
         }
         let lost = session.lost.child_token();
         let stop = CancellationToken::new();
+        let releasing = Arc::new(AtomicBool::new(false));
         tokio::spawn(monitor(
             inner.clone(),
             watch,
@@ -405,6 +433,7 @@ impl EtcdStore {
             my_rev,
             lost.clone(),
             stop.clone(),
+            releasing.clone(),
         ));
         let mut enq = enq;
         let local = enq.local.take();
@@ -415,6 +444,7 @@ impl EtcdStore {
             rev: my_rev,
             session,
             stop,
+            releasing,
             local,
         };
         Ok(Some(LockGuard::new(
@@ -455,10 +485,10 @@ impl EtcdStore {
                         Some(GetOptions::new().with_prefix().with_keys_only()),
                     ),
                 ]);
-            let mut kv = inner.kv.clone();
             let resp = inner
-                .call("enqueuing for the lock", Some(name), async move {
-                    kv.txn(txn).await
+                .call("enqueuing for the lock", Some(name), || {
+                    let (mut kv, t) = (inner.kv.clone(), txn.clone());
+                    async move { kv.txn(t).await }
                 })
                 .await?;
             if resp.succeeded() {
@@ -516,10 +546,10 @@ impl EtcdStore {
             ),
             TxnOp::get(my_key.to_string(), None),
         ]);
-        let mut kv = inner.kv.clone();
         let resp = inner
-            .call("reading the lock queue", Some(name), async move {
-                kv.txn(txn).await
+            .call("reading the lock queue", Some(name), || {
+                let (mut kv, t) = (inner.kv.clone(), txn.clone());
+                async move { kv.txn(t).await }
             })
             .await?;
         let as_of = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -544,18 +574,31 @@ impl EtcdStore {
     async fn wait_predecessors(
         &self,
         name: &str,
-        dir: &str,
         my_key: &str,
         my_rev: i64,
         mut ahead: BTreeSet<Vec<u8>>,
         watch: &mut DirWatch,
+        session: &Session,
     ) -> Result<()> {
         let inner = &self.inner;
+        let dir = inner.lock_dir(name);
         let mut as_of = my_rev;
         while !ahead.is_empty() {
-            match watch.next(inner).await {
+            // A lease that cannot be renewed (etcd unreachable for a whole TTL) ends the wait.
+            let step = tokio::select! {
+                _ = session.lost.cancelled() => {
+                    return Err(Error::new(
+                        ErrorKind::Unavailable,
+                        NAME,
+                        "the lease could not be kept alive while waiting for the lock",
+                    )
+                    .with_key(name));
+                }
+                step = watch.next(inner) => step,
+            };
+            match step {
                 Step::Resynced => {
-                    (ahead, as_of) = self.read_queue(name, dir, my_key, my_rev).await?;
+                    (ahead, as_of) = self.read_queue(name, &dir, my_key, my_rev).await?;
                 }
                 Step::Events(events) => {
                     for ev in events {
@@ -591,6 +634,7 @@ async fn monitor(
     my_rev: i64,
     lost: CancellationToken,
     stop: CancellationToken,
+    releasing: Arc<AtomicBool>,
 ) {
     loop {
         let step = tokio::select! {
@@ -604,6 +648,9 @@ async fn monitor(
                     matches!(ev, RawEvent::Delete(kv)
                         if kv.key() == my_key.as_bytes() && kv.mod_revision() > my_rev)
                 });
+                if gone && releasing.load(Ordering::SeqCst) {
+                    return; // our own release
+                }
                 if gone {
                     tracing::warn!(key = %my_key, "etcd lock key deleted; the lock is lost");
                     lost.cancel();
@@ -612,11 +659,10 @@ async fn monitor(
             }
             Step::Resynced => {
                 // Events may have been missed: read the own key.
-                let mut kv = inner.kv.clone();
-                let k = my_key.clone();
                 let r = inner
-                    .call("checking the lock key", None, async move {
-                        kv.get(k, None).await
+                    .call("checking the lock key", None, || {
+                        let (mut kv, k) = (inner.kv.clone(), my_key.clone());
+                        async move { kv.get(k, None).await }
                     })
                     .await;
                 if let Ok(resp) = r {
@@ -642,6 +688,7 @@ struct EtcdLockHandle {
     rev: i64,
     session: Arc<Session>,
     stop: CancellationToken,
+    releasing: Arc<AtomicBool>,
     local: Option<OwnedMutexGuard<()>>,
 }
 
@@ -658,10 +705,10 @@ impl EtcdLockHandle {
                 self.key.clone(),
                 Some(DeleteOptions::new()),
             )]);
-        let mut kv = self.inner.kv.clone();
         self.inner
-            .call("releasing the lock", Some(&self.name), async move {
-                kv.txn(txn).await
+            .call("releasing the lock", Some(&self.name), || {
+                let (mut kv, t) = (self.inner.kv.clone(), txn.clone());
+                async move { kv.txn(t).await }
             })
             .await
             .map(|_| ())
@@ -671,8 +718,11 @@ impl EtcdLockHandle {
 #[async_trait]
 impl LockHandle for EtcdLockHandle {
     async fn release(mut self: Box<Self>) -> Result<()> {
-        self.stop.cancel();
+        // The monitor (and its watch) stays until the delete is done: cancelling a watch while
+        // the delete is in flight measurably slows the delete on a busy etcd.
+        self.releasing.store(true, Ordering::SeqCst);
         let r = self.delete_own().await;
+        self.stop.cancel();
         if let Some(g) = self.local.take() {
             self.inner.leave_local(&self.name, g);
         }

@@ -23,6 +23,9 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub(crate) const NAME: &str = "etcd";
 
+/// Pause before trying a request again whose endpoint could not be connected to.
+const RETRY_PAUSE: Duration = Duration::from_millis(25);
+
 /// etcd's default `--max-request-bytes`: 1.5 MiB.
 pub const DEFAULT_MAX_REQUEST_BYTES: usize = 1024 * 1024 + 512 * 1024;
 
@@ -91,12 +94,6 @@ impl EtcdStore {
             .with_require_leader(true);
         if let (Some(user), Some(password)) = (&config.user, &config.password) {
             opts = opts.with_user(user.clone(), password.clone());
-        } else if config.user.is_some() {
-            return Err(Error::new(
-                ErrorKind::InvalidConfig,
-                NAME,
-                "a user was given without a password",
-            ));
         }
         if let Some(tls) = config.tls_options()? {
             opts = opts.with_tls(tls);
@@ -136,12 +133,11 @@ impl EtcdStore {
             inner: Arc::new(inner),
         };
         // Fail fast on an unreachable cluster or bad credentials.
-        let mut kv = store.inner.kv.clone();
-        let key = store.inner.kv_prefix.clone();
-        store
-            .inner
-            .call("connecting", None, async move {
-                kv.get(key, Some(GetOptions::new().with_count_only())).await
+        let inner = &store.inner;
+        inner
+            .call("connecting", None, || {
+                let (mut kv, key) = (inner.kv.clone(), inner.kv_prefix.clone());
+                async move { kv.get(key, Some(GetOptions::new().with_count_only())).await }
             })
             .await?;
         Ok(store)
@@ -196,22 +192,41 @@ impl Inner {
             .saturating_sub(REQUEST_OVERHEAD)
     }
 
-    /// Runs one etcd call bounded by the request timeout, mapping its error.
-    pub(crate) async fn call<T>(
+    /// Runs one etcd call bounded by the request timeout, mapping its error. `make` builds the
+    /// request; it is made again (within the same bound) when the first attempt provably never
+    /// reached a server (no connection to the endpoint the client picked, for example a member
+    /// that is down), so that the client's other endpoints get their turn.
+    pub(crate) async fn call<T, F, Fut>(
         &self,
         what: &str,
         key: Option<&str>,
-        fut: impl Future<Output = std::result::Result<T, etcd_client::Error>>,
-    ) -> Result<T> {
+        mut make: F,
+    ) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+    {
         let timeout = self.config.request_timeout;
-        let r = match tokio::time::timeout(timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(error::map(e, what)),
-            Err(_) => Err(Error::new(
-                ErrorKind::Timeout,
-                NAME,
-                format!("{what}: no answer within the request timeout of {timeout:?}"),
-            )),
+        let deadline = tokio::time::Instant::now() + timeout;
+        let r = loop {
+            match tokio::time::timeout_at(deadline, make()).await {
+                Ok(Ok(v)) => break Ok(v),
+                Ok(Err(e))
+                    if error::never_sent(&e)
+                        && tokio::time::Instant::now() + RETRY_PAUSE * 2 < deadline =>
+                {
+                    tracing::debug!(what, error = %e, "endpoint unreachable; trying again");
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                }
+                Ok(Err(e)) => break Err(error::map(e, what)),
+                Err(_) => {
+                    break Err(Error::new(
+                        ErrorKind::Timeout,
+                        NAME,
+                        format!("{what}: no answer within the request timeout of {timeout:?}"),
+                    ))
+                }
+            }
         };
         match (r, key) {
             (Err(e), Some(k)) => Err(e.with_key(k)),
@@ -248,10 +263,10 @@ pub(crate) fn ttl_secs(ttl: Duration, what: &str, key: &str) -> Result<i64> {
 /// Grants a lease of `secs` seconds and checks that the server granted exactly that (a server
 /// with a larger minimum raises short TTLs silently; coordkit reports it instead).
 pub(crate) async fn grant_lease(inner: &Inner, secs: i64, key: &str) -> Result<i64> {
-    let mut lease = inner.lease.clone();
     let resp = inner
-        .call("granting a lease", Some(key), async move {
-            lease.grant(secs, None).await
+        .call("granting a lease", Some(key), || {
+            let mut lease = inner.lease.clone();
+            async move { lease.grant(secs, None).await }
         })
         .await?;
     if !resp.error().is_empty() {
@@ -264,13 +279,11 @@ pub(crate) async fn grant_lease(inner: &Inner, secs: i64, key: &str) -> Result<i
     }
     if resp.ttl() != secs {
         let id = resp.id();
-        let mut lease = inner.lease.clone();
         let _ = inner
-            .call(
-                "revoking a lease",
-                None,
-                async move { lease.revoke(id).await },
-            )
+            .call("revoking a lease", None, || {
+                let mut lease = inner.lease.clone();
+                async move { lease.revoke(id).await }
+            })
             .await;
         return Err(Error::new(
             ErrorKind::InvalidArgument,
