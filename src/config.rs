@@ -18,6 +18,7 @@ pub const SCHEMES: &[(&str, &str)] = &[
     ("zk", "feature `zookeeper`"),
     ("consul", "feature `consul`"),
     ("consul+https", "feature `consul`"),
+    ("sharded+<strategy>", "always built"),
 ];
 
 fn known_schemes() -> String {
@@ -33,14 +34,28 @@ fn known_schemes() -> String {
 /// - `memory://` — a new, empty [`MemoryStore`] (each call gives a separate store);
 /// - `etcd://host:port[,host:port…]` — etcd v3 (feature `etcd`);
 /// - `zk://host:port[,host:port…][/chroot]` — ZooKeeper (feature `zookeeper`);
-/// - `consul://host:port`, `consul+https://host:port` — Consul (feature `consul`).
+/// - `consul://host:port`, `consul+https://host:port` — Consul (feature `consul`);
+/// - `sharded+<strategy>://?shard=<url>&shard=<url>…` — a
+///   [`ShardedStore`](crate::shard::ShardedStore) over the given backends (see
+///   [`ShardedConfig::from_url`](crate::shard::ShardedConfig::from_url)).
 ///
 /// Each backend's module documents its query options.
+///
+/// The backend is wrapped in [`Traced`](crate::trace::Traced): every call runs in a `tracing`
+/// span, silent unless the application installs a subscriber.
 ///
 /// # Errors
 /// `InvalidConfig` for a malformed URL, an unknown scheme (the message lists the known ones),
 /// or a scheme whose feature this build lacks; otherwise what the backend's connect returns.
 pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
+    connect_untraced(url).await.map(crate::trace::traced)
+}
+
+/// [`connect`] without the [`Traced`](crate::trace::Traced) wrapper.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_untraced(url: &str) -> Result<Arc<dyn Backend>> {
     // etcd URLs may list several host:port pairs, which `Url` cannot parse.
     #[cfg(feature = "etcd")]
     if url.trim().starts_with("etcd://") {
@@ -69,6 +84,10 @@ pub async fn connect(url: &str) -> Result<Arc<dyn Backend>> {
         "consul" | "consul+https" => Ok(Arc::new(
             crate::backend::consul::ConsulStore::connect_url(&parsed).await?,
         )),
+        s if s == "sharded" || s.starts_with("sharded+") => {
+            let cfg = crate::shard::ShardedConfig::from_url(&parsed)?;
+            Ok(Arc::new(cfg.connect().await?))
+        }
         // Each backend adds its arm here, behind its feature.
         other => {
             if let Some((_, feature)) = SCHEMES.iter().find(|(s, _)| *s == other) {

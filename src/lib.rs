@@ -9,7 +9,8 @@
 //! - [`DistLock`]: locks whose [`LockGuard`] carries a strictly increasing [`FencingToken`],
 //!   renews its lease in the background, and tells its holder when the lock is lost.
 //! - [`DistLockExt::run_locked`]: run a job while holding a lock.
-//! - [`connect`]: pick the backend from a URL (`memory://`, `etcd://…`, `zk://…`, `consul://…`).
+//! - [`connect`]: pick the backend from a URL (`memory://`, `etcd://…`, `zk://…`, `consul://…`,
+//!   or `sharded+ring://?shard=…&shard=…` for a [`shard::ShardedStore`] over several).
 //!
 //! ```
 //! use coordkit::{connect, DistLockExt, KvStore, LockOptions, PutOptions, Consistency};
@@ -43,16 +44,20 @@
 pub mod backend;
 pub mod caps;
 pub mod config;
+pub mod config_file;
 pub mod conformance;
 pub mod error;
 pub mod fencing;
 pub mod key;
 pub mod kv;
 pub mod lock;
+pub mod shard;
+pub mod trace;
 
 pub use backend::memory::MemoryStore;
 pub use caps::{Capabilities, FencingScope};
 pub use config::{connect, connect_from_env};
+pub use config_file::connect_config;
 pub use error::{Error, ErrorKind, Result};
 pub use fencing::FencedResource;
 pub use kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream};
@@ -69,3 +74,13 @@ impl<T: KvStore + DistLock + ?Sized> Backend for T {}
 #[cfg(doctest)]
 #[doc = include_str!("../README.md")]
 pub struct ReadmeDoctests;
+
+/// The Rust samples of `docs/locking.md`, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/locking.md")]
+pub struct LockingDocDoctests;
+
+/// The Rust samples of `docs/configuration.md`, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/configuration.md")]
+pub struct ConfigurationDocDoctests;

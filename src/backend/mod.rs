@@ -9,10 +9,9 @@
 
 pub mod memory;
 
-#[cfg(feature = "etcd")]
-pub mod etcd;
-
 #[cfg(feature = "consul")]
 pub mod consul;
+#[cfg(feature = "etcd")]
+pub mod etcd;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;

@@ -8,8 +8,6 @@
 //! never killed by name.
 #![allow(dead_code)]
 
-pub mod consul_sim;
-
 use std::collections::HashSet;
 use std::io::Write;
 use std::net::TcpListener;
@@ -18,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod consul_sim;
 pub mod etcd;
 pub mod zookeeper;
 

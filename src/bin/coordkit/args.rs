@@ -1,0 +1,300 @@
+//! Command-line arguments, and turning clap's errors into one line.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::exit::{one_line, CliError};
+
+const AFTER_HELP: &str = "\
+Backend: --url, else --config (or COORDKIT_CONFIG), else COORDKIT_URL.
+URLs: memory://  etcd://HOST:PORT[,HOST:PORT...]  zk://HOST:PORT[,...][/CHROOT]
+      consul://HOST:PORT  consul+https://HOST:PORT
+Durations: 500ms, 10s, 2m, 1h, 1m30s.
+
+Exit codes:
+  0    success
+  1    the operation failed (backend unreachable, timeout, permission, conflict, ...)
+  2    usage or configuration error (bad option, missing --, bad URL or config, bad key)
+  3    get: the key does not exist
+  124  lock: not acquired within --wait
+  125  lock: lost while CMD ran (CMD was sent SIGTERM)
+  126  lock: CMD could not be executed
+  127  lock: CMD not found
+  128+N  lock: CMD was killed by signal N
+  any other: lock: CMD's own exit status";
+
+/// coordkit: key-value storage and fenced distributed locks over etcd, ZooKeeper, Consul and
+/// memory.
+#[derive(Debug, Parser)]
+#[command(name = "coordkit", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Backend URL [default: $COORDKIT_URL]
+    #[arg(long, global = true, value_name = "URL")]
+    pub url: Option<String>,
+
+    /// TOML configuration file (see docs/configuration.md) [env: COORDKIT_CONFIG]
+    #[arg(
+        long,
+        global = true,
+        value_name = "FILE",
+        env = "COORDKIT_CONFIG",
+        hide_env = true
+    )]
+    pub config: Option<PathBuf>,
+
+    /// Machine-readable JSON output (errors too, as one JSON line on stderr)
+    #[arg(long, global = true)]
+    pub json: bool,
+
+    /// Show backend calls on stderr (-v: each call with its timing; -vv: also backend details)
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// Bound on connecting and on each get/put/del/ls call
+    #[arg(long, global = true, value_name = "D", default_value = "30s", value_parser = duration)]
+    pub timeout: Duration,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print the value of KEY (exit 3 if it does not exist)
+    Get {
+        /// The key, e.g. config/db/primary
+        key: String,
+        /// Allow a stale read from a replica (faster, may miss recent writes)
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Set KEY to VALUE (or to standard input with '-' or no VALUE)
+    Put {
+        /// The key
+        key: String,
+        /// The value; '-' or nothing reads standard input (binary safe)
+        value: Option<String>,
+        /// Remove the key after this long, e.g. 30s
+        #[arg(long, value_name = "D", value_parser = duration)]
+        ttl: Option<Duration>,
+    },
+    /// Delete KEY (succeeds if it does not exist)
+    Del {
+        /// The key
+        key: String,
+    },
+    /// List the keys that start with PREFIX (all keys if omitted)
+    Ls {
+        /// The prefix; end it with '/' to list one "directory"
+        #[arg(default_value = "", hide_default_value = true)]
+        prefix: String,
+        /// Also print each key's version and value
+        #[arg(short, long)]
+        long: bool,
+        /// Allow a stale read from a replica
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Print changes to keys under PREFIX as they happen, until interrupted
+    Watch {
+        /// The prefix (all keys if omitted)
+        #[arg(default_value = "", hide_default_value = true)]
+        prefix: String,
+    },
+    /// Run CMD while holding the lock NAME
+    #[command(
+        long_about = "Run CMD while holding the lock NAME.\n\n\
+        CMD gets the lock's fencing token in the environment variable COORDKIT_FENCING_TOKEN \
+        (and the name in COORDKIT_LOCK_NAME): pass it with every write to the resource the \
+        lock protects, which must reject tokens lower than the highest it has seen. \
+        CMD runs in its own process group; signals sent to coordkit (INT, TERM, HUP, QUIT) \
+        are forwarded to it. If the lock is lost while CMD runs, CMD's process group gets \
+        SIGTERM (SIGKILL after --kill-after) and coordkit exits 125; if coordkit itself dies, \
+        CMD gets SIGTERM. Otherwise coordkit releases the lock and exits with CMD's status \
+        (see 'coordkit --help' for every exit code).",
+        after_help = "Example:\n  coordkit --url etcd://127.0.0.1:2379 lock jobs/nightly --ttl 30s --wait 1m -- ./nightly.sh"
+    )]
+    Lock(LockArgs),
+}
+
+/// Arguments of `lock`.
+#[derive(Debug, Args)]
+pub struct LockArgs {
+    /// The lock's name, e.g. jobs/nightly
+    pub name: String,
+    /// Lease TTL: how long a crashed holder keeps others out
+    #[arg(long, value_name = "D", default_value = "15s", value_parser = duration)]
+    pub ttl: Duration,
+    /// Give up (exit 124) if the lock is not acquired within this long [default: wait forever]
+    #[arg(long, value_name = "D", value_parser = duration)]
+    pub wait: Option<Duration>,
+    /// After the lock is lost, how long CMD has to exit after SIGTERM before SIGKILL
+    #[arg(long, value_name = "D", default_value = "10s", value_parser = duration)]
+    pub kill_after: Duration,
+    /// The command to run, after '--'
+    #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    coordkit::config_file::parse_duration(s).map_err(|e| e.message().to_string())
+}
+
+/// What parsing the command line gave.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Run this.
+    Run(Box<Cli>),
+    /// Print this (help or version) to stdout and exit 0.
+    Print(String),
+}
+
+/// Parses the command line. Help and version become [`Parsed::Print`]; every other problem a
+/// one-line usage error (exit 2).
+pub fn parse(args: Vec<OsString>) -> Result<Parsed, CliError> {
+    match Cli::try_parse_from(&args) {
+        Ok(cli) => Ok(Parsed::Run(Box::new(cli))),
+        Err(e) => {
+            use clap::error::ErrorKind as K;
+            match e.kind() {
+                K::DisplayHelp | K::DisplayVersion => Ok(Parsed::Print(e.render().to_string())),
+                K::DisplayHelpOnMissingArgumentOrSubcommand => Err(CliError::usage(
+                    "no subcommand given; one of get, put, del, ls, watch, lock \
+                     (see 'coordkit --help')",
+                )),
+                kind => Err(clap_error(&args, kind, &e.render().to_string())),
+            }
+        }
+    }
+}
+
+/// Whether the `lock` subcommand was given without `--` before its command.
+fn lock_without_separator(args: &[OsString]) -> bool {
+    let words: Vec<&str> = args.iter().skip(1).filter_map(|a| a.to_str()).collect();
+    let Some(pos) = words.iter().position(|w| *w == "lock") else {
+        return false;
+    };
+    !words[pos..].contains(&"--")
+}
+
+fn clap_error(args: &[OsString], kind: clap::error::ErrorKind, rendered: &str) -> CliError {
+    use clap::error::ErrorKind as K;
+    if lock_without_separator(args)
+        && matches!(
+            kind,
+            K::UnknownArgument | K::MissingRequiredArgument | K::TooManyValues
+        )
+    {
+        return CliError::usage(
+            "lock: missing '--' before the command; use: coordkit lock NAME [--ttl D] [--wait D] -- CMD [ARGS...]",
+        );
+    }
+    // clap's first line is the error; a "tip:" line may follow. Keep both, on one line.
+    let mut parts: Vec<String> = Vec::new();
+    let mut in_error = false;
+    for line in rendered.lines() {
+        if let Some(msg) = line.strip_prefix("error: ") {
+            parts.push(msg.to_string());
+            in_error = true;
+        } else if in_error && line.starts_with(' ') && !line.trim().is_empty() {
+            // The missing arguments, listed below the error line.
+            if let Some(last) = parts.last_mut() {
+                last.push(' ');
+                last.push_str(line.trim());
+            }
+        } else if let Some(tip) = line.trim().strip_prefix("tip: ") {
+            parts.push(tip.to_string());
+            in_error = false;
+        } else {
+            in_error = false;
+        }
+    }
+    if parts.is_empty() {
+        parts.push(one_line(rendered));
+    }
+    CliError::usage(format!(
+        "{} (see 'coordkit --help')",
+        one_line(&parts.join("; "))
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exit::USAGE;
+
+    fn args(s: &str) -> Vec<OsString> {
+        std::iter::once("coordkit")
+            .chain(s.split_whitespace())
+            .map(OsString::from)
+            .collect()
+    }
+
+    fn cli(s: &str) -> Cli {
+        match parse(args(s)) {
+            Ok(Parsed::Run(c)) => *c,
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    fn usage_error(s: &str) -> String {
+        match parse(args(s)) {
+            Err(e) => {
+                assert_eq!(e.code, USAGE, "{s}");
+                assert!(!e.message.contains('\n'));
+                e.message
+            }
+            other => panic!("{s}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parses_every_subcommand() {
+        let c = cli("--url memory:// get a/b");
+        assert_eq!(c.url.as_deref(), Some("memory://"));
+        assert!(matches!(c.command, Command::Get { ref key, stale: false } if key == "a/b"));
+        let c = cli("put k v --ttl 1m30s --json -vv");
+        assert!(c.json);
+        assert_eq!(c.verbose, 2);
+        assert!(
+            matches!(c.command, Command::Put { ttl: Some(d), .. } if d == Duration::from_secs(90))
+        );
+        assert!(matches!(
+            cli("put k").command,
+            Command::Put { value: None, .. }
+        ));
+        assert!(matches!(cli("del k").command, Command::Del { .. }));
+        assert!(matches!(cli("ls").command, Command::Ls { ref prefix, .. } if prefix.is_empty()));
+        assert!(matches!(cli("watch a/").command, Command::Watch { .. }));
+        let c = cli("lock jobs/x --ttl 5s --wait 500ms -- sh -c true");
+        let Command::Lock(l) = c.command else {
+            panic!()
+        };
+        assert_eq!(l.name, "jobs/x");
+        assert_eq!(l.ttl, Duration::from_secs(5));
+        assert_eq!(l.wait, Some(Duration::from_millis(500)));
+        assert_eq!(l.command, vec!["sh", "-c", "true"]);
+    }
+
+    #[test]
+    fn usage_errors_are_one_line() {
+        assert!(usage_error("frobnicate").contains("unrecognized subcommand 'frobnicate'"));
+        assert!(usage_error("lock jobs/x echo hi").contains("missing '--'"));
+        assert!(usage_error("lock jobs/x").contains("missing '--'"));
+        assert!(usage_error("lock jobs/x --").contains("CMD"));
+        assert!(usage_error("put k v --ttl 10").contains("unit is missing"));
+        assert!(usage_error("").contains("no subcommand"));
+        assert!(usage_error("get").contains("KEY"));
+    }
+
+    #[test]
+    fn help_and_version_print() {
+        for s in ["--help", "lock --help", "--version", "help get"] {
+            assert!(matches!(parse(args(s)), Ok(Parsed::Print(_))), "{s}");
+        }
+    }
+}

@@ -1,0 +1,240 @@
+//! `tracing` spans around backend calls: [`Traced`].
+//!
+//! [`connect`](crate::connect) wraps every backend it returns in [`Traced`], so each
+//! [`KvStore`] and [`DistLock`] call runs inside a `DEBUG` span named after the operation
+//! (`coordkit.get`, `coordkit.put`, `coordkit.delete`, `coordkit.cas`, `coordkit.list`,
+//! `coordkit.watch`, `coordkit.lock`, `coordkit.try_lock`) with the fields `backend` and `key`
+//! (or `prefix`, `lock`), and on completion `error` (the [`ErrorKind`](crate::ErrorKind)) or a
+//! result summary (`found`, `version`, `count`, `token`, `acquired`).
+//!
+//! Values and credentials are never recorded. Without a `tracing` subscriber nothing is
+//! printed and the cost is a few nanoseconds per call. To see the spans, install a subscriber,
+//! for example with `tracing-subscriber`:
+//!
+//! ```ignore
+//! tracing_subscriber::fmt()
+//!     .with_env_filter("coordkit=debug")
+//!     .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
+//!     .init();
+//! ```
+//!
+//! The `coordkit` command shows them with `-v`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tracing::field::Empty;
+use tracing::{debug_span, Instrument, Span};
+
+use crate::caps::Capabilities;
+use crate::error::Result;
+use crate::kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchStream};
+use crate::lock::{DistLock, LockGuard, LockOptions};
+use crate::Backend;
+
+/// A backend whose every call is wrapped in a `tracing` span (see the [module docs](self)).
+///
+/// It behaves exactly as the backend it wraps: same results, errors and capabilities.
+pub struct Traced<B: ?Sized> {
+    backend: &'static str,
+    inner: Arc<B>,
+}
+
+impl<B: KvStore + ?Sized> Traced<B> {
+    /// Wraps `inner`.
+    pub fn new(inner: Arc<B>) -> Self {
+        Traced {
+            backend: inner.capabilities().backend,
+            inner,
+        }
+    }
+
+    /// The wrapped backend.
+    pub fn inner(&self) -> &Arc<B> {
+        &self.inner
+    }
+}
+
+/// Wraps a backend in [`Traced`]. What [`connect`](crate::connect) applies.
+pub fn traced(inner: Arc<dyn Backend>) -> Arc<dyn Backend> {
+    Arc::new(Traced::new(inner))
+}
+
+impl<B: fmt::Debug + ?Sized> fmt::Debug for Traced<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
+}
+
+fn finish<T>(span: &Span, r: &Result<T>) {
+    if let Err(e) = r {
+        span.record("error", e.kind().as_str());
+    }
+}
+
+#[async_trait]
+impl<B: KvStore + ?Sized> KvStore for Traced<B> {
+    async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<Entry>> {
+        let span = debug_span!("coordkit.get", backend = self.backend, key, consistency = ?consistency, found = Empty, error = Empty);
+        let r = self
+            .inner
+            .get(key, consistency)
+            .instrument(span.clone())
+            .await;
+        if let Ok(found) = &r {
+            span.record("found", found.is_some());
+        }
+        finish(&span, &r);
+        r
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
+        let ttl = opts.ttl.map(|t| format!("{t:?}"));
+        let span = debug_span!(
+            "coordkit.put",
+            backend = self.backend,
+            key,
+            bytes = value.len(),
+            ttl = ttl.as_deref(),
+            version = Empty,
+            error = Empty
+        );
+        let r = self
+            .inner
+            .put(key, value, opts)
+            .instrument(span.clone())
+            .await;
+        if let Ok(v) = &r {
+            span.record("version", v.as_raw());
+        }
+        finish(&span, &r);
+        r
+    }
+
+    async fn delete(&self, key: &str) -> Result<()> {
+        let span = debug_span!(
+            "coordkit.delete",
+            backend = self.backend,
+            key,
+            error = Empty
+        );
+        let r = self.inner.delete(key).instrument(span.clone()).await;
+        finish(&span, &r);
+        r
+    }
+
+    async fn compare_and_swap(
+        &self,
+        key: &str,
+        expect: Expect,
+        new: Option<Vec<u8>>,
+    ) -> Result<Option<Version>> {
+        let span = debug_span!("coordkit.cas", backend = self.backend, key, expect = ?expect, delete = new.is_none(), error = Empty);
+        let r = self
+            .inner
+            .compare_and_swap(key, expect, new)
+            .instrument(span.clone())
+            .await;
+        finish(&span, &r);
+        r
+    }
+
+    async fn list(&self, prefix: &str, consistency: Consistency) -> Result<Vec<Entry>> {
+        let span = debug_span!("coordkit.list", backend = self.backend, prefix, consistency = ?consistency, count = Empty, error = Empty);
+        let r = self
+            .inner
+            .list(prefix, consistency)
+            .instrument(span.clone())
+            .await;
+        if let Ok(entries) = &r {
+            span.record("count", entries.len());
+        }
+        finish(&span, &r);
+        r
+    }
+
+    async fn watch(&self, prefix: &str) -> Result<WatchStream> {
+        let span = debug_span!(
+            "coordkit.watch",
+            backend = self.backend,
+            prefix,
+            error = Empty
+        );
+        let r = self.inner.watch(prefix).instrument(span.clone()).await;
+        finish(&span, &r);
+        r
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.capabilities()
+    }
+}
+
+#[async_trait]
+impl<B: KvStore + DistLock + ?Sized> DistLock for Traced<B> {
+    async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
+        let span = debug_span!("coordkit.lock", backend = self.backend, lock = name, ttl = ?opts.ttl, wait = ?opts.wait, token = Empty, error = Empty);
+        let r = self.inner.lock(name, opts).instrument(span.clone()).await;
+        if let Ok(g) = &r {
+            span.record("token", g.token().get());
+        }
+        finish(&span, &r);
+        r
+    }
+
+    async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
+        let span = debug_span!("coordkit.try_lock", backend = self.backend, lock = name, ttl = ?opts.ttl, acquired = Empty, token = Empty, error = Empty);
+        let r = self
+            .inner
+            .try_lock(name, opts)
+            .instrument(span.clone())
+            .await;
+        if let Ok(g) = &r {
+            span.record("acquired", g.is_some());
+            if let Some(g) = g {
+                span.record("token", g.token().get());
+            }
+        }
+        finish(&span, &r);
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{DistLockExt, ErrorKind, MemoryStore};
+
+    #[tokio::test]
+    async fn behaves_like_the_inner_backend() {
+        let inner = MemoryStore::new();
+        let t = traced(Arc::new(inner.clone()));
+        assert_eq!(t.capabilities(), inner.capabilities());
+        let v = t
+            .put("a/b", b"x".to_vec(), PutOptions::default())
+            .await
+            .unwrap();
+        let e = inner
+            .get("a/b", Consistency::Strong)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((e.value, e.version), (b"x".to_vec(), v));
+        assert_eq!(t.list("a/", Consistency::Stale).await.unwrap().len(), 1);
+        let err = t.get("/bad", Consistency::Strong).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidKey);
+        let g = t.lock("l", &LockOptions::new()).await.unwrap();
+        assert!(t
+            .try_lock("l", &LockOptions::new())
+            .await
+            .unwrap()
+            .is_none());
+        g.release().await.unwrap();
+        let token = t
+            .run_locked("l", &LockOptions::new(), |c| async move { c.token() })
+            .await
+            .unwrap();
+        assert!(token.get() > 0);
+    }
+}

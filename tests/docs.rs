@@ -1,0 +1,221 @@
+//! The documentation's code blocks are run: shell samples against a real etcd server with the
+//! `coordkit` binary on `PATH`, TOML samples parsed and resolved as configuration files. (Rust
+//! samples are doctests: see the `*DocDoctests` items in `src/lib.rs`.)
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use coordkit::config_file::{ConfigFile, Env, Resolved};
+
+const DOCS: &[&str] = &[
+    "docs/locking.md",
+    "docs/configuration.md",
+    "docs/cli.md",
+    "compose/README.md",
+];
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The fenced code blocks of a markdown file: (language, first line number, text).
+fn blocks(path: &Path) -> Vec<(String, usize, String)> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut out = Vec::new();
+    let mut current: Option<(String, usize, String)> = None;
+    for (i, line) in text.lines().enumerate() {
+        match (&mut current, line.strip_prefix("```")) {
+            (None, Some(lang)) => current = Some((lang.trim().to_string(), i + 2, String::new())),
+            (Some(_), Some(_)) => out.extend(current.take()),
+            (Some((_, _, body)), None) => {
+                body.push_str(line);
+                body.push('\n');
+            }
+            (None, None) => {}
+        }
+    }
+    assert!(current.is_none(), "{}: unclosed code block", path.display());
+    out
+}
+
+/// Variables the TOML samples read with `X_env`.
+fn sample_env() -> Env {
+    [
+        ("ETCD_PASSWORD", "etcd-secret"),
+        ("ZK_DIGEST", "app:zk-secret"),
+        ("CONSUL_HTTP_TOKEN", "consul-secret"),
+        ("WEST_SHARD_URL", "memory://"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect()
+}
+
+fn resolve_toml(what: &str, text: &str) -> Resolved {
+    let resolved = ConfigFile::parse(text)
+        .and_then(|f| f.resolve(&sample_env()))
+        .unwrap_or_else(|e| panic!("{what}: {e}\n{text}"));
+    let shown = format!("{resolved:?}");
+    for secret in ["etcd-secret", "zk-secret", "consul-secret"] {
+        assert!(
+            !shown.contains(secret),
+            "{what}: Debug shows a secret: {shown}"
+        );
+    }
+    resolved
+}
+
+/// Every block is Rust (a doctest), shell (run below) or TOML (resolved below).
+#[test]
+fn every_block_is_checked() {
+    for doc in DOCS {
+        for (lang, line, _) in blocks(&root().join(doc)) {
+            assert!(
+                matches!(lang.as_str(), "rust" | "" | "sh" | "toml"),
+                "{doc}:{line}: a ```{lang} block is neither compiled nor run by a test"
+            );
+        }
+    }
+}
+
+#[test]
+fn toml_samples_resolve() {
+    let mut n = 0;
+    for doc in DOCS {
+        for (lang, line, text) in blocks(&root().join(doc)) {
+            if lang == "toml" {
+                resolve_toml(&format!("{doc}:{line}"), &text);
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 6, "only {n} TOML samples found");
+}
+
+/// The example file resolves as it is, and each commented-out backend section resolves when
+/// uncommented.
+#[test]
+fn example_file_resolves_with_every_section() {
+    let text = std::fs::read_to_string(root().join("docs/coordkit.example.toml")).unwrap();
+    let resolved = resolve_toml("coordkit.example.toml", &text);
+    #[cfg(feature = "etcd")]
+    assert!(matches!(resolved, Resolved::Etcd(_)), "{resolved:?}");
+    let _ = resolved;
+    let mut sections = 0;
+    for section in text.split("\n# --- ").skip(1) {
+        let title = section.lines().next().unwrap_or_default().to_string();
+        if title.starts_with("One backend by URL") || title.starts_with("etcd") {
+            continue;
+        }
+        let body: String = section
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.strip_prefix("# "))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let r = resolve_toml(&format!("example section {title:?}"), &body);
+        let expected = if title.starts_with("ZooKeeper") {
+            "Zookeeper"
+        } else if title.starts_with("Consul") {
+            "Consul"
+        } else {
+            "Sharded"
+        };
+        assert!(format!("{r:?}").starts_with(expected), "{title}: {r:?}");
+        sections += 1;
+    }
+    assert_eq!(sections, 3);
+}
+
+/// Runs every ```sh block of the docs (except compose/README.md, whose blocks need Docker)
+/// with bash -euo pipefail, `coordkit` first on PATH and COORDKIT_URL set to a real etcd,
+/// each block in its own etcd namespace and temporary directory.
+#[cfg(feature = "etcd")]
+#[test]
+fn shell_samples_run_against_etcd() {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_coordkit"))
+        .parent()
+        .expect("bin dir")
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let etcd_url = support::etcd::shared_url();
+    let mut n = 0;
+    for doc in DOCS.iter().filter(|d| d.starts_with("docs/")) {
+        for (lang, line, text) in blocks(&root().join(doc)) {
+            if lang != "sh" {
+                continue;
+            }
+            n += 1;
+            let dir = support::fresh_dir("docs-sh");
+            let out = Command::new("bash")
+                .args(["-euo", "pipefail", "-c", &text])
+                .current_dir(&dir)
+                .env("PATH", &path)
+                .env("COORDKIT_URL", format!("{etcd_url}?namespace=doc{n}/"))
+                .env_remove("COORDKIT_CONFIG")
+                .env_remove("COORDKIT_LOG")
+                .output()
+                .expect("run bash");
+            assert!(
+                out.status.success(),
+                "{doc}:{line}: exit {:?}\nstdout: {}\nstderr: {}\n{text}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    assert!(n >= 6, "only {n} shell samples found");
+}
+
+/// compose/README.md's shell blocks: the validator block is run; the blocks that start Docker
+/// containers cannot run here (no Docker engine on these machines), so they are checked
+/// instead — every compose file they name exists, and every `127.0.0.1:PORT` they point
+/// coordkit at is a port that file publishes.
+#[test]
+fn compose_readme_blocks() {
+    let mut docker_blocks = 0;
+    for (lang, line, text) in blocks(&root().join("compose/README.md")) {
+        if lang != "sh" {
+            continue;
+        }
+        if !text.contains("docker compose") {
+            let out = Command::new("bash")
+                .args(["-euo", "pipefail", "-c", &text])
+                .current_dir(root())
+                .output()
+                .expect("run bash");
+            assert!(
+                out.status.success(),
+                "compose/README.md:{line}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            continue;
+        }
+        docker_blocks += 1;
+        let file = text
+            .split_whitespace()
+            .find(|w| w.starts_with("compose/") && w.ends_with(".yaml"))
+            .unwrap_or_else(|| panic!("compose/README.md:{line}: no compose file named"));
+        let yaml = std::fs::read_to_string(root().join(file))
+            .unwrap_or_else(|e| panic!("compose/README.md:{line}: {file}: {e}"));
+        let mut ports = 0;
+        for part in text.split("127.0.0.1:").skip(1) {
+            let port: String = part.chars().take_while(|c| c.is_ascii_digit()).collect();
+            assert!(
+                yaml.contains(&format!("\"127.0.0.1:{port}:")),
+                "compose/README.md:{line}: {file} does not publish port {port}"
+            );
+            ports += 1;
+        }
+        assert!(ports > 0, "compose/README.md:{line}: no URL");
+    }
+    assert_eq!(docker_blocks, 3);
+}
