@@ -1,0 +1,977 @@
+//! coordkit's benchmark: coordkit against the raw client crates and peer libraries, on the same
+//! servers in the same run, reported as ratios, with a latency plot.
+//!
+//! ```text
+//! cargo run --release --example bench --all-features [-- OPTIONS]
+//!
+//!   --quick             small operation counts (a smoke run, not figures)
+//!   --only a,b          backends to run: memory, etcd, zookeeper, consul (default: all)
+//!   --no-peers          skip the Python peer libraries (kazoo, tooz)
+//!   --out DIR           where results.md and latency.svg go
+//!                       (default: $CARGO_TARGET_DIR/bench-report or target/bench-report)
+//! ```
+//!
+//! It starts its own servers (etcd, ZooKeeper and the Consul simulator as processes on free
+//! loopback ports, killed by PID when done, and by a reaper process if this one dies), or, with
+//! `COORDKIT_URL` set, measures that one backend (raw clients go to the same host:port).
+//! See docs/benchmarks.md.
+
+#[path = "../../tests/support/mod.rs"]
+#[allow(dead_code, unused_imports, clippy::all)]
+mod support;
+
+mod ck;
+mod consulraw;
+mod etcdraw;
+mod harness;
+mod memraw;
+mod peers;
+mod plot;
+mod report;
+mod rss;
+mod stats;
+mod zkraw;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use coordkit::Backend;
+
+use crate::ck::{CkContender, Coordkit};
+use crate::harness::{err, handoff, interleaved, Contender, Op, Target, R};
+use crate::report::{Row, Rss, Section, COORDKIT};
+
+/// Contenders in the handoff measurement.
+pub const CONTENDERS: usize = 8;
+/// Value size for put / CAS, bytes.
+pub const VALUE: usize = 100;
+const OPS: [Op; 5] = [
+    Op::GetStrong,
+    Op::GetStale,
+    Op::Put,
+    Op::Cas,
+    Op::LockUnlock,
+];
+
+/// Operation counts.
+#[derive(Clone, Copy, Debug)]
+pub struct Counts {
+    /// get / put / CAS per client.
+    pub kv: usize,
+    /// lock+unlock per client.
+    pub lock: usize,
+    /// Interleaving block.
+    pub block: usize,
+    /// Handoffs per contended run.
+    pub rounds: usize,
+    /// Operations per client for the in-memory backend.
+    pub mem: usize,
+    /// Operations per server-side round-trip count.
+    pub rtt: usize,
+    /// Locks and watches of the memory child.
+    pub rss: usize,
+}
+
+impl Counts {
+    pub const FULL: Counts = Counts {
+        kv: 1000,
+        lock: 500,
+        block: 250,
+        rounds: 1000,
+        mem: 100_000,
+        rtt: 200,
+        rss: 1000,
+    };
+    pub const QUICK: Counts = Counts {
+        kv: 60,
+        lock: 30,
+        block: 20,
+        rounds: 40,
+        mem: 2000,
+        rtt: 20,
+        rss: 20,
+    };
+}
+
+struct Args {
+    counts: Counts,
+    only: Option<Vec<String>>,
+    peers: bool,
+    out: PathBuf,
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+}
+
+fn parse_args(args: &[String]) -> R<Args> {
+    let mut a = Args {
+        counts: Counts::FULL,
+        only: None,
+        peers: true,
+        out: target_dir().join("bench-report"),
+    };
+    let mut it = args.iter();
+    while let Some(x) = it.next() {
+        match x.as_str() {
+            "--quick" => a.counts = Counts::QUICK,
+            "--no-peers" => a.peers = false,
+            "--only" => {
+                let v = it.next().ok_or_else(|| err("--only needs a list"))?;
+                a.only = Some(v.split(',').map(|s| s.trim().to_string()).collect());
+            }
+            "--out" => {
+                a.out = PathBuf::from(it.next().ok_or_else(|| err("--out needs a directory"))?)
+            }
+            "--bench" => {} // passed by `cargo bench`-style runners; ignored
+            other => {
+                return Err(err(format!(
+                    "unknown argument {other:?} (see the header of examples/bench/main.rs)"
+                )))
+            }
+        }
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if argv.first().map(String::as_str) == Some("--rss-child") {
+        let rt = match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let url = argv.get(1).cloned().unwrap_or_default();
+        let n = |i: usize| argv.get(i).and_then(|s| s.parse().ok()).unwrap_or(1000);
+        return match rt.block_on(rss::child(&url, n(2), n(3))) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("memory child: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if argv.first().map(String::as_str) == Some("--consul-sim") {
+        // A separate server process: `--consul-sim PORT DIR` (DIR names the run's base directory
+        // so the reaper recognises the process).
+        let port = argv.get(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let opts = support::consul_sim::SimOptions {
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            acl_token: None,
+        };
+        return match support::consul_sim::ConsulSim::start_with(opts) {
+            Ok(sim) => {
+                println!("consul simulator listening on http://{}", sim.addr());
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(e) => {
+                eprintln!("consul simulator: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let args = match parse_args(&argv) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Which backend, and where its server is.
+enum Spec {
+    Memory,
+    Etcd {
+        url: String,
+        hostport: String,
+    },
+    Zk {
+        url: String,
+        hostport: String,
+        port: u16,
+    },
+    Consul {
+        url: String,
+        hostport: String,
+    },
+}
+
+/// Starts the Consul simulator as a separate process of this binary; (process, port).
+fn start_consul_sim() -> R<(support::Proc, u16)> {
+    let dir = support::fresh_dir("consul-sim");
+    let port = support::free_port();
+    let exe = std::env::current_exe()?;
+    if !exe.exists() {
+        return Err(err(format!(
+            "{} is gone (rebuilt during the run?)",
+            exe.display()
+        )));
+    }
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("--consul-sim").arg(port.to_string()).arg(&dir);
+    let proc = support::Proc::spawn("consul simulator", &mut cmd, &dir.join("sim.log"));
+    if !support::wait_until(Duration::from_secs(20), || support::port_open(port)) {
+        return Err(err("the Consul simulator did not listen within 20 s"));
+    }
+    Ok((proc, port))
+}
+
+fn first_hostport(url: &str) -> R<String> {
+    let rest = url
+        .split_once("://")
+        .map(|x| x.1)
+        .ok_or_else(|| err("URL without ://"))?;
+    let hosts = rest.split(['/', '?']).next().unwrap_or("");
+    let first = hosts.split(',').next().unwrap_or("");
+    if first.is_empty() {
+        return Err(err(format!("no host:port in {url:?}")));
+    }
+    Ok(first.to_string())
+}
+
+fn port_of(hostport: &str) -> u16 {
+    hostport
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn run(args: Args) -> R<()> {
+    std::fs::create_dir_all(&args.out)?;
+    let wanted = |b: &str| {
+        args.only
+            .as_ref()
+            .map_or(true, |o| o.iter().any(|x| x == b))
+    };
+    let started = Instant::now();
+    let load_start = loadavg();
+    let mut sections = Vec::new();
+    let mut python: Option<Result<PathBuf, String>> = None;
+    let mut peer_python = |sec: &mut Section| -> Option<PathBuf> {
+        if !args.peers {
+            return None;
+        }
+        let p = python.get_or_insert_with(|| peers::prepare(&target_dir().join("bench-venv")));
+        match p {
+            Ok(p) => Some(p.clone()),
+            Err(e) => {
+                sec.notes.push(format!("Peer libraries skipped: {e}."));
+                None
+            }
+        }
+    };
+
+    let env_url = std::env::var("COORDKIT_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty());
+    let specs: Vec<(String, Option<Spec>)> = match &env_url {
+        Some(url) => {
+            let scheme = url.split("://").next().unwrap_or("");
+            let spec = match scheme {
+                "memory" => Spec::Memory,
+                "etcd" => Spec::Etcd {
+                    url: url.clone(),
+                    hostport: first_hostport(url)?,
+                },
+                "zk" => {
+                    let hp = first_hostport(url)?;
+                    Spec::Zk {
+                        url: url.clone(),
+                        port: port_of(&hp),
+                        hostport: hp,
+                    }
+                }
+                "consul" => Spec::Consul {
+                    url: url.clone(),
+                    hostport: first_hostport(url)?,
+                },
+                other => {
+                    return Err(err(format!(
+                        "COORDKIT_URL scheme {other:?} is not benchmarked"
+                    )))
+                }
+            };
+            vec![(scheme.to_string(), Some(spec))]
+        }
+        None => ["memory", "etcd", "zookeeper", "consul"]
+            .iter()
+            .filter(|b| wanted(b))
+            .map(|b| (b.to_string(), None))
+            .collect(),
+    };
+
+    for (name, spec) in specs {
+        eprintln!("== {name}");
+        let t = Instant::now();
+        let result = match (name.as_str(), spec) {
+            (_, Some(Spec::Memory)) | ("memory", None) => bench_memory(args.counts).await,
+            (_, Some(Spec::Etcd { url, hostport })) => {
+                let py = peer_python(&mut Section::new("", ""));
+                bench_etcd(
+                    &url,
+                    &hostport,
+                    "etcd (COORDKIT_URL)",
+                    args.counts,
+                    py,
+                    &args.out,
+                )
+                .await
+            }
+            ("etcd", None) => {
+                let cluster = tokio::task::block_in_place(|| support::etcd::EtcdCluster::start(1));
+                let hp = cluster.members[0].endpoint();
+                let mut pre = Section::new("", "");
+                let py = peer_python(&mut pre);
+                let mut s = bench_etcd(
+                    &cluster.url(),
+                    &hp,
+                    &version_of("etcd"),
+                    args.counts,
+                    py,
+                    &args.out,
+                )
+                .await;
+                if let Ok(s) = &mut s {
+                    s.notes.extend(pre.notes);
+                }
+                drop(cluster);
+                s
+            }
+            (
+                _,
+                Some(Spec::Zk {
+                    url,
+                    hostport,
+                    port,
+                }),
+            ) => {
+                let py = peer_python(&mut Section::new("", ""));
+                bench_zk(
+                    &url,
+                    &hostport,
+                    port,
+                    "ZooKeeper (COORDKIT_URL)",
+                    args.counts,
+                    py,
+                    &args.out,
+                )
+                .await
+            }
+            ("zookeeper", None) => {
+                let zk = tokio::task::block_in_place(support::zookeeper::ZkStandalone::start);
+                let hp = format!("127.0.0.1:{}", zk.port());
+                let server = support::zookeeper::four_letter(zk.port(), "srvr")
+                    .lines()
+                    .next()
+                    .map(|l| {
+                        l.replace("Zookeeper version: ", "ZooKeeper ")
+                            .split('-')
+                            .next()
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .unwrap_or_else(|| "ZooKeeper".to_string());
+                let mut pre = Section::new("", "");
+                let py = peer_python(&mut pre);
+                let mut s = bench_zk(
+                    &zk.url(),
+                    &hp,
+                    zk.port(),
+                    &format!("{server}, standalone"),
+                    args.counts,
+                    py,
+                    &args.out,
+                )
+                .await;
+                if let Ok(s) = &mut s {
+                    s.notes.extend(pre.notes);
+                }
+                drop(zk);
+                s
+            }
+            (_, Some(Spec::Consul { url, hostport })) => {
+                bench_consul(&url, &hostport, "Consul (COORDKIT_URL)", args.counts).await
+            }
+            ("consul", None) => match start_consul_sim() {
+                Ok((sim, port)) => {
+                    let hp = format!("127.0.0.1:{port}");
+                    let s = bench_consul(
+                        &format!("consul://{hp}"),
+                        &hp,
+                        "the Consul API simulator (tests/support/consul_sim), own process",
+                        args.counts,
+                    )
+                    .await;
+                    drop(sim);
+                    s
+                }
+                Err(e) => Err(e),
+            },
+            (other, _) => Err(err(format!("unknown backend {other}"))),
+        };
+        match result {
+            Ok(s) => {
+                eprintln!("{}", report::section_md(&s));
+                eprintln!("   ({name} took {:.0} s)", t.elapsed().as_secs_f64());
+                sections.push(s);
+                // Partial results survive a later failure.
+                let partial = report::full_md(&sections, "(partial: the run has not finished)\n");
+                let _ = std::fs::write(args.out.join("results.md"), partial);
+            }
+            Err(e) => {
+                eprintln!("{name}: failed: {e}");
+                let mut s = Section::new(&name, "—");
+                s.notes.push(format!("This backend's run failed: {e}"));
+                sections.push(s);
+            }
+        }
+    }
+
+    let header = header_md(args.counts, started.elapsed(), &load_start);
+    let md = report::full_md(&sections, &header);
+    println!("{md}");
+    std::fs::write(args.out.join("results.md"), &md)?;
+    let svg = args.out.join("latency.svg");
+    plot::write(
+        &svg,
+        &sections,
+        "coordkit benchmark: latency CDFs (log x) per backend and operation",
+    )?;
+    eprintln!(
+        "wrote {} and {}",
+        args.out.join("results.md").display(),
+        svg.display()
+    );
+    Ok(())
+}
+
+fn version_of(bin: &str) -> String {
+    std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| format!("{} single node", l.replace("etcd Version: ", "etcd ")))
+        })
+        .unwrap_or_else(|| format!("{bin} single node"))
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "?".into())
+}
+
+fn header_md(c: Counts, took: Duration, load_start: &str) -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+        })
+        .unwrap_or(0);
+    let os = std::fs::read_to_string("/etc/os-release")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("PRETTY_NAME="))
+                .map(|v| v.trim_matches('"').to_string())
+        })
+        .unwrap_or_default();
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "Machine: {cpu}, {cores} cores, {:.0} GiB RAM, {os}, Linux {}; servers and clients share the cores, \
+         loopback only.\n\nCounts: {} get/put/CAS and {} lock+unlock per client (interleaved in blocks of {}, after a \
+         warm-up), {} handoffs among {} contenders, {} in-memory operations per client; round trips counted on the \
+         server over {} operations. Run time {:.0} s; load average (1/5/15 min) {} at the start, {} at the end.\n",
+        mem as f64 / 1048576.0,
+        kernel.trim(),
+        c.kv,
+        c.lock,
+        c.block,
+        c.rounds,
+        CONTENDERS,
+        c.mem,
+        c.rtt,
+        took.as_secs_f64(),
+        load_start,
+        loadavg()
+    )
+}
+
+/// Runs every single-client operation over `targets`, interleaved, as rows.
+async fn op_rows(
+    s: &mut Section,
+    targets: &[Arc<dyn Target>],
+    c: Counts,
+    n_kv: usize,
+    n_lock: usize,
+) -> R<()> {
+    for op in OPS {
+        let n = if op == Op::LockUnlock { n_lock } else { n_kv };
+        eprintln!("   {} ×{n}", op.label());
+        for (name, series) in interleaved(targets, op, n, c.block).await? {
+            s.rows.push(Row::new(op.label(), &name, series));
+        }
+    }
+    Ok(())
+}
+
+/// Server-side counts, before and after `c.rtt` operations of each target, per row.
+async fn count_round_trips<F, Fut>(
+    s: &mut Section,
+    targets: &[Arc<dyn Target>],
+    c: Counts,
+    snapshot: F,
+) -> R<()>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = R<BTreeMap<String, f64>>>,
+{
+    for op in OPS {
+        for t in targets.iter().filter(|t| t.supports(op)) {
+            let before = snapshot().await?;
+            for _ in 0..c.rtt {
+                t.run(op).await?;
+            }
+            let after = snapshot().await?;
+            let per = etcdraw::per_op(&before, &after, c.rtt);
+            let total: f64 = per
+                .iter()
+                .filter(|(m, _)| m.as_str() != "LeaseKeepAlive")
+                .map(|(_, v)| v)
+                .sum();
+            let detail = per
+                .iter()
+                .filter(|(m, v)| m.as_str() != "packets" && **v >= 0.05)
+                .map(|(m, v)| format!("{m} {v:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let name = t.name();
+            if let Some(row) = s
+                .rows
+                .iter_mut()
+                .find(|r| r.op == op.label() && r.client == name)
+            {
+                row.rtt = Some((total, detail));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn run_handoff(
+    s: &mut Section,
+    label: &str,
+    contenders: Vec<Arc<dyn Contender>>,
+    name: &str,
+    c: Counts,
+) {
+    eprintln!("   handoff: {label}");
+    match handoff(contenders, name, c.rounds, Duration::from_secs(300)).await {
+        Ok(h) => s.handoff.push(Row::new("handoff", label, h.series)),
+        Err(e) => s.notes.push(format!("Handoff with {label} failed: {e}")),
+    }
+}
+
+async fn coordkit_for(s: &mut Section, url: &str) -> Option<Arc<dyn Backend>> {
+    match coordkit::connect(url).await {
+        Ok(store) => Some(store),
+        Err(e) => {
+            s.notes.push(format!(
+                "coordkit could not connect to {url}: {e}. Only the raw side was measured."
+            ));
+            None
+        }
+    }
+}
+
+async fn ck_contenders(url: &str) -> R<Vec<Arc<dyn Contender>>> {
+    let mut v: Vec<Arc<dyn Contender>> = Vec::new();
+    for _ in 0..CONTENDERS {
+        v.push(Arc::new(CkContender(coordkit::connect(url).await?)));
+    }
+    Ok(v)
+}
+
+fn measure_rss(s: &mut Section, url: &str, n: usize) {
+    eprintln!("   memory: {n} locks + {n} watches in a child process");
+    match tokio::task::block_in_place(|| rss::measure(url, n, n)) {
+        Ok((connected_kb, peak_kb, _)) => {
+            s.rss = Some(Rss {
+                locks: n,
+                watches: n,
+                connected_kb,
+                peak_kb,
+            })
+        }
+        Err(e) => s.notes.push(format!("Memory measurement failed: {e}")),
+    }
+}
+
+fn add_peer(
+    s: &mut Section,
+    python: &Path,
+    out: &Path,
+    mode: &str,
+    label: &str,
+    addr: &str,
+    c: Counts,
+) {
+    eprintln!("   peer: {label}");
+    let counts = (c.kv, c.lock, c.rounds, CONTENDERS);
+    match tokio::task::block_in_place(|| peers::run(python, out, mode, label, addr, counts)) {
+        Ok(p) => {
+            for mut r in p.rows {
+                r.peer = true;
+                s.rows.push(r);
+            }
+            if let Some(mut h) = p.handoff {
+                h.peer = true;
+                if h.series.lat_us.len() < c.rounds {
+                    s.notes.push(format!(
+                        "{label}'s contended run stopped at its 60 s limit after {} of {} handoffs.",
+                        h.series.lat_us.len(),
+                        c.rounds
+                    ));
+                }
+                s.handoff.push(h);
+            }
+        }
+        Err(e) => s.notes.push(format!("Peer {label} failed: {e}")),
+    }
+}
+
+/// Keeps rows grouped by operation in `OPS` order (peers were appended at the end).
+fn sort_rows(s: &mut Section) {
+    let order = |op: &str| {
+        OPS.iter()
+            .position(|o| o.label() == op)
+            .unwrap_or(OPS.len())
+    };
+    s.rows.sort_by_key(|r| order(&r.op));
+}
+
+pub async fn bench_memory(c: Counts) -> R<Section> {
+    let mut s = Section::new("memory", "in-process");
+    let store: Arc<dyn Backend> = coordkit::connect("memory://").await?;
+    let raw = Arc::new(memraw::RawMap::new(VALUE));
+    let targets: Vec<Arc<dyn Target>> =
+        vec![Arc::new(Coordkit::new(store.clone(), VALUE)), raw.clone()];
+    op_rows(&mut s, &targets, c, c.mem, c.mem).await?;
+    // Throughput without per-operation clock reads.
+    for op in OPS {
+        for (name, busy, ops) in harness::batch(&targets, op, c.mem, c.mem / 10).await? {
+            if let Some(row) = s
+                .rows
+                .iter_mut()
+                .find(|r| r.op == op.label() && r.client == name)
+            {
+                row.series.busy = busy;
+                row.series.ops = ops;
+            }
+        }
+    }
+    let ck: Vec<Arc<dyn Contender>> = (0..CONTENDERS)
+        .map(|_| Arc::new(CkContender(store.clone())) as _)
+        .collect();
+    run_handoff(&mut s, COORDKIT, ck, "bench/contended", c).await;
+    let rawc: Vec<Arc<dyn Contender>> = (0..CONTENDERS)
+        .map(|_| Arc::new(memraw::MapContender(raw.clone())) as _)
+        .collect();
+    run_handoff(&mut s, "tokio Mutex", rawc, "contended", c).await;
+    measure_rss(&mut s, "memory://", c.rss);
+    s.notes.push(
+        "Ops/s for memory come from a separate pass without per-operation clock reads; p50/p99 from the timed pass. \
+         The raw side is a `Mutex<BTreeMap>` for keys and a `tokio::sync::Mutex` per lock name."
+            .into(),
+    );
+    Ok(s)
+}
+
+async fn bench_etcd(
+    url: &str,
+    hostport: &str,
+    server: &str,
+    c: Counts,
+    python: Option<PathBuf>,
+    out: &Path,
+) -> R<Section> {
+    let mut s = Section::new("etcd", server);
+    let endpoint = format!("http://{hostport}");
+    let ck = coordkit_for(&mut s, url).await;
+    let mut targets: Vec<Arc<dyn Target>> = Vec::new();
+    if let Some(store) = &ck {
+        targets.push(Arc::new(Coordkit::new(store.clone(), VALUE)));
+    }
+    targets.push(Arc::new(
+        etcdraw::EtcdRaw::new(&endpoint, etcdraw::Recipe::LockRpc, VALUE).await?,
+    ));
+    targets.push(Arc::new(
+        etcdraw::EtcdRaw::new(&endpoint, etcdraw::Recipe::Textbook, VALUE).await?,
+    ));
+    op_rows(&mut s, &targets, c, c.kv, c.lock).await?;
+    let http = reqwest::Client::new();
+    let ep = endpoint.clone();
+    if let Err(e) =
+        count_round_trips(&mut s, &targets, c, || etcdraw::grpc_counts(&http, &ep)).await
+    {
+        s.notes.push(format!("Round trips were not counted: {e}"));
+    }
+    drop(targets);
+    if ck.is_some() {
+        match ck_contenders(url).await {
+            Ok(v) => run_handoff(&mut s, COORDKIT, v, "bench/contended", c).await,
+            Err(e) => s
+                .notes
+                .push(format!("coordkit contenders could not connect: {e}")),
+        }
+    }
+    for (recipe, name) in [
+        (etcdraw::Recipe::LockRpc, "rawbench/contended-rpc"),
+        (etcdraw::Recipe::Textbook, "rawbench/contended-txn"),
+    ] {
+        let mut v: Vec<Arc<dyn Contender>> = Vec::new();
+        for _ in 0..CONTENDERS {
+            v.push(Arc::new(
+                etcdraw::EtcdContender::new(&endpoint, recipe).await?,
+            ));
+        }
+        run_handoff(&mut s, etcdraw::EtcdRaw::label(recipe), v, name, c).await;
+    }
+    if ck.is_some() {
+        measure_rss(&mut s, url, c.rss);
+    }
+    if let Some(py) = python {
+        add_peer(
+            &mut s,
+            &py,
+            out,
+            "tooz-etcd",
+            "tooz (Python, etcd3gw)",
+            hostport,
+            c,
+        );
+    }
+    sort_rows(&mut s);
+    s.notes.push(
+        "Round trips: gRPC messages etcd received per operation (its /metrics `grpc_server_msg_received_total`), \
+         lease keep-alives left out of the total. The raw clients grant one lease per client (600 s TTL) and \
+         never renew it during the run."
+            .into(),
+    );
+    Ok(s)
+}
+
+async fn bench_zk(
+    url: &str,
+    hostport: &str,
+    port: u16,
+    server: &str,
+    c: Counts,
+    python: Option<PathBuf>,
+    out: &Path,
+) -> R<Section> {
+    let mut s = Section::new("zookeeper", server);
+    let ck = coordkit_for(&mut s, url).await;
+    let mut targets: Vec<Arc<dyn Target>> = Vec::new();
+    if let Some(store) = &ck {
+        targets.push(Arc::new(Coordkit::new(store.clone(), VALUE)));
+    }
+    targets.push(Arc::new(zkraw::ZkRaw::new(hostport, VALUE).await?));
+    op_rows(&mut s, &targets, c, c.kv, c.lock).await?;
+    let snap = || async move {
+        let n = zkraw::packets_received(port).await?;
+        Ok::<_, harness::BoxError>(BTreeMap::from([("packets".to_string(), n as f64)]))
+    };
+    if let Err(e) = count_round_trips(&mut s, &targets, c, snap).await {
+        s.notes.push(format!("Round trips were not counted: {e}"));
+    }
+    drop(targets);
+    if ck.is_some() {
+        match ck_contenders(url).await {
+            Ok(v) => run_handoff(&mut s, COORDKIT, v, "bench/contended", c).await,
+            Err(e) => s
+                .notes
+                .push(format!("coordkit contenders could not connect: {e}")),
+        }
+    }
+    let mut v: Vec<Arc<dyn Contender>> = Vec::new();
+    for _ in 0..CONTENDERS {
+        v.push(Arc::new(
+            zkraw::ZkContender::new(hostport, "contended").await?,
+        ));
+    }
+    run_handoff(&mut s, "zookeeper-client", v, "contended", c).await;
+    if ck.is_some() {
+        measure_rss(&mut s, url, c.rss);
+    }
+    if let Some(py) = python {
+        add_peer(&mut s, &py, out, "kazoo", "kazoo (Python)", hostport, c);
+        add_peer(
+            &mut s,
+            &py,
+            out,
+            "tooz-zk",
+            "tooz (Python, kazoo)",
+            hostport,
+            c,
+        );
+    }
+    sort_rows(&mut s);
+    s.notes.push(
+        "Round trips: packets the server received per operation (`srvr` `Received:`), session pings included."
+            .into(),
+    );
+    Ok(s)
+}
+
+async fn bench_consul(url: &str, hostport: &str, server: &str, c: Counts) -> R<Section> {
+    let mut s = Section::new("consul", server);
+    let base = format!("http://{hostport}");
+    let ck = coordkit_for(&mut s, url).await;
+    let mut targets: Vec<Arc<dyn Target>> = Vec::new();
+    if let Some(store) = &ck {
+        targets.push(Arc::new(Coordkit::new(store.clone(), VALUE)));
+    }
+    targets.push(Arc::new(consulraw::ConsulRaw::new(&base, VALUE).await?));
+    op_rows(&mut s, &targets, c, c.kv, c.lock).await?;
+    drop(targets);
+    if ck.is_some() {
+        match ck_contenders(url).await {
+            Ok(v) => run_handoff(&mut s, COORDKIT, v, "bench/contended", c).await,
+            Err(e) => s
+                .notes
+                .push(format!("coordkit contenders could not connect: {e}")),
+        }
+    }
+    let mut v: Vec<Arc<dyn Contender>> = Vec::new();
+    for _ in 0..CONTENDERS {
+        v.push(Arc::new(consulraw::ConsulContender::new(&base).await?));
+    }
+    run_handoff(&mut s, "reqwest HTTP", v, "rawbench/locks/contended", c).await;
+    if ck.is_some() {
+        measure_rss(&mut s, url, c.rss);
+    }
+    s.notes.push(
+        "Consul figures are against the simulator, an in-memory model of Consul's HTTP API without Raft or disk: \
+         they show client overhead and round trips, not what a real Consul cluster would do. No peer library: \
+         tooz dropped its Consul driver and python-consul is unmaintained."
+            .into(),
+    );
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The whole pipeline in a tiny mode on the in-memory backend: rows for every operation
+    /// on both sides, a full handoff count, a memory figure from the child process (skipped:
+    /// the test binary is not the bench binary), and a plot.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tiny_memory_run_produces_tables_and_plot() {
+        let c = Counts {
+            rss: 0,
+            ..Counts::QUICK
+        };
+        let mut s = Section::new("memory", "in-process");
+        let store: Arc<dyn Backend> = coordkit::connect("memory://").await.unwrap();
+        let raw = Arc::new(memraw::RawMap::new(VALUE));
+        let targets: Vec<Arc<dyn Target>> =
+            vec![Arc::new(Coordkit::new(store.clone(), VALUE)), raw.clone()];
+        op_rows(&mut s, &targets, c, 50, 50).await.unwrap();
+        for op in OPS {
+            assert!(s.ck(op.label()).is_some(), "{op:?}");
+            assert_eq!(s.ck(op.label()).unwrap().series.lat_us.len(), 50);
+        }
+        let (mean, p50) = s.ratio("put").unwrap();
+        assert!(mean.is_finite() && mean > 0.0 && p50 > 0.0);
+        let ck: Vec<Arc<dyn Contender>> = (0..CONTENDERS)
+            .map(|_| Arc::new(CkContender(store.clone())) as _)
+            .collect();
+        run_handoff(&mut s, COORDKIT, ck, "bench/contended", c).await;
+        assert!(s.notes.is_empty(), "{:?}", s.notes);
+        assert_eq!(
+            s.handoff_row(COORDKIT).unwrap().series.lat_us.len(),
+            c.rounds
+        );
+        let md = report::full_md(&[s], "header\n");
+        assert!(md.contains("| lock+unlock | coordkit |"), "{md}");
+        assert!(
+            md.contains("in-memory ≥ 0.8× raw map throughput (put)"),
+            "{md}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let svg = dir.path().join("l.svg");
+        let s2 = bench_sections_for_plot();
+        plot::write(&svg, &s2, "t").unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.contains("polyline"),
+            "{}",
+            &text[..200.min(text.len())]
+        );
+    }
+
+    fn bench_sections_for_plot() -> Vec<Section> {
+        let mut s = Section::new("memory", "x");
+        let series = stats::Series {
+            lat_us: (1..=100).map(f64::from).collect(),
+            busy: Duration::from_millis(5),
+            ops: 100,
+        };
+        s.rows.push(Row::new("put", COORDKIT, series.clone()));
+        s.handoff.push(Row::new("handoff", COORDKIT, series));
+        vec![s]
+    }
+}
