@@ -15,8 +15,6 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/share/java/zookeeper.jar ] || need+=(zookeeper)
 [ -f /usr/share/java/curator-recipes.jar ] || need+=(libcurator-recipes-java)
 command -v javac >/dev/null 2>&1 || need+=(openjdk-17-jdk-headless)
-# The compose-file validator (tests/compose.rs): PyYAML and jsonschema.
-python3 -c 'import yaml, jsonschema' >/dev/null 2>&1 || need+=(python3-yaml python3-jsonschema)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
@@ -25,8 +23,14 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}"
 fi
 
-# py-consul, an independent Consul client, drives the Consul simulator in a fidelity test.
-if ! python3 -c "import consul" >/dev/null 2>&1; then
+# Python packages for `python3` (the one on PATH): py-consul, an independent Consul client that
+# drives the Consul simulator in a fidelity test; PyYAML and jsonschema for the compose-file
+# validator (tests/compose.rs).
+pip_need=()
+python3 -c "import consul" >/dev/null 2>&1 || pip_need+=(py-consul)
+python3 -c "import yaml" >/dev/null 2>&1 || pip_need+=(pyyaml)
+python3 -c "import jsonschema" >/dev/null 2>&1 || pip_need+=(jsonschema)
+if [ ${#pip_need[@]} -gt 0 ]; then
   if ! python3 -m pip --version >/dev/null 2>&1; then
     sudo=""
     [ "$(id -u)" = 0 ] || sudo=sudo
@@ -34,9 +38,9 @@ if ! python3 -c "import consul" >/dev/null 2>&1; then
     $sudo apt-get update -q
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q python3 python3-pip
   fi
-  echo "installing: py-consul (pip)" >&2
-  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check py-consul \
-    || echo "warning: py-consul could not be installed; the Consul fidelity test will be skipped" >&2
+  echo "installing (pip): ${pip_need[*]}" >&2
+  PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --disable-pip-version-check "${pip_need[@]}" \
+    || echo "warning: could not install ${pip_need[*]}; tests that need them will fail or skip" >&2
 fi
 
 cargo test --all-features "$@"
