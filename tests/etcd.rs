@@ -376,7 +376,7 @@ async fn timed_out_lock_leaves_no_key_behind() {
         let r = b
             .lock(&name, &opts.clone().wait(Duration::from_millis(500)))
             .await;
-        let e = r.err().expect("b must not get the held lock");
+        let e = r.expect_err("b must not get the held lock");
         assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
         assert!(started.elapsed() >= Duration::from_millis(450));
         let after = lock_keys(&name);

@@ -594,7 +594,7 @@ async fn timed_out_lock_leaves_no_node_behind() {
         let r = b
             .lock("job", &opts.clone().wait(Duration::from_millis(500)))
             .await;
-        let e = r.err().expect("b must not get the held lock");
+        let e = r.expect_err("b must not get the held lock");
         assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
         assert!(started.elapsed() >= Duration::from_millis(450));
         assert_eq!(
