@@ -356,3 +356,45 @@ async fn lost_fires_on_key_deletion_and_lease_revocation() {
     assert!(!next.is_lost());
     next.release().await.expect("release");
 }
+
+/// A `lock()` that times out has deleted its own queued key before it returns: right after
+/// the `Timeout`, only the holder's key is in the lock's directory. (The test runs on one
+/// thread and reads the directory with a blocking `etcdctl`, so nothing left to a background
+/// task could run in between.)
+#[tokio::test]
+async fn timed_out_lock_leaves_no_key_behind() {
+    let name = format!("abandon-{}", std::process::id());
+    let a = coordkit::connect(&shared().url()).await.expect("connect a");
+    let b = coordkit::connect(&shared().url()).await.expect("connect b");
+    let opts = LockOptions::new().ttl(Duration::from_secs(30));
+    let held = a.lock(&name, &opts).await.expect("a locks");
+    let before = lock_keys(&name);
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0].1, held.token().get(), "holder key: {before:?}");
+    for round in 0..2 {
+        let started = Instant::now();
+        let r = b
+            .lock(&name, &opts.clone().wait(Duration::from_millis(500)))
+            .await;
+        let e = r.expect_err("b must not get the held lock");
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(450));
+        let after = lock_keys(&name);
+        assert_eq!(
+            after, before,
+            "round {round}: the abandoned attempt left its key behind"
+        );
+    }
+    // try_lock behind a holder withdraws before it returns, too.
+    assert!(b.try_lock(&name, &opts).await.expect("try_lock").is_none());
+    assert_eq!(lock_keys(&name), before, "try_lock left its key behind");
+    held.release().await.expect("release");
+    // The next contender is not held up by a leftover key.
+    let started = Instant::now();
+    let next = b
+        .lock(&name, &opts.clone().wait(Duration::from_secs(5)))
+        .await
+        .expect("b locks after the release");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    next.release().await.expect("release b");
+}

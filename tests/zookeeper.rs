@@ -552,3 +552,65 @@ async fn lost_fires_when_the_lock_node_is_deleted() {
     );
     next.release().await.expect("release");
 }
+
+/// Children of `dir`, read over a fresh connection on another thread while this (single)
+/// test thread is blocked, so that no background task of the store can run in between.
+fn children_now(dir: &str) -> Vec<String> {
+    let dir = dir.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            match raw().await.get_children(&dir).await {
+                Ok((mut c, _)) => {
+                    c.sort();
+                    c
+                }
+                Err(zk::Error::NoNode) => Vec::new(),
+                Err(e) => panic!("get_children {dir}: {e}"),
+            }
+        })
+    })
+    .join()
+    .expect("reader thread")
+}
+
+/// A `lock()` that times out has deleted its own contender node before it returns: right
+/// after the `Timeout`, only the holder's node is in the lock's directory.
+#[tokio::test]
+async fn timed_out_lock_leaves_no_node_behind() {
+    let root = format!("/{}", unique("abandon"));
+    let a = store(&root).await;
+    let b = store(&root).await;
+    let dir = format!("{root}/locks/job");
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+    let held = a.lock("job", &opts).await.expect("a locks");
+    let before = children_now(&dir);
+    assert_eq!(before.len(), 1, "{before:?}");
+    for round in 0..2 {
+        let started = Instant::now();
+        let r = b
+            .lock("job", &opts.clone().wait(Duration::from_millis(500)))
+            .await;
+        let e = r.expect_err("b must not get the held lock");
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+        assert!(started.elapsed() >= Duration::from_millis(450));
+        assert_eq!(
+            children_now(&dir),
+            before,
+            "round {round}: the abandoned attempt left its node behind"
+        );
+    }
+    assert!(b.try_lock("job", &opts).await.expect("try_lock").is_none());
+    assert_eq!(children_now(&dir), before, "try_lock left its node behind");
+    held.release().await.expect("release");
+    let started = Instant::now();
+    let next = b
+        .lock("job", &opts.clone().wait(Duration::from_secs(5)))
+        .await
+        .expect("b locks after the release");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    next.release().await.expect("release b");
+}

@@ -187,9 +187,10 @@ async fn renew(
     }
 }
 
-/// A lock key put (or being put) by this client: deleted in the background if the attempt is
-/// abandoned (timeout, cancellation), and only then is the local queue left, so that the next
-/// local attempt never meets the leftover key.
+/// A lock key put (or being put) by this client. An attempt that gives up (timeout) deletes it
+/// with [`Enqueued::withdraw`] before returning; one whose future is dropped (cancellation)
+/// deletes it in the background. Only then is the local queue left, so that the next local
+/// attempt never meets the leftover key.
 struct Enqueued {
     inner: Arc<Inner>,
     name: String,
@@ -211,8 +212,18 @@ impl Enqueued {
         }
         r
     }
+
+    /// [`Enqueued::withdraw`] for an abandoned attempt, whose own error is what the caller
+    /// reports: a failed delete is only logged (the lease's expiry removes the key).
+    async fn withdraw_quietly(self) {
+        if let Err(e) = self.withdraw().await {
+            tracing::debug!(error = %e, "withdrawing an abandoned lock attempt failed");
+        }
+    }
 }
 
+/// Background withdrawal, for an attempt whose future was dropped by the caller (cancelled):
+/// an attempt that gives up by itself (timeout) withdraws before it returns.
 impl Drop for Enqueued {
     fn drop(&mut self) {
         let Some(local) = self.local.take() else {
@@ -294,6 +305,26 @@ impl DirWatch {
     }
 }
 
+/// Runs `fut` until `deadline`: `None` if the deadline passed first (`fut` is then dropped).
+async fn until<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+fn timed_out(name: &str, wait: Option<Duration>) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        NAME,
+        format!(
+            "the lock was not acquired within {:?}",
+            wait.unwrap_or_default()
+        ),
+    )
+    .with_key(name)
+}
+
 fn first_kv(r: &TxnOpResponse) -> Option<&KeyValue> {
     match r {
         TxnOpResponse::Get(g) => g.kvs().first(),
@@ -322,17 +353,6 @@ impl EtcdStore {
             (false, Some(w)) => Some(Instant::now() + w),
             _ => None,
         };
-        let timeout = || {
-            Error::new(
-                ErrorKind::Timeout,
-                NAME,
-                format!(
-                    "the lock was not acquired within {:?}",
-                    opts.wait.unwrap_or_default()
-                ),
-            )
-            .with_key(name)
-        };
         let queue = self.inner.local_queue(name);
         let local = if try_only {
             match queue.try_lock_owned() {
@@ -343,17 +363,14 @@ impl EtcdStore {
             match deadline {
                 Some(d) => tokio::time::timeout_at(d, queue.lock_owned())
                     .await
-                    .map_err(|_| timeout())?,
+                    .map_err(|_| timed_out(name, opts.wait))?,
                 None => queue.lock_owned().await,
             }
         };
-        let attempt = self.acquire_remote(name, secs, try_only, local);
-        match deadline {
-            Some(d) => tokio::time::timeout_at(d, attempt)
-                .await
-                .map_err(|_| timeout())?,
-            None => attempt.await,
-        }
+        // The deadline is applied inside, where a key put by this attempt can be withdrawn
+        // before `Timeout` is returned.
+        self.acquire_remote(name, secs, try_only, local, deadline, opts.wait)
+            .await
     }
 
     async fn acquire_remote(
@@ -362,6 +379,8 @@ impl EtcdStore {
         secs: i64,
         try_only: bool,
         local: OwnedMutexGuard<()>,
+        deadline: Option<Instant>,
+        wait: Option<Duration>,
     ) -> Result<Option<LockGuard>> {
         let inner = &self.inner;
         let dir = inner.lock_dir(name);
@@ -369,13 +388,19 @@ impl EtcdStore {
         let mut watch: Option<DirWatch> = None;
         let mut retried = false;
         let (session, enq, my_key, my_rev, ahead) = loop {
-            let session = match inner.session(secs, name).await {
-                Ok(s) => s,
-                Err(e) => {
+            let session = match until(deadline, inner.session(secs, name)).await {
+                Some(Ok(s)) => s,
+                Some(Err(e)) => {
                     if let Some(l) = local.take() {
                         inner.leave_local(name, l);
                     }
                     return Err(e);
+                }
+                None => {
+                    if let Some(l) = local.take() {
+                        inner.leave_local(name, l);
+                    }
+                    return Err(timed_out(name, wait));
                 }
             };
             let my_key = format!("{dir}{:x}", session.id);
@@ -389,9 +414,27 @@ impl EtcdStore {
             // group, so the predecessor's DELETE reaches us at once (a watch from a past
             // revision waits for etcd's 100 ms catch-up loop).
             if watch.is_none() {
-                watch = Some(DirWatch::open(inner, &dir, name).await?);
+                match until(deadline, DirWatch::open(inner, &dir, name)).await {
+                    Some(w) => watch = Some(w?),
+                    None => {
+                        // Nothing put yet: only the local queue place is given back.
+                        if let Some(l) = enq.into_local() {
+                            inner.leave_local(name, l);
+                        }
+                        return Err(timed_out(name, wait));
+                    }
+                }
             }
-            match self.enqueue(name, &dir, &my_key, session.id).await {
+            let enqueued =
+                match until(deadline, self.enqueue(name, &dir, &my_key, session.id)).await {
+                    Some(r) => r,
+                    None => {
+                        // The put may have landed: withdraw before answering.
+                        enq.withdraw_quietly().await;
+                        return Err(timed_out(name, wait));
+                    }
+                };
+            match enqueued {
                 Ok((rev, ahead)) => break (session, enq, my_key, rev, ahead),
                 // The lease vanished (revoked, or expired before the keep-alive noticed):
                 // drop it and try once more with a new one.
@@ -414,8 +457,20 @@ impl EtcdStore {
             }
             // Returns only once our key is the oldest *and* still exists (the lesson of etcd
             // issue 11456: after waiting, the lease may have expired).
-            self.wait_predecessors(name, &my_key, my_rev, ahead, &mut watch, &session)
-                .await?;
+            let waited = until(
+                deadline,
+                self.wait_predecessors(name, &my_key, my_rev, ahead, &mut watch, &session),
+            )
+            .await;
+            match waited {
+                Some(r) => r?,
+                None => {
+                    // Give up: the own key is deleted before `Timeout` is returned, so the
+                    // next contender does not wait for it.
+                    enq.withdraw_quietly().await;
+                    return Err(timed_out(name, wait));
+                }
+            }
         }
         if session.lost.is_cancelled() {
             return Err(lock_lost(

@@ -108,7 +108,8 @@ pub(crate) fn close_session(cfg: &super::ZkConfig, client: zk::Client) {
 }
 
 /// Deletes a contender node if the acquisition is abandoned (timeout, cancelled future, error),
-/// then puts its session back into the pool.
+/// then puts its session back into the pool: at once with [`NodeGuard::withdraw`], or in the
+/// background when dropped armed.
 struct NodeGuard {
     inner: Weak<Inner>,
     ttl: Duration,
@@ -120,8 +121,55 @@ impl NodeGuard {
     fn disarm(&mut self) -> Option<zk::Client> {
         self.client.take()
     }
+
+    /// Deletes the contender node now (bounded by the request timeout) and puts the session
+    /// back into the pool. If the delete fails, the session's expiry removes the node.
+    async fn withdraw(mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let r =
+            tokio::time::timeout(inner.cfg.request_timeout, client.delete(&self.path, None)).await;
+        match r {
+            Ok(Ok(())) | Ok(Err(zk::Error::NoNode)) => inner.return_session(self.ttl, client),
+            Ok(Err(e)) => {
+                tracing::debug!(backend = NAME, error = %e, "withdrawing a lock node failed");
+            }
+            Err(_) => {
+                tracing::debug!(backend = NAME, "withdrawing a lock node timed out");
+            }
+        }
+    }
+
+    /// Withdraws (see [`NodeGuard::withdraw`]) and returns the `Timeout` error to report.
+    async fn give_up(self, name: &str, wait: Option<Duration>) -> Error {
+        self.withdraw().await;
+        timed_out(name, wait)
+    }
 }
 
+fn timed_out(name: &str, wait: Option<Duration>) -> Error {
+    err(
+        ErrorKind::Timeout,
+        name,
+        format!("lock not acquired within {:?}", wait.unwrap_or_default()),
+    )
+}
+
+/// Runs `fut` until `deadline`: `None` if the deadline passed first (`fut` is then dropped).
+async fn until<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+/// Background deletion, for an attempt whose future was dropped by the caller (cancelled) or
+/// that failed: an attempt that gives up by itself (timeout, `try_lock` behind others)
+/// withdraws before it returns.
 impl Drop for NodeGuard {
     fn drop(&mut self) {
         let Some(client) = self.client.take() else {
@@ -160,9 +208,11 @@ fn e_is_final(e: &zk::Error) -> bool {
     )
 }
 
+#[derive(Clone, Copy)]
 enum Mode {
     Try,
-    Wait(Option<Instant>),
+    /// Wait at most this long (`None`: without bound).
+    Wait(Option<Duration>),
 }
 
 struct Acquired {
@@ -193,7 +243,14 @@ impl ZkStore {
 
     async fn acquire(&self, name: &str, ttl: Duration, mode: Mode) -> Result<Option<Acquired>> {
         let inner = &self.inner;
-        let client = inner.take_session(ttl).await?;
+        let (deadline, wait) = match mode {
+            Mode::Wait(w) => (w.map(|w| Instant::now() + w), w),
+            Mode::Try => (None, None),
+        };
+        let client = match until(deadline, inner.take_session(ttl)).await {
+            Some(r) => r?,
+            None => return Err(timed_out(name, wait)),
+        };
         let dir = path::lock_dir(&inner.root, name);
         if matches!(mode, Mode::Try) {
             match inner
@@ -214,37 +271,20 @@ impl ZkStore {
         let prefix = format!("{dir}/{protected}{LOCK_NAME}");
         let opts = zk::CreateMode::EphemeralSequential.with_acls(inner.acls());
         // Create the contender node, finding it again by its uuid after a lost response.
-        let mut created: Option<(String, i64)> = None;
-        for _ in 0..16 {
-            match inner
-                .bounded("lock", name, client.create(&prefix, b"", &opts))
-                .await
-            {
-                Ok((stat, seq)) => {
-                    created = Some((format!("{prefix}{seq}"), stat.czxid));
-                    break;
-                }
-                Err(e) if is(&e, zk::Error::NoNode) => {
-                    inner.ensure_parents(&client, &prefix, name).await?;
-                }
-                Err(e) if is(&e, zk::Error::ConnectionLoss) => {
-                    let children = inner
-                        .bounded("lock", name, client.list_children(&dir))
-                        .await
-                        .unwrap_or_default();
-                    if let Some(own) = children.into_iter().find(|c| c.starts_with(&protected)) {
-                        let own = format!("{dir}/{own}");
-                        if let Some(stat) =
-                            inner.bounded("lock", name, client.check_stat(&own)).await?
-                        {
-                            created = Some((own, stat.czxid));
-                            break;
-                        }
-                    }
-                }
-                Err(e) => return Err(e),
+        let created = match until(
+            deadline,
+            self.create_node(&client, &dir, &prefix, &protected, &opts, name),
+        )
+        .await
+        {
+            Some(r) => r?,
+            None => {
+                // The create may have landed: find the node by its uuid and delete it.
+                self.withdraw_protected(client, ttl, &dir, &protected, name)
+                    .await;
+                return Err(timed_out(name, wait));
             }
-        }
+        };
         let Some((own, czxid)) = created else {
             return Err(err(
                 ErrorKind::Unavailable,
@@ -260,9 +300,15 @@ impl ZkStore {
         };
         let own_name = own.rsplit('/').next().unwrap_or_default().to_string();
         loop {
-            let mut children = inner
-                .bounded("lock", name, client.list_children(&dir))
-                .await?;
+            let listed = until(
+                deadline,
+                inner.bounded("lock", name, client.list_children(&dir)),
+            )
+            .await;
+            let mut children = match listed {
+                Some(r) => r?,
+                None => return Err(guard.give_up(name, wait).await),
+            };
             sort_contenders(&mut children);
             let Some(idx) = children.iter().position(|c| *c == own_name) else {
                 return Err(err(
@@ -279,18 +325,21 @@ impl ZkStore {
                     czxid,
                 }));
             }
-            let deadline = match mode {
-                Mode::Try => {
-                    // Queued behind others: leave at once (the guard deletes the node).
-                    drop(guard);
-                    return Ok(None);
-                }
-                Mode::Wait(d) => d,
-            };
+            if matches!(mode, Mode::Try) {
+                // Queued behind others: leave at once.
+                guard.withdraw().await;
+                return Ok(None);
+            }
             let pred = format!("{dir}/{}", children[idx - 1]);
-            let (stat, watcher) = inner
-                .bounded("lock", name, client.check_and_watch_stat(&pred))
-                .await?;
+            let watched = until(
+                deadline,
+                inner.bounded("lock", name, client.check_and_watch_stat(&pred)),
+            )
+            .await;
+            let (stat, watcher) = match watched {
+                Some(r) => r?,
+                None => return Err(guard.give_up(name, wait).await),
+            };
             if stat.is_none() {
                 continue;
             }
@@ -298,11 +347,9 @@ impl ZkStore {
             match deadline {
                 Some(d) => {
                     if tokio::time::timeout_at(d, changed).await.is_err() {
-                        return Err(err(
-                            ErrorKind::Timeout,
-                            name,
-                            "lock not acquired within the wait bound",
-                        ));
+                        // Give up: the own node is deleted before `Timeout` is returned, so
+                        // the next contender does not wait for it.
+                        return Err(guard.give_up(name, wait).await);
                     }
                 }
                 None => {
@@ -317,6 +364,88 @@ impl ZkStore {
                 ));
             }
         }
+    }
+
+    /// Creates the contender node `<prefix><seq>`; after a lost response, finds it again by
+    /// its `protected` uuid prefix. Returns its path and czxid, `None` if it never got created.
+    async fn create_node(
+        &self,
+        client: &zk::Client,
+        dir: &str,
+        prefix: &str,
+        protected: &str,
+        opts: &zk::CreateOptions<'_>,
+        name: &str,
+    ) -> Result<Option<(String, i64)>> {
+        let inner = &self.inner;
+        let mut created: Option<(String, i64)> = None;
+        for _ in 0..16 {
+            match inner
+                .bounded("lock", name, client.create(prefix, b"", opts))
+                .await
+            {
+                Ok((stat, seq)) => {
+                    created = Some((format!("{prefix}{seq}"), stat.czxid));
+                    break;
+                }
+                Err(e) if is(&e, zk::Error::NoNode) => {
+                    inner.ensure_parents(client, prefix, name).await?;
+                }
+                Err(e) if is(&e, zk::Error::ConnectionLoss) => {
+                    let children = inner
+                        .bounded("lock", name, client.list_children(dir))
+                        .await
+                        .unwrap_or_default();
+                    if let Some(own) = children.into_iter().find(|c| c.starts_with(protected)) {
+                        let own = format!("{dir}/{own}");
+                        if let Some(stat) =
+                            inner.bounded("lock", name, client.check_stat(&own)).await?
+                        {
+                            created = Some((own, stat.czxid));
+                            break;
+                        }
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(created)
+    }
+
+    /// Deletes this attempt's node, found by its `protected` uuid prefix, if it exists
+    /// (bounded by the request timeout); puts the session back into the pool when done.
+    async fn withdraw_protected(
+        &self,
+        client: zk::Client,
+        ttl: Duration,
+        dir: &str,
+        protected: &str,
+        name: &str,
+    ) {
+        let inner = &self.inner;
+        let children = match inner.bounded("lock", name, client.list_children(dir)).await {
+            Ok(c) => c,
+            Err(e) if is(&e, zk::Error::NoNode) => Vec::new(),
+            Err(e) => {
+                tracing::debug!(backend = NAME, error = %e, "withdrawing a lock node failed");
+                return;
+            }
+        };
+        for own in children.iter().filter(|c| c.starts_with(protected)) {
+            let path = format!("{dir}/{own}");
+            match inner
+                .bounded("lock", name, client.delete(&path, None))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if is(&e, zk::Error::NoNode) => {}
+                Err(e) => {
+                    tracing::debug!(backend = NAME, error = %e, "withdrawing a lock node failed");
+                    return;
+                }
+            }
+        }
+        inner.return_session(ttl, client);
     }
 
     fn make_guard(&self, name: &str, ttl: Duration, acq: Acquired) -> LockGuard {
@@ -359,24 +488,9 @@ impl ZkStore {
 impl DistLock for ZkStore {
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
         self.check_lock_args(name, opts)?;
-        let deadline = opts.wait.map(|w| Instant::now() + w);
-        let attempt = self.acquire(name, opts.ttl, Mode::Wait(deadline));
-        let acquired = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, attempt).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(err(
-                        ErrorKind::Timeout,
-                        name,
-                        format!(
-                            "lock not acquired within {:?}",
-                            opts.wait.unwrap_or_default()
-                        ),
-                    ))
-                }
-            },
-            None => attempt.await?,
-        };
+        // The wait bound is applied inside, where a node created by this attempt can be
+        // deleted before `Timeout` is returned.
+        let acquired = self.acquire(name, opts.ttl, Mode::Wait(opts.wait)).await?;
         match acquired {
             Some(acq) => Ok(self.make_guard(name, opts.ttl, acq)),
             None => Err(err(

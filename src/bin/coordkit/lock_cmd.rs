@@ -18,11 +18,6 @@ pub const NAME_ENV: &str = "COORDKIT_LOCK_NAME";
 
 /// Extra time, beyond `--wait`, granted to a backend to report its own timeout.
 const WAIT_GRACE: Duration = Duration::from_secs(5);
-/// After a lock attempt is abandoned (its wait ran out), backends withdraw it in the background
-/// (delete the waiter's key or node). The process waits this long before exiting so that the
-/// withdrawal completes rather than being cut off, which would leave the attempt queued until
-/// its lease or session expires and delay the next holder.
-const ABANDON_GRACE: Duration = Duration::from_millis(1500);
 /// Bound on releasing the lock after CMD exits.
 const RELEASE_BOUND: Duration = Duration::from_secs(10);
 
@@ -81,9 +76,6 @@ pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<LockGuard, CliErr
         }
         None => b.lock(&job.name, &opts).await.map_err(CliError::from),
     };
-    if result.is_err() {
-        tokio::time::sleep(ABANDON_GRACE).await;
-    }
     result
 }
 
