@@ -50,6 +50,7 @@ pub mod error;
 pub mod fencing;
 pub mod key;
 pub mod kv;
+pub mod lease;
 pub mod lock;
 pub mod shard;
 pub mod trace;

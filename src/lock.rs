@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::lease::Lease;
 
 /// The default lock TTL: how long a holder that stops renewing (crashed, paused, partitioned)
 /// keeps others out.
@@ -126,6 +127,9 @@ pub struct LockGuard {
     name: String,
     token: FencingToken,
     lost: CancellationToken,
+    lease: Option<Lease>,
+    /// The runtime the guard was made on: a guard dropped outside any runtime releases there.
+    rt: Option<tokio::runtime::Handle>,
     handle: Option<Box<dyn LockHandle>>,
 }
 
@@ -152,8 +156,19 @@ impl LockGuard {
             name: name.into(),
             token,
             lost,
+            lease: None,
+            rt: tokio::runtime::Handle::try_current().ok(),
             handle: Some(handle),
         }
+    }
+
+    /// Ties the guard to the [`Lease`] clock its lock depends on: [`is_lost`](Self::is_lost)
+    /// then also compares the clock with the lease's deadline, so it is right even before the
+    /// lease's timer task has run. `lost` (given to [`new`](Self::new)) should be a child of
+    /// [`Lease::lost_token`]. For backend implementations.
+    pub fn with_lease(mut self, lease: &Lease) -> Self {
+        self.lease = Some(lease.clone());
+        self
     }
 
     /// The lock's name.
@@ -166,8 +181,14 @@ impl LockGuard {
         self.token
     }
 
-    /// Whether the lock may no longer be held.
+    /// Whether the lock may no longer be held. Past the lease's deadline this is true even if
+    /// the timer that fires [`lost`](Self::lost) has not run yet.
     pub fn is_lost(&self) -> bool {
+        if let Some(lease) = &self.lease {
+            if lease.is_lost() {
+                self.lost.cancel();
+            }
+        }
         self.lost.is_cancelled()
     }
 
@@ -214,6 +235,12 @@ impl LockGuard {
 impl Drop for LockGuard {
     fn drop(&mut self) {
         if let Some(h) = self.handle.take() {
+            // Outside any runtime (a guard moved to a plain thread), the release runs on the
+            // runtime the guard was made on, if it still runs.
+            let _entered = match (tokio::runtime::Handle::try_current(), &self.rt) {
+                (Err(_), Some(rt)) => Some(rt.enter()),
+                _ => None,
+            };
             h.release_detached();
         }
         self.lost.cancel();
@@ -237,10 +264,18 @@ impl Drop for LockGuard {
 pub trait DistLock: Send + Sync + fmt::Debug {
     /// Acquires the lock `name`, waiting at most `opts.wait`.
     ///
+    /// A wait too large to represent as a deadline (such as `Duration::MAX`) waits without
+    /// bound.
+    ///
     /// # Errors
-    /// `Timeout` when `opts.wait` runs out (no trace of the attempt is left behind);
-    /// `InvalidKey` for a bad name; `InvalidArgument` for a TTL below
-    /// [`min_lock_ttl`](crate::Capabilities::min_lock_ttl); `Unavailable`.
+    /// - `Timeout` when `opts.wait` runs out (no trace of the attempt is left behind, and the
+    ///   call returns within `wait` plus one request timeout at most);
+    /// - `LockLost` when the lease or session this attempt depends on was lost (expired, or
+    ///   not renewable within its TTL) before the lock was granted, on every backend;
+    /// - `InvalidKey` for a bad name; `InvalidArgument` for a TTL below
+    ///   [`min_lock_ttl`](crate::Capabilities::min_lock_ttl) or one the server would not honour;
+    /// - `Unavailable` when the backend cannot be reached, `Timeout` when a single request to
+    ///   it got no answer within the backend's request timeout (see the error's message).
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard>;
 
     /// Acquires the lock `name` if it is free right now; `Ok(None)` at once if it is held (or
