@@ -23,10 +23,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::kv::{classify, open_watch, RawEvent};
-use crate::lease::{deadline_after, until, Lease, Renew, RenewPolicy, Renewal};
 use super::{error, grant_lease, ttl_secs, EtcdStore, Inner, NAME};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::validate_lock_name;
+use crate::lease::{deadline_after, until, Lease, Renew, RenewPolicy, Renewal};
 use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
 
 /// A lease shared by every lock of one client with one TTL, kept alive by the lease clock
@@ -65,7 +65,11 @@ impl Renew for Renewer {
                     self.keeper = keeper;
                     let secs = u64::try_from(secs).unwrap_or(0);
                     // Opening a stream confirms the granted TTL without reporting it.
-                    let ttl = if secs == 0 { self.ttl } else { Duration::from_secs(secs) };
+                    let ttl = if secs == 0 {
+                        self.ttl
+                    } else {
+                        Duration::from_secs(secs)
+                    };
                     Ok(Renewal::Confirmed(ttl))
                 }
                 Ok(None) => Ok(Renewal::Gone(format!(
@@ -217,7 +221,8 @@ fn spawn_cleanup(inner: &Arc<Inner>, mut c: Cleanup) {
                 // The key dies with its lease, which is no longer renewed.
                 break;
             }
-            match delete_key_rev(&inner, &c.key, c.rev, &c.name).await {
+            let r = delete_key_rev(&inner, &c.key, c.rev, &c.name).await;
+            match r {
                 Ok(()) => break,
                 Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::InvalidArgument | ErrorKind::InvalidKey) => {
                     tracing::warn!(key = %c.key, error = %e, "cannot delete a lock key; giving up its lease");
@@ -259,7 +264,10 @@ async fn delete_key_rev(inner: &Inner, key: &str, rev: Option<i64>, name: &str) 
                     CompareOp::Equal,
                     rev,
                 )])
-                .and_then(vec![TxnOp::delete(key.to_string(), Some(DeleteOptions::new()))]);
+                .and_then(vec![TxnOp::delete(
+                    key.to_string(),
+                    Some(DeleteOptions::new()),
+                )]);
             inner
                 .call("releasing the lock", Some(name), || {
                     let (mut kv, t) = (inner.kv.clone(), txn.clone());
