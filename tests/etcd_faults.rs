@@ -549,3 +549,56 @@ async fn authentication() {
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "no credentials: {e}");
 }
+
+/// A watch of a quiet prefix does not report a false gap: while other keys change and history
+/// is compacted, the server's progress notifications move the watch's resume point, so after
+/// a cut connection it resumes without `WatchGap` and without any event, and still delivers
+/// the next change of its prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_watch_survives_compaction_and_a_cut() {
+    let server =
+        EtcdCluster::start_with(1, &["--experimental-watch-progress-notify-interval=300ms"]);
+    let proxy = Proxy::start(server.members[0].client_port).await;
+    let watcher = coordkit::connect(&proxy.url("?timeout=2s&connect_timeout=1s"))
+        .await
+        .expect("connect through proxy");
+    let writer = coordkit::connect(&server.url()).await.expect("connect");
+    let mut w = watcher.watch("quiet/").await.expect("watch");
+    let mut last = 0;
+    let mut puts = Vec::new();
+    for i in 0..1000 {
+        let writer = writer.clone();
+        puts.push(tokio::spawn(async move {
+            writer
+                .put(
+                    &format!("busy/k{}", i % 50),
+                    vec![b'x'; 16],
+                    PutOptions::default(),
+                )
+                .await
+        }));
+    }
+    for p in puts {
+        last = last.max(p.await.expect("task").expect("put").as_raw());
+    }
+    // Let at least two progress notifications pass the 1,000 writes.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (ok, _, err) = etcdctl(&server.endpoints(), &["compact", &last.to_string()]);
+    assert!(ok, "compact: {err}");
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.restore();
+    let quiet = tokio::time::timeout(Duration::from_secs(4), w.next()).await;
+    assert!(
+        quiet.is_err(),
+        "a quiet prefix reported something after the cut: {quiet:?}"
+    );
+    writer
+        .put("quiet/a", b"1".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    match next_event(&mut w, Duration::from_secs(10)).await {
+        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, "quiet/a"),
+        other => panic!("the resumed watch missed the write: {other:?}"),
+    }
+}

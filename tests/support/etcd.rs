@@ -64,6 +64,8 @@ pub struct Member {
     pub data_dir: PathBuf,
     dir: PathBuf,
     initial_cluster: String,
+    /// Extra command-line flags for this member.
+    extra: Vec<String>,
     restarts: u32,
     proc: Option<Proc>,
 }
@@ -78,6 +80,7 @@ impl Member {
             data_dir: dir.join(format!("{name}.etcd")),
             dir: dir.to_path_buf(),
             initial_cluster: String::new(),
+            extra: Vec::new(),
             restarts: 0,
             proc: None,
         }
@@ -122,6 +125,7 @@ impl Member {
                     .map(|n| n.to_string_lossy().to_string())
                     .unwrap_or_default(),
             );
+        cmd.args(&self.extra);
         self.proc = Some(Proc::spawn(&format!("etcd {}", self.name), &mut cmd, &log));
     }
 
@@ -175,6 +179,11 @@ impl EtcdCluster {
     /// Starts `n` members on free loopback ports and waits until every one is healthy.
     /// Panics (failing the test) if they are not healthy within 30 s.
     pub fn start(n: usize) -> EtcdCluster {
+        Self::start_with(n, &[])
+    }
+
+    /// [`EtcdCluster::start`] with extra etcd flags on every member.
+    pub fn start_with(n: usize, extra: &[&str]) -> EtcdCluster {
         assert!(n >= 1);
         assert!(
             Path::new(&etcd_bin()).exists(),
@@ -192,6 +201,7 @@ impl EtcdCluster {
             .join(",");
         for m in &mut members {
             m.initial_cluster = initial.clone();
+            m.extra = extra.iter().map(|a| a.to_string()).collect();
             m.spawn();
         }
         let mut c = EtcdCluster { members, dir };

@@ -270,6 +270,13 @@ pub(crate) async fn open_watch(
     if start_rev > 0 {
         opts = opts.with_start_revision(start_rev);
     }
+    if !deletes_only {
+        // The server's timed progress notifications (no events, the header's revision) let a
+        // watch of a quiet prefix advance its resume point. Only the timed ones are used: a
+        // progress notification *requested* by the client can overtake events still queued on
+        // etcd before 3.4.24 / 3.5.8 (etcd issue 15220), and using it would skip them.
+        opts = opts.with_progress_notify();
+    }
     // Ok(Err(compact_revision)): the start revision was compacted.
     let opened = inner
         .call("watch", Some(shown), || {
@@ -381,6 +388,12 @@ async fn pump(
                     // the last event's revision is delivered.
                     if let Some(last) = resp.events().iter().filter_map(|e| e.kv()).next_back() {
                         delivered = delivered.max(last.mod_revision());
+                    } else if !resp.created() {
+                        // A timed progress notification: every event of this prefix up to the
+                        // header's revision has been sent (on the same stream, before it).
+                        if let Some(h) = resp.header() {
+                            delivered = delivered.max(h.revision());
+                        }
                     }
                     continue;
                 }
