@@ -602,3 +602,88 @@ async fn quiet_watch_survives_compaction_and_a_cut() {
         other => panic!("the resumed watch missed the write: {other:?}"),
     }
 }
+
+/// A watch whose credentials lose the right to read its prefix ends with `PermissionDenied`
+/// (after the next reconnect) instead of retrying for ever while the consumer waits for events
+/// that never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ends_when_permission_is_revoked() {
+    let server = EtcdCluster::start(1);
+    let eps = server.endpoints();
+    let ctl = |args: &[&str]| {
+        let (ok, out, err) = etcdctl(&eps, args);
+        assert!(ok, "etcdctl {args:?}: {out}{err}");
+    };
+    let as_root = |args: &[&str]| {
+        let mut all = vec!["--user", "root:rootpw"];
+        all.extend_from_slice(args);
+        let (ok, out, err) = etcdctl(&eps, &all);
+        assert!(ok, "etcdctl {args:?}: {out}{err}");
+    };
+    ctl(&[
+        "user",
+        "add",
+        "root",
+        "--new-user-password=rootpw",
+        "--interactive=false",
+    ]);
+    ctl(&["user", "grant-role", "root", "root"]);
+    ctl(&["role", "add", "reader"]);
+    ctl(&["role", "grant-permission", "reader", "read", "kv/"]);
+    ctl(&[
+        "role",
+        "grant-permission",
+        "reader",
+        "--prefix=true",
+        "read",
+        "kv/authw/",
+    ]);
+    ctl(&[
+        "user",
+        "add",
+        "u",
+        "--new-user-password=upw",
+        "--interactive=false",
+    ]);
+    ctl(&["user", "grant-role", "u", "reader"]);
+    ctl(&["auth", "enable"]);
+
+    let proxy = Proxy::start(server.members[0].client_port).await;
+    let watcher = coordkit::connect(&format!(
+        "etcd://u:upw@127.0.0.1:{}?timeout=2s&connect_timeout=1s",
+        proxy.port
+    ))
+    .await
+    .expect("connect as u through the proxy");
+    let writer = coordkit::connect(&format!(
+        "etcd://root:rootpw@{}",
+        server.members[0].endpoint()
+    ))
+    .await
+    .expect("connect as root");
+    let mut w = watcher.watch("authw/").await.expect("watch");
+    writer
+        .put("authw/a", b"1".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    assert!(matches!(
+        next_event(&mut w, Duration::from_secs(5)).await,
+        Ok(WatchEvent::Put(_))
+    ));
+    as_root(&[
+        "role",
+        "revoke-permission",
+        "reader",
+        "--prefix=true",
+        "kv/authw/",
+    ]);
+    proxy.cut();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.restore();
+    match tokio::time::timeout(Duration::from_secs(15), w.next()).await {
+        Ok(Some(Err(e))) => assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}"),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    let end = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
+    assert!(matches!(end, Ok(None)), "the stream must end: {end:?}");
+}

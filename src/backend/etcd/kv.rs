@@ -288,7 +288,10 @@ pub(crate) async fn open_watch(
                     match stream.message().await? {
                         Some(resp) if resp.canceled() => {
                             if resp.compact_revision() > 0 {
-                                return Ok(Err(resp.compact_revision()));
+                                return Ok(Err(Refused::Compacted(resp.compact_revision())));
+                            }
+                            if is_denied(resp.cancel_reason()) {
+                                return Ok(Err(Refused::Denied(resp.cancel_reason().to_string())));
                             }
                             return Err(etcd_client::Error::WatchError(format!(
                                 "etcd canceled the watch at creation: {}",
@@ -310,7 +313,40 @@ pub(crate) async fn open_watch(
             }
         })
         .await?;
-    opened.map_err(|compacted| gap(shown, start_rev - 1, compacted))
+    opened.map_err(|refused| match refused {
+        Refused::Compacted(compacted) => gap(shown, start_rev - 1, compacted),
+        Refused::Denied(reason) => denied(shown, &reason),
+    })
+}
+
+/// Why etcd refused to create a watch, when that is final.
+enum Refused {
+    /// The start revision was compacted (up to this revision).
+    Compacted(i64),
+    /// The credentials do not allow reading the prefix.
+    Denied(String),
+}
+
+/// Whether a watch's cancel reason says that the credentials do not allow it.
+fn is_denied(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    r.contains("permission denied")
+        || r.contains("invalid auth token")
+        || r.contains("user name is empty")
+}
+
+fn denied(shown: &str, reason: &str) -> Error {
+    Error::new(
+        ErrorKind::PermissionDenied,
+        NAME,
+        format!("etcd refused the watch: {reason}"),
+    )
+    .with_key(shown)
+}
+
+/// Errors after which re-watching cannot help: the stream ends with them.
+fn is_final(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::WatchGap | ErrorKind::PermissionDenied)
 }
 
 /// One event of an etcd watch response, classified without `Event::event_type` (which panics
@@ -357,6 +393,10 @@ async fn pump(
                             .await;
                         return;
                     }
+                    if is_denied(resp.cancel_reason()) {
+                        let _ = tx.send(Err(denied(&shown, resp.cancel_reason()))).await;
+                        return;
+                    }
                     // Canceled for another reason (no leader, …): re-watch.
                 } else {
                     for ev in resp.events() {
@@ -400,7 +440,12 @@ async fn pump(
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::debug!(prefix = %shown, error = %error::map(e, "watch"), "watch stream broke; resuming");
+                let e = error::map(e, "watch");
+                if is_final(e.kind()) {
+                    let _ = tx.send(Err(e.with_key(shown.clone()))).await;
+                    return;
+                }
+                tracing::debug!(prefix = %shown, error = %e, "watch stream broke; resuming");
             }
         }
         // Re-watch from the revision after the last delivered one, until it works, the user
@@ -414,7 +459,7 @@ async fn pump(
                     stream = s;
                     break;
                 }
-                Err(e) if e.kind() == ErrorKind::WatchGap => {
+                Err(e) if is_final(e.kind()) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }
