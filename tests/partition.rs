@@ -10,8 +10,9 @@
 //! (`LockLost` or `Ok`, no panic, bounded), and B's lock must be undisturbed: B's guard not
 //! lost, a third client's `try_lock` gets `None`, and B's token is above A's.
 //!
-//! Per backend, at its smallest lock TTL (`Capabilities::min_lock_ttl`), with the client's
-//! default request timeout and with a request timeout of 3 × TTL. The cases of a run (20 by
+//! Per backend, at its smallest lock TTL (`Capabilities::min_lock_ttl`): a stall with the
+//! client's default request timeout, a stall with a request timeout of 3 × TTL, and a reset of
+//! every connection (new ones too) with the default request timeout. The cases of a run (20 by
 //! default, `COORDKIT_PARTITION_CASES=N` for more) run at once on distinct lock names, each
 //! with its own clients, their acquisitions spread over one TTL so that the stall hits each at
 //! a different point of its renewal cycle; `COORDKIT_PARTITION_RUNS=N` repeats every run N
@@ -602,24 +603,43 @@ mod consul {
         });
     }
 
+    /// The three settings run at once (each with its own simulator and proxy): their 10 s TTL,
+    /// reaped after 2 × TTL, makes each take half a minute.
     #[test]
     fn consul_sim_holder_partitioned_min_ttl() {
-        consul_run("consul-sim", "", DEFAULT_TIMEOUT, Fault::Stall);
-    }
-
-    #[test]
-    fn consul_sim_holder_partitioned_min_ttl_request_timeout_3x_ttl() {
-        // The smallest session TTL is 10 s: a request timeout of 30 s.
-        consul_run(
-            "consul-sim-timeout-30s",
-            "?timeout=30s",
-            Duration::from_secs(30),
-            Fault::Stall,
-        );
-    }
-
-    #[test]
-    fn consul_sim_holder_connections_reset_min_ttl() {
-        consul_run("consul-sim-reset", "", DEFAULT_TIMEOUT, Fault::Reset);
+        let settings: [(&str, &str, Duration, Fault); 3] = [
+            ("consul-sim", "", DEFAULT_TIMEOUT, Fault::Stall),
+            // The smallest session TTL is 10 s: a request timeout of 30 s.
+            (
+                "consul-sim-timeout-30s",
+                "?timeout=30s",
+                Duration::from_secs(30),
+                Fault::Stall,
+            ),
+            ("consul-sim-reset", "", DEFAULT_TIMEOUT, Fault::Reset),
+        ];
+        let failed: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = settings
+                .iter()
+                .map(|(label, query, timeout, fault)| {
+                    scope.spawn(move || consul_run(label, query, *timeout, *fault))
+                })
+                .collect();
+            handles
+                .into_iter()
+                .zip(&settings)
+                .filter_map(|(h, (label, ..))| {
+                    h.join().err().map(|e| {
+                        let msg = e
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_default();
+                        format!("{label}: {msg}")
+                    })
+                })
+                .collect()
+        });
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
     }
 }
