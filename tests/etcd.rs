@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use coordkit::{Consistency, ErrorKind, LockOptions, PutOptions};
-use support::etcd::{etcdctl, shared, ETCDCTL_BIN};
+use support::etcd::{etcdctl, etcdctl_bin, shared};
 use support::{fresh_dir, wait_until, Proc};
 
 /// Starts `etcdctl lock locks/<name> sh -c …`: the shell touches `<dir>/acquired` once etcdctl
@@ -31,7 +31,7 @@ fn etcdctl_lock(name: &str, dir: &Path) -> Proc {
         "touch '{d}/acquired'; while [ ! -f '{d}/release' ]; do sleep 0.05; done",
         d = dir.display()
     );
-    let mut cmd = Command::new(ETCDCTL_BIN);
+    let mut cmd = Command::new(etcdctl_bin());
     cmd.env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(shared().endpoints())
@@ -397,4 +397,91 @@ async fn timed_out_lock_leaves_no_key_behind() {
         .expect("b locks after the release");
     assert!(started.elapsed() < Duration::from_secs(5));
     next.release().await.expect("release b");
+}
+
+/// A release cut short (its future dropped before etcd answered) must not leave the lock key
+/// on the client's lease, which goes on being renewed for the client's other locks: the key
+/// is deleted in the background, and another client gets the lock at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_release_leaves_no_key_on_the_kept_alive_lease() {
+    let name = format!("cut-release-{}", std::process::id());
+    let a = coordkit::connect(&shared().url()).await.expect("connect a");
+    let b = coordkit::connect(&shared().url()).await.expect("connect b");
+    let opts = LockOptions::new().ttl(Duration::from_secs(20));
+    // Keeps the shared lease alive for as long as the test runs.
+    let keep = a
+        .lock(&format!("{name}-keep"), &opts)
+        .await
+        .expect("lock keep");
+    for round in 0..3 {
+        let held = a.lock(&name, &opts).await.expect("a locks");
+        {
+            let mut release = Box::pin(held.release());
+            // One poll, then the future is dropped: the delete never completes in it.
+            let _ = futures::poll!(release.as_mut());
+        }
+        let started = Instant::now();
+        let next = b
+            .lock(&name, &opts.clone().wait(Duration::from_secs(15)))
+            .await
+            .unwrap_or_else(|e| panic!("round {round}: the cut-short release kept the lock: {e}"));
+        // Without the background delete the key would stay for good (the lease is renewed).
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "round {round}: the key was removed only after {:?}",
+            started.elapsed()
+        );
+        assert!(!keep.is_lost());
+        next.release().await.expect("release b");
+    }
+    keep.release().await.expect("release keep");
+}
+
+/// A `try_lock` or `lock` attempt cancelled while its key is queued leaves no key behind:
+/// the next contender is not held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_attempt_leaves_no_key_on_the_kept_alive_lease() {
+    let name = format!("cut-attempt-{}", std::process::id());
+    let a = coordkit::connect(&shared().url()).await.expect("connect a");
+    let b = coordkit::connect(&shared().url()).await.expect("connect b");
+    let c = coordkit::connect(&shared().url()).await.expect("connect c");
+    let opts = LockOptions::new().ttl(Duration::from_secs(20));
+    let keep = b
+        .lock(&format!("{name}-keep"), &opts)
+        .await
+        .expect("lock keep");
+    let held = a.lock(&name, &opts).await.expect("a locks");
+    // b queues behind a, then gives up by dropping the future.
+    let cut = tokio::time::timeout(Duration::from_millis(300), b.lock(&name, &opts)).await;
+    assert!(cut.is_err(), "b cannot have the held lock");
+    held.release().await.expect("release a");
+    let started = Instant::now();
+    let next = c
+        .lock(&name, &opts.clone().wait(Duration::from_secs(5)))
+        .await
+        .expect("c waited behind b's abandoned key");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    next.release().await.expect("release c");
+    keep.release().await.expect("release keep");
+}
+
+/// The server under test is the etcd version the test command asked for
+/// (`COORDKIT_ETCD_VERSION`, a prefix such as `3.5.`), so that a run meant for etcd 3.5 cannot
+/// silently test another version. Without the variable, any version passes.
+#[test]
+fn server_is_the_requested_etcd_version() {
+    let Ok(want) = std::env::var("COORDKIT_ETCD_VERSION") else {
+        return;
+    };
+    let (ok, out, err) = etcdctl(&shared().endpoints(), &["endpoint", "status", "-w", "json"]);
+    assert!(ok, "etcdctl endpoint status: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+    let version = v[0]["Status"]["version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        version.starts_with(&want),
+        "the etcd server is {version:?}, not {want}*"
+    );
 }

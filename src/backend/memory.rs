@@ -7,13 +7,14 @@
 //! etcd's revision, so tokens are comparable across locks.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use crate::caps::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
@@ -21,6 +22,7 @@ use crate::key::{matches_prefix, validate_key, validate_lock_name, validate_pref
 use crate::kv::{
     Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream,
 };
+use crate::lease::{Lease, Renew, RenewPolicy, Renewal};
 use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
 
 const NAME: &str = "memory";
@@ -84,11 +86,12 @@ struct LockState {
     waiters: VecDeque<Waiter>,
 }
 
+/// The store's side of a held lock: it expires at `deadline` (the "server" clock), which
+/// renewals push forward; the holder's lease clock fires its lost signal a margin earlier.
 struct Holder {
     id: u64,
     ttl: Duration,
     deadline: Instant,
-    lost: CancellationToken,
 }
 
 struct Waiter {
@@ -99,7 +102,8 @@ struct Waiter {
 
 struct Grant {
     token: u64,
-    lost: CancellationToken,
+    /// When the store granted the lock and started its expiry clock.
+    granted_at: Instant,
 }
 
 impl State {
@@ -185,17 +189,16 @@ impl State {
             return;
         }
         while let Some(w) = ls.waiters.pop_front() {
-            let lost = CancellationToken::new();
+            let now = Instant::now();
             let grant = Grant {
                 token,
-                lost: lost.clone(),
+                granted_at: now,
             };
             if w.tx.send(grant).is_ok() {
                 ls.holder = Some(Holder {
                     id: w.id,
                     ttl: w.ttl,
-                    deadline: deadline_after(Instant::now(), w.ttl),
-                    lost,
+                    deadline: deadline_after(now, w.ttl),
                 });
                 self.rev = token;
                 return;
@@ -211,7 +214,6 @@ impl State {
         };
         match &ls.holder {
             Some(h) if h.id == id => {
-                h.lost.cancel();
                 ls.holder = None;
                 self.grant_next(name);
                 true
@@ -266,19 +268,29 @@ impl MemoryStore {
     }
 
     fn guard(&self, name: &str, id: u64, ttl: Duration, grant: Grant) -> LockGuard {
+        let renewer = MemoryRenewer {
+            shared: Arc::downgrade(&self.shared),
+            name: name.to_string(),
+            id,
+        };
+        let policy = RenewPolicy {
+            attempt_timeout: ttl,
+        };
+        let lease = Lease::start(renewer, grant.granted_at, ttl, policy);
+        spawn_reaper(Arc::downgrade(&self.shared), name.to_string(), id);
         let handle = MemoryLock {
             shared: Arc::downgrade(&self.shared),
             name: name.to_string(),
             id,
-            suspended: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            lease: lease.clone(),
         };
-        handle.spawn_lease(ttl, grant.lost.clone());
         LockGuard::new(
             name,
             FencingToken::from_raw(grant.token),
-            grant.lost,
+            lease.lost_token().child_token(),
             Box::new(handle),
         )
+        .with_lease(&lease)
     }
 
     fn check_lock_args(name: &str, opts: &LockOptions) -> Result<()> {
@@ -468,8 +480,8 @@ impl DistLock for MemoryStore {
         let rx = ticket.rx.as_mut().ok_or_else(|| {
             Error::new(ErrorKind::Backend, NAME, "lock ticket without receiver").with_key(name)
         })?;
-        let granted = match opts.wait {
-            Some(wait) => tokio::time::timeout(wait, rx).await,
+        let granted = match crate::lease::deadline_after(opts.wait) {
+            Some(at) => tokio::time::timeout_at(at, rx).await,
             None => Ok(rx.await),
         };
         match granted {
@@ -543,56 +555,75 @@ struct MemoryLock {
     shared: Weak<Shared>,
     name: String,
     id: u64,
-    suspended: Arc<std::sync::atomic::AtomicBool>,
+    lease: Lease,
+}
+
+/// Renews a held lock in the store: pushes the holder's expiry one TTL past now.
+struct MemoryRenewer {
+    shared: Weak<Shared>,
+    name: String,
+    id: u64,
+}
+
+impl Renew for MemoryRenewer {
+    fn renew(&mut self) -> Pin<Box<dyn Future<Output = Result<Renewal>> + Send + '_>> {
+        let r = (|| {
+            let shared = self.shared.upgrade()?;
+            let mut state = shared.lock();
+            let holder = state
+                .locks
+                .get_mut(&self.name)
+                .and_then(|ls| ls.holder.as_mut())
+                .filter(|h| h.id == self.id)?;
+            let now = Instant::now();
+            if holder.deadline <= now {
+                return None;
+            }
+            holder.deadline = deadline_after(now, holder.ttl);
+            Some(holder.ttl)
+        })();
+        Box::pin(async move {
+            Ok(match r {
+                Some(ttl) => Renewal::Confirmed(ttl),
+                None => Renewal::Gone("the lock expired in the store".into()),
+            })
+        })
+    }
+}
+
+/// The store's expiry of a held lock, independent of the holder: ends the hold when its
+/// deadline passes without a renewal.
+fn spawn_reaper(shared: Weak<Shared>, name: String, id: u64) {
+    tokio::spawn(async move {
+        loop {
+            let at = {
+                let Some(shared) = shared.upgrade() else {
+                    return;
+                };
+                let mut state = shared.lock();
+                let Some(holder) = state
+                    .locks
+                    .get(&name)
+                    .and_then(|ls| ls.holder.as_ref())
+                    .filter(|h| h.id == id)
+                else {
+                    return;
+                };
+                let at = holder.deadline;
+                if at <= Instant::now() {
+                    state.end_hold(&name, id);
+                    return;
+                }
+                at
+            };
+            tokio::time::sleep_until(at).await;
+        }
+    });
 }
 
 impl MemoryLock {
-    /// Renews the lease every TTL/3 (unless suspended) and expires it when its deadline passes.
-    fn spawn_lease(&self, ttl: Duration, lost: CancellationToken) {
-        let shared = self.shared.clone();
-        let name = self.name.clone();
-        let id = self.id;
-        let suspended = self.suspended.clone();
-        tokio::spawn(async move {
-            let renew_every = ttl / 3;
-            loop {
-                let deadline = {
-                    let Some(shared) = shared.upgrade() else {
-                        return;
-                    };
-                    let mut state = shared.lock();
-                    let now = Instant::now();
-                    let Some(holder) = state
-                        .locks
-                        .get_mut(&name)
-                        .and_then(|ls| ls.holder.as_mut())
-                        .filter(|h| h.id == id)
-                    else {
-                        return;
-                    };
-                    if !suspended.load(std::sync::atomic::Ordering::SeqCst) {
-                        holder.deadline = deadline_after(now, holder.ttl);
-                    }
-                    if holder.deadline <= now {
-                        state.end_hold(&name, id);
-                        return;
-                    }
-                    holder.deadline
-                };
-                let wake = if suspended.load(std::sync::atomic::Ordering::SeqCst) {
-                    deadline
-                } else {
-                    deadline_after(Instant::now(), renew_every).min(deadline)
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep_until(wake) => {}
-                    _ = lost.cancelled() => return,
-                }
-            }
-        });
-    }
-
     fn release_now(&self) {
+        self.lease.stop();
         if let Some(shared) = self.shared.upgrade() {
             shared.lock().end_hold(&self.name, self.id);
         }
@@ -611,8 +642,7 @@ impl LockHandle for MemoryLock {
     }
 
     fn suspend_keep_alive(&self) {
-        self.suspended
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.lease.suspend();
     }
 }
 

@@ -367,3 +367,129 @@ pub async fn run_locked_job(h: &Harness) {
     let after = ok("try_lock after job", b.try_lock(&name, &opts())).await;
     assert!(after.is_some(), "[{}] run_locked did not release", h.name());
 }
+
+/// A guard dropped on a thread with no tokio runtime still ends its lock: another client gets
+/// it well before the TTL, while the dropping client keeps other locks (and so its lease or
+/// session) alive.
+pub async fn guard_dropped_off_runtime_releases(h: &Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    let scope = h.scope("offrt");
+    let keep = ok("lock", a.lock(&format!("{scope}keep"), &opts())).await;
+    let name = format!("{scope}dropped");
+    let held = ok("lock", a.lock(&name, &opts())).await;
+    let dropped = std::thread::spawn(move || drop(held)).join();
+    assert!(
+        dropped.is_ok(),
+        "[{}] dropping off the runtime panicked",
+        h.name()
+    );
+    let started = Instant::now();
+    let next = bounded(
+        "lock after an off-runtime drop",
+        b.lock(&name, &opts().wait(Duration::from_secs(15))),
+    )
+    .await;
+    let next = match next {
+        Ok(g) => g,
+        Err(e) => panic!(
+            "[{}] a guard dropped outside a runtime kept its lock: {e}",
+            h.name()
+        ),
+    };
+    // The TTL is 20 s and the other lock keeps the lease or session alive: a lock that is not
+    // ended by the drop stays held far longer.
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "[{}] released only after {:?}",
+        h.name(),
+        started.elapsed()
+    );
+    assert!(!keep.is_lost(), "[{}] the other lock was lost", h.name());
+    ok("release", next.release()).await;
+    ok("release", keep.release()).await;
+}
+
+/// Every valid name is its own lock: holding `n/a/b` does not block `n/a`, holding `n/a` does
+/// not block `n/a/b`, on other clients and on the holding client itself.
+pub async fn nested_lock_names_are_independent(h: &Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    let scope = h.scope("nested");
+    let (outer, inner) = (format!("{scope}a"), format!("{scope}a/b"));
+    let short = opts().wait(Duration::from_secs(5));
+
+    let deep = ok("lock a/b", a.lock(&inner, &opts())).await;
+    let got = ok("try_lock a beside a/b", b.try_lock(&outer, &opts())).await;
+    assert!(
+        got.is_some(),
+        "[{}] holding {inner:?} blocks try_lock({outer:?})",
+        h.name()
+    );
+    ok("release", got.expect("checked").release()).await;
+    // The holder of a/b takes a: it must not wait behind its own nested lock.
+    let same = bounded("lock a by the holder of a/b", a.lock(&outer, &short)).await;
+    let same = match same {
+        Ok(g) => g,
+        Err(e) => panic!(
+            "[{}] the holder of {inner:?} cannot lock {outer:?}: {e}",
+            h.name()
+        ),
+    };
+    ok("release", deep.release()).await;
+    // Now a is held: a/b and a/b/c are free.
+    let below = ok("try_lock a/b beside a", b.try_lock(&inner, &opts())).await;
+    assert!(
+        below.is_some(),
+        "[{}] holding {outer:?} blocks try_lock({inner:?})",
+        h.name()
+    );
+    let deeper = bounded(
+        "lock a/b/c beside a and a/b",
+        b.lock(&format!("{inner}/c"), &short),
+    )
+    .await;
+    assert!(
+        deeper.is_ok(),
+        "[{}] {inner:?}/c blocked by its parents: {:?}",
+        h.name(),
+        deeper.err()
+    );
+    // And a is still exclusive.
+    let other = ok("try_lock a while held", b.try_lock(&outer, &opts())).await;
+    assert!(
+        other.is_none(),
+        "[{}] {outer:?} was not exclusive",
+        h.name()
+    );
+    ok("release", below.expect("checked").release()).await;
+    ok("release", deeper.expect("checked").release()).await;
+    ok("release", same.release()).await;
+}
+
+/// A wait too large to represent as a deadline means "unbounded": no panic, no instant
+/// timeout, and the waiter gets the lock when it is released.
+pub async fn absurd_wait_is_unbounded(h: &Harness) {
+    let a = h.open().await;
+    let b = h.open().await;
+    let name = format!("{}huge", h.scope("wait"));
+    let huge = opts().wait(Duration::MAX);
+    let first = ok("lock with wait MAX", a.lock(&name, &huge)).await;
+    let waiter = {
+        let (b, name, huge) = (b.clone(), name.clone(), huge.clone());
+        tokio::spawn(async move { b.lock(&name, &huge).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "[{}] a wait of Duration::MAX ended at once",
+        h.name()
+    );
+    ok("release", first.release()).await;
+    let next = match bounded("waiter with wait MAX", waiter).await {
+        Ok(Ok(g)) => g,
+        Ok(Err(e)) => panic!("[{}] waiter with wait MAX failed: {e}", h.name()),
+        Err(e) => panic!("[{}] waiter with wait MAX panicked: {e}", h.name()),
+    };
+    ok("release", next.release()).await;
+}

@@ -136,6 +136,9 @@ pub const ALL: &[&str] = &[
     "release_hands_over_promptly",
     "dropped_guard_releases",
     "run_locked_job",
+    "guard_dropped_off_runtime_releases",
+    "nested_lock_names_are_independent",
+    "absurd_wait_is_unbounded",
 ];
 
 /// Generates one `#[tokio::test]` per conformance test, each calling
@@ -148,7 +151,8 @@ macro_rules! conformance_tests {
             watch_order_and_start, invalid_keys_rejected, oversized_value_rejected,
             lock_mutual_exclusion, fencing_tokens_increase, try_lock_on_held_lock,
             lock_wait_times_out, lost_fires_when_lease_lapses, release_hands_over_promptly,
-            dropped_guard_releases, run_locked_job);
+            dropped_guard_releases, run_locked_job, guard_dropped_off_runtime_releases,
+            nested_lock_names_are_independent, absurd_wait_is_unbounded);
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {
         $(

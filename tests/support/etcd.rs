@@ -20,10 +20,16 @@ use std::time::Duration;
 
 use super::{free_port, fresh_dir, wait_until, Proc};
 
-/// The etcd server binary (Debian package `etcd-server`).
-pub const ETCD_BIN: &str = "/usr/bin/etcd";
-/// The etcdctl binary (Debian package `etcd-client`).
-pub const ETCDCTL_BIN: &str = "/usr/bin/etcdctl";
+/// The etcd server binary: `$COORDKIT_ETCD_BIN`, or Debian's (package `etcd-server`).
+/// `scripts/test.sh` runs the etcd tests a second time with etcd 3.5 this way.
+pub fn etcd_bin() -> String {
+    std::env::var("COORDKIT_ETCD_BIN").unwrap_or_else(|_| "/usr/bin/etcd".to_string())
+}
+
+/// The etcdctl binary: `$COORDKIT_ETCDCTL_BIN`, or Debian's (package `etcd-client`).
+pub fn etcdctl_bin() -> String {
+    std::env::var("COORDKIT_ETCDCTL_BIN").unwrap_or_else(|_| "/usr/bin/etcdctl".to_string())
+}
 
 /// How long a start may take before the harness gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -92,7 +98,7 @@ impl Member {
             .dir
             .join(format!("{}-{}.log", self.name, self.restarts));
         self.restarts += 1;
-        let mut cmd = Command::new(ETCD_BIN);
+        let mut cmd = Command::new(etcd_bin());
         cmd.arg("--name")
             .arg(&self.name)
             .arg("--data-dir")
@@ -171,8 +177,9 @@ impl EtcdCluster {
     pub fn start(n: usize) -> EtcdCluster {
         assert!(n >= 1);
         assert!(
-            Path::new(ETCD_BIN).exists(),
-            "{ETCD_BIN} missing: install the Debian package etcd-server (scripts/test.sh does)"
+            Path::new(&etcd_bin()).exists(),
+            "{} missing: install the Debian package etcd-server (scripts/test.sh does)",
+            etcd_bin()
         );
         let dir = fresh_dir("etcd");
         let mut members: Vec<Member> = (0..n)
@@ -229,7 +236,7 @@ impl EtcdCluster {
             if !self.members[i].alive() {
                 continue;
             }
-            let out = Command::new(ETCDCTL_BIN)
+            let out = Command::new(etcdctl_bin())
                 .env("ETCDCTL_API", "3")
                 .args(["--dial-timeout", "2s", "--command-timeout", "3s"])
                 .arg("--endpoints")
@@ -258,7 +265,7 @@ impl EtcdCluster {
                 if j == i || !self.members[j].alive() {
                     continue;
                 }
-                let out = Command::new(ETCDCTL_BIN)
+                let out = Command::new(etcdctl_bin())
                     .env("ETCDCTL_API", "3")
                     .args(["--dial-timeout", "2s", "--command-timeout", "3s"])
                     .arg("--endpoints")
@@ -325,7 +332,7 @@ pub fn shared_url() -> String {
 
 /// Runs `etcdctl` (API v3) against `endpoints` with `args`; returns (success, stdout, stderr).
 pub fn etcdctl(endpoints: &str, args: &[&str]) -> (bool, String, String) {
-    match Command::new(ETCDCTL_BIN)
+    match Command::new(etcdctl_bin())
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(endpoints)

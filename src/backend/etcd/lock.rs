@@ -7,6 +7,8 @@
 //! created just before its own. The holder's create revision is the fencing token.
 
 use std::collections::BTreeSet;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,22 +26,90 @@ use super::kv::{classify, open_watch, RawEvent};
 use super::{error, grant_lease, ttl_secs, EtcdStore, Inner, NAME};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::validate_lock_name;
+use crate::lease::{deadline_after, until, Lease, Renew, RenewPolicy, Renewal};
 use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
 
-/// A lease shared by every lock of one client with one TTL, kept alive in the background.
+/// A lease shared by every lock of one client with one TTL, kept alive by the lease clock
+/// ([`crate::lease`]): its deadline is the send time of the last keep-alive that etcd
+/// answered, plus the TTL, minus the margin.
 pub(crate) struct Session {
     pub(crate) id: i64,
-    ttl: Duration,
-    /// Cancelled when the lease is gone or may be gone (keep-alive answered TTL 0, or no
-    /// renewal succeeded for a whole TTL).
-    pub(crate) lost: CancellationToken,
-    suspended: AtomicBool,
+    pub(crate) lease: Lease,
 }
 
 impl Session {
-    /// Stops renewing this lease (fault tests): every lock on it is lost after the TTL.
+    /// Stops renewing this lease (fault tests): every lock on it is lost at its deadline.
     fn suspend(&self) {
-        self.suspended.store(true, Ordering::SeqCst);
+        self.lease.suspend();
+    }
+}
+
+/// Renews one etcd lease over a keep-alive stream, opened on the first renewal and again after
+/// any failure (a stream whose answer did not come in time is never reused, so an answer is
+/// always that of the keep-alive just sent).
+struct Renewer {
+    client: LeaseClient,
+    id: i64,
+    ttl: Duration,
+    keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+}
+
+impl Renew for Renewer {
+    fn renew(&mut self) -> Pin<Box<dyn Future<Output = Result<Renewal>> + Send + '_>> {
+        Box::pin(async move {
+            // Taken out for the attempt: an attempt dropped half-way leaves no stream behind.
+            let mut keeper = self.keeper.take();
+            let r = renew(&mut self.client, &mut keeper, self.id).await;
+            match r {
+                Ok(Some(secs)) => {
+                    self.keeper = keeper;
+                    let secs = u64::try_from(secs).unwrap_or(0);
+                    // Opening a stream confirms the granted TTL without reporting it.
+                    let ttl = if secs == 0 {
+                        self.ttl
+                    } else {
+                        Duration::from_secs(secs)
+                    };
+                    Ok(Renewal::Confirmed(ttl))
+                }
+                Ok(None) => Ok(Renewal::Gone(format!(
+                    "etcd lease {:x} expired or was revoked",
+                    self.id
+                ))),
+                Err(e) => Err(error::map(e, "lease keep-alive")),
+            }
+        })
+    }
+}
+
+/// One keep-alive round trip: `Some(ttl)` if renewed (`Some(0)`: renewed by opening a new
+/// stream, whose first answer etcd-client checks but does not report), `None` if the lease no
+/// longer exists.
+async fn renew(
+    lease: &mut LeaseClient,
+    keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
+    id: i64,
+) -> std::result::Result<Option<i64>, etcd_client::Error> {
+    let Some((k, stream)) = keeper.as_mut() else {
+        // Opening the stream sends the first keep-alive and checks its answer.
+        return match lease.keep_alive(id).await {
+            Ok(k) => {
+                *keeper = Some(k);
+                Ok(Some(0))
+            }
+            Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg.contains("not found") => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+    };
+    k.keep_alive().await?;
+    match stream.message().await? {
+        Some(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
+        Some(_) => Ok(None),
+        None => Err(etcd_client::Error::LeaseKeepAliveError(
+            "keep-alive stream closed".into(),
+        )),
     }
 }
 
@@ -48,22 +118,31 @@ impl Inner {
     async fn session(self: &Arc<Self>, secs: i64, name: &str) -> Result<Arc<Session>> {
         let mut sessions = self.sessions.lock().await;
         if let Some(s) = sessions.get(&secs) {
-            if !s.lost.is_cancelled() {
+            if !s.lease.is_lost() && !s.lease.is_stopped() {
                 return Ok(s.clone());
             }
         }
+        let sent = Instant::now();
         let id = grant_lease(self, secs, name).await?;
         let ttl = Duration::from_secs(u64::try_from(secs).unwrap_or(1));
-        let session = Arc::new(Session {
+        let renewer = Renewer {
+            client: self.lease.clone(),
             id,
             ttl,
-            lost: CancellationToken::new(),
-            suspended: AtomicBool::new(false),
+            keeper: None,
+        };
+        let policy = RenewPolicy {
+            attempt_timeout: self.config.request_timeout,
+        };
+        let session = Arc::new(Session {
+            id,
+            lease: Lease::start(renewer, sent, ttl, policy),
         });
-        tokio::spawn(keep_alive(
+        tokio::spawn(revoke_on_shutdown(
             self.lease.clone(),
             self.config.request_timeout,
-            session.clone(),
+            id,
+            session.lease.clone(),
             self.shutdown.clone(),
         ));
         sessions.insert(secs, session.clone());
@@ -90,100 +169,113 @@ impl Inner {
     }
 }
 
-/// Renews `session` every third of its TTL until the store is dropped (then revokes it) or
-/// the lease is lost.
-async fn keep_alive(
-    mut lease: LeaseClient,
+/// Whether `key` is a contender key of the lock whose directory is `dir`: `dir` followed by a
+/// lease id, with no further `/`. Keys of locks nested below (`dir` + `b/<lease>` for lock
+/// `N/b`) share the prefix but are not contenders of this lock.
+fn is_contender(dir: &str, key: &[u8]) -> bool {
+    key.strip_prefix(dir.as_bytes())
+        .is_some_and(|rest| !rest.is_empty() && !rest.contains(&b'/'))
+}
+
+/// Revokes the lease when the store is dropped (its last handle), and stops its clock.
+async fn revoke_on_shutdown(
+    mut client: LeaseClient,
     request_timeout: Duration,
-    session: Arc<Session>,
+    id: i64,
+    lease: Lease,
     shutdown: CancellationToken,
 ) {
-    let ttl = session.ttl;
-    let period = ttl / 3;
-    let mut last_ok = Instant::now();
-    let mut keeper: Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)> = None;
-    let mut next = Instant::now() + period;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => {
-                let id = session.id;
-                let _ = tokio::time::timeout(request_timeout, lease.revoke(id)).await;
-                session.lost.cancel();
-                return;
-            }
-            _ = session.lost.cancelled() => return,
-            _ = tokio::time::sleep_until(next.min(last_ok + ttl)) => {}
+    let lost = lease.lost_token();
+    tokio::select! {
+        _ = shutdown.cancelled() => {
+            lease.stop();
+            let _ = tokio::time::timeout(request_timeout, client.revoke(id)).await;
         }
-        if last_ok.elapsed() >= ttl {
-            tracing::warn!(
-                lease = session.id,
-                "etcd lease not renewed for its TTL; locks on it are lost"
-            );
-            session.lost.cancel();
-            return;
-        }
-        if session.suspended.load(Ordering::SeqCst) {
-            next = Instant::now() + period;
-            continue;
-        }
-        let sent = Instant::now();
-        let bound = request_timeout.min(ttl);
-        let renewed = tokio::time::timeout(bound, renew(&mut lease, &mut keeper, session.id)).await;
-        match renewed {
-            Ok(Ok(Some(_))) => {
-                last_ok = sent;
-                next = sent + period;
-            }
-            Ok(Ok(None)) => {
-                tracing::warn!(
-                    lease = session.id,
-                    "etcd lease expired; locks on it are lost"
-                );
-                session.lost.cancel();
-                return;
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(lease = session.id, error = %e, "etcd lease keep-alive failed");
-                keeper = None;
-                next = Instant::now() + period.min(Duration::from_millis(300));
-            }
-            Err(_) => {
-                keeper = None;
-                next = Instant::now();
-            }
-        }
+        _ = lost.cancelled() => {}
     }
 }
 
-/// One keep-alive round trip: `Some(ttl)` if renewed, `None` if the lease no longer exists.
-async fn renew(
-    lease: &mut LeaseClient,
-    keeper: &mut Option<(etcd_client::LeaseKeeper, etcd_client::LeaseKeepAliveStream)>,
-    id: i64,
-) -> std::result::Result<Option<i64>, etcd_client::Error> {
-    if keeper.is_none() {
-        // Opening the stream sends the first keep-alive and checks its answer.
-        return match lease.keep_alive(id).await {
-            Ok(k) => {
-                *keeper = Some(k);
-                Ok(Some(1))
+/// A lock key that must be deleted, because the attempt or the lock it belonged to has ended,
+/// while its lease may go on being renewed for other locks.
+struct Cleanup {
+    key: String,
+    /// The key's create revision if known: then only that incarnation is deleted.
+    rev: Option<i64>,
+    name: String,
+    session: Option<Arc<Session>>,
+    /// The local queue place, given back once the key is gone.
+    local: Option<OwnedMutexGuard<()>>,
+}
+
+/// Deletes a lock key in the background, on the store's runtime (also when called from a
+/// thread without one), retrying until the delete succeeds or the key's lease is gone. A key
+/// must never outlive its lock on a lease that is kept alive: if etcd refuses the delete for
+/// good, the lease is given up (revoked and no longer renewed), which removes the key.
+fn spawn_cleanup(inner: &Arc<Inner>, mut c: Cleanup) {
+    let weak = Arc::downgrade(inner);
+    inner.rt.spawn(async move {
+        let mut backoff = Duration::from_millis(25);
+        loop {
+            let Some(inner) = weak.upgrade() else { return };
+            if c.session.as_ref().is_some_and(|s| s.lease.is_lost()) {
+                // The key dies with its lease, which is no longer renewed.
+                break;
             }
-            Err(etcd_client::Error::LeaseKeepAliveError(msg)) if msg.contains("not found") => {
-                Ok(None)
+            let r = delete_key_rev(&inner, &c.key, c.rev, &c.name).await;
+            match r {
+                Ok(()) => break,
+                Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::InvalidArgument | ErrorKind::InvalidKey) => {
+                    tracing::warn!(key = %c.key, error = %e, "cannot delete a lock key; giving up its lease");
+                    if let Some(s) = &c.session {
+                        s.lease.lose("a lock key on this lease could not be deleted");
+                        s.lease.stop();
+                        let id = s.id;
+                        let _ = inner
+                            .call("revoking a lease", None, || {
+                                let mut lease = inner.lease.clone();
+                                async move { lease.revoke(id).await }
+                            })
+                            .await;
+                    }
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(key = %c.key, error = %e, "deleting a lock key failed; retrying");
+                    drop(inner);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
             }
-            Err(e) => Err(e),
-        };
-    }
-    let Some((k, stream)) = keeper.as_mut() else {
-        return Ok(None);
-    };
-    k.keep_alive().await?;
-    match stream.message().await? {
-        Some(resp) if resp.ttl() > 0 => Ok(Some(resp.ttl())),
-        Some(_) => Ok(None),
-        None => Err(etcd_client::Error::LeaseKeepAliveError(
-            "keep-alive stream closed".into(),
-        )),
+        }
+        if let (Some(inner), Some(local)) = (weak.upgrade(), c.local.take()) {
+            inner.leave_local(&c.name, local);
+        }
+    });
+}
+
+/// Deletes `key` (only its incarnation created at `rev`, if given).
+async fn delete_key_rev(inner: &Inner, key: &str, rev: Option<i64>, name: &str) -> Result<()> {
+    match rev {
+        None => delete_key(inner, key, name).await,
+        Some(rev) => {
+            let txn = Txn::new()
+                .when(vec![Compare::create_revision(
+                    key.to_string(),
+                    CompareOp::Equal,
+                    rev,
+                )])
+                .and_then(vec![TxnOp::delete(
+                    key.to_string(),
+                    Some(DeleteOptions::new()),
+                )]);
+            inner
+                .call("releasing the lock", Some(name), || {
+                    let (mut kv, t) = (inner.kv.clone(), txn.clone());
+                    async move { kv.txn(t).await }
+                })
+                .await
+                .map(|_| ())
+        }
     }
 }
 
@@ -195,8 +287,14 @@ struct Enqueued {
     inner: Arc<Inner>,
     name: String,
     key: String,
+    session: Arc<Session>,
     local: Option<OwnedMutexGuard<()>>,
 }
+
+/// How long an attempt that gives up (timeout, `try_lock` behind others) waits for the
+/// deletion of its key before returning; a deletion that takes longer goes on in the
+/// background.
+const WITHDRAW_GRACE: Duration = Duration::from_millis(250);
 
 impl Enqueued {
     /// Gives back the local queue place without deleting anything (no key was put).
@@ -204,44 +302,48 @@ impl Enqueued {
         self.local.take()
     }
 
-    /// Deletes the key now and leaves the local queue.
-    async fn withdraw(mut self) -> Result<()> {
-        let r = delete_key(&self.inner, &self.key, &self.name).await;
-        if let Some(g) = self.local.take() {
-            self.inner.leave_local(&self.name, g);
+    /// Deletes the key and leaves the local queue: waits up to [`WITHDRAW_GRACE`] for the
+    /// delete, then leaves it to the background cleanup, which retries until it succeeds.
+    async fn withdraw(mut self) {
+        let done = tokio::time::timeout(
+            WITHDRAW_GRACE,
+            delete_key(&self.inner, &self.key, &self.name),
+        )
+        .await;
+        match done {
+            Ok(Ok(())) => {
+                if let Some(g) = self.local.take() {
+                    self.inner.leave_local(&self.name, g);
+                }
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "withdrawing a lock attempt failed; retrying in the background");
+            }
+            Err(_) => {
+                tracing::debug!("withdrawing a lock attempt is slow; finishing in the background");
+            }
         }
-        r
-    }
-
-    /// [`Enqueued::withdraw`] for an abandoned attempt, whose own error is what the caller
-    /// reports: a failed delete is only logged (the lease's expiry removes the key).
-    async fn withdraw_quietly(self) {
-        if let Err(e) = self.withdraw().await {
-            tracing::debug!(error = %e, "withdrawing an abandoned lock attempt failed");
-        }
+        // Anything left (a failed or slow delete) goes to the background cleanup on drop.
     }
 }
 
-/// Background withdrawal, for an attempt whose future was dropped by the caller (cancelled):
-/// an attempt that gives up by itself (timeout) withdraws before it returns.
+/// Background withdrawal, for an attempt whose future was dropped by the caller (cancelled),
+/// that failed, or whose withdrawal did not finish within the grace.
 impl Drop for Enqueued {
     fn drop(&mut self) {
         let Some(local) = self.local.take() else {
             return;
         };
-        let inner = self.inner.clone();
-        let (key, name) = (self.key.clone(), self.name.clone());
-        match tokio::runtime::Handle::try_current() {
-            Ok(rt) => {
-                rt.spawn(async move {
-                    if let Err(e) = delete_key(&inner, &key, &name).await {
-                        tracing::debug!(error = %e, "withdrawing an abandoned lock attempt failed");
-                    }
-                    inner.leave_local(&name, local);
-                });
-            }
-            Err(_) => inner.leave_local(&name, local),
-        }
+        spawn_cleanup(
+            &self.inner,
+            Cleanup {
+                key: std::mem::take(&mut self.key),
+                rev: None,
+                name: self.name.clone(),
+                session: Some(self.session.clone()),
+                local: Some(local),
+            },
+        );
     }
 }
 
@@ -305,14 +407,6 @@ impl DirWatch {
     }
 }
 
-/// Runs `fut` until `deadline`: `None` if the deadline passed first (`fut` is then dropped).
-async fn until<F: std::future::Future>(deadline: Option<Instant>, fut: F) -> Option<F::Output> {
-    match deadline {
-        Some(d) => tokio::time::timeout_at(d, fut).await.ok(),
-        None => Some(fut.await),
-    }
-}
-
 fn timed_out(name: &str, wait: Option<Duration>) -> Error {
     Error::new(
         ErrorKind::Timeout,
@@ -350,7 +444,7 @@ impl EtcdStore {
         validate_lock_name(name)?;
         let secs = ttl_secs(opts.ttl, "lock", name)?;
         let deadline = match (try_only, opts.wait) {
-            (false, Some(w)) => Some(Instant::now() + w),
+            (false, w) => deadline_after(w),
             _ => None,
         };
         let queue = self.inner.local_queue(name);
@@ -408,6 +502,7 @@ impl EtcdStore {
                 inner: inner.clone(),
                 name: name.to_string(),
                 key: my_key.clone(),
+                session: session.clone(),
                 local: local.take(),
             };
             // Watch the directory from "now" before enqueuing: the watch is in etcd's synced
@@ -430,7 +525,7 @@ impl EtcdStore {
                     Some(r) => r,
                     None => {
                         // The put may have landed: withdraw before answering.
-                        enq.withdraw_quietly().await;
+                        enq.withdraw().await;
                         return Err(timed_out(name, wait));
                     }
                 };
@@ -440,7 +535,7 @@ impl EtcdStore {
                 // drop it and try once more with a new one.
                 Err(e) if e.kind() == ErrorKind::LockLost && !retried => {
                     tracing::debug!(lock = name, error = %e, "lease gone; granting a new one");
-                    session.lost.cancel();
+                    session.lease.lose("etcd no longer knows the lease");
                     retried = true;
                     local = enq.into_local();
                 }
@@ -452,7 +547,7 @@ impl EtcdStore {
         };
         if !ahead.is_empty() {
             if try_only {
-                enq.withdraw().await?;
+                enq.withdraw().await;
                 return Ok(None);
             }
             // Returns only once our key is the oldest *and* still exists (the lesson of etcd
@@ -467,18 +562,18 @@ impl EtcdStore {
                 None => {
                     // Give up: the own key is deleted before `Timeout` is returned, so the
                     // next contender does not wait for it.
-                    enq.withdraw_quietly().await;
+                    enq.withdraw().await;
                     return Err(timed_out(name, wait));
                 }
             }
         }
-        if session.lost.is_cancelled() {
+        if session.lease.is_lost() {
             return Err(lock_lost(
                 name,
                 "the lease was lost while acquiring the lock",
             ));
         }
-        let lost = session.lost.child_token();
+        let lost = session.lease.lost_token().child_token();
         let stop = CancellationToken::new();
         let releasing = Arc::new(AtomicBool::new(false));
         tokio::spawn(monitor(
@@ -492,6 +587,7 @@ impl EtcdStore {
         ));
         let mut enq = enq;
         let local = enq.local.take();
+        let lease = session.lease.clone();
         let handle = EtcdLockHandle {
             inner: inner.clone(),
             name: name.to_string(),
@@ -502,12 +598,9 @@ impl EtcdStore {
             releasing,
             local,
         };
-        Ok(Some(LockGuard::new(
-            name,
-            rev_token(my_rev),
-            lost,
-            Box::new(handle),
-        )))
+        Ok(Some(
+            LockGuard::new(name, rev_token(my_rev), lost, Box::new(handle)).with_lease(&lease),
+        ))
     }
 
     /// Puts the own key (unless it exists) and, in the same transaction, reads the queue.
@@ -554,7 +647,7 @@ impl EtcdStore {
                     Some(TxnOpResponse::Get(g)) => g
                         .kvs()
                         .iter()
-                        .filter(|kv| kv.create_revision() < my_rev)
+                        .filter(|kv| kv.create_revision() < my_rev && is_contender(dir, kv.key()))
                         .map(|kv| kv.key().to_vec())
                         .collect(),
                     _ => {
@@ -614,7 +707,12 @@ impl EtcdStore {
             return Err(own_key_gone(name));
         }
         let ahead = match ops.first() {
-            Some(TxnOpResponse::Get(g)) => g.kvs().iter().map(|kv| kv.key().to_vec()).collect(),
+            Some(TxnOpResponse::Get(g)) => g
+                .kvs()
+                .iter()
+                .filter(|kv| is_contender(dir, kv.key()))
+                .map(|kv| kv.key().to_vec())
+                .collect(),
             _ => BTreeSet::new(),
         };
         Ok((ahead, as_of))
@@ -638,16 +736,15 @@ impl EtcdStore {
         let inner = &self.inner;
         let dir = inner.lock_dir(name);
         let mut as_of = my_rev;
+        let lease_lost = session.lease.lost_token();
         while !ahead.is_empty() {
             // A lease that cannot be renewed (etcd unreachable for a whole TTL) ends the wait.
             let step = tokio::select! {
-                _ = session.lost.cancelled() => {
-                    return Err(Error::new(
-                        ErrorKind::Unavailable,
-                        NAME,
+                _ = lease_lost.cancelled() => {
+                    return Err(lock_lost(
+                        name,
                         "the lease could not be kept alive while waiting for the lock",
-                    )
-                    .with_key(name));
+                    ));
                 }
                 step = watch.next(inner) => step,
             };
@@ -748,25 +845,23 @@ struct EtcdLockHandle {
 }
 
 impl EtcdLockHandle {
-    async fn delete_own(&self) -> Result<()> {
-        // Delete only our own incarnation of the key.
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(
-                self.key.clone(),
-                CompareOp::Equal,
-                self.rev,
-            )])
-            .and_then(vec![TxnOp::delete(
-                self.key.clone(),
-                Some(DeleteOptions::new()),
-            )]);
-        self.inner
-            .call("releasing the lock", Some(&self.name), || {
-                let (mut kv, t) = (self.inner.kv.clone(), txn.clone());
-                async move { kv.txn(t).await }
-            })
-            .await
-            .map(|_| ())
+    /// Hands the deletion of the own key to the background cleanup (with the local queue
+    /// place, given back once the key is gone).
+    fn clean_up_later(&mut self) {
+        self.stop.cancel();
+        if self.key.is_empty() {
+            return;
+        }
+        spawn_cleanup(
+            &self.inner,
+            Cleanup {
+                key: std::mem::take(&mut self.key),
+                rev: Some(self.rev),
+                name: self.name.clone(),
+                session: Some(self.session.clone()),
+                local: self.local.take(),
+            },
+        );
     }
 }
 
@@ -776,12 +871,22 @@ impl LockHandle for EtcdLockHandle {
         // The monitor (and its watch) stays until the delete is done: cancelling a watch while
         // the delete is in flight measurably slows the delete on a busy etcd.
         self.releasing.store(true, Ordering::SeqCst);
-        let r = self.delete_own().await;
-        self.stop.cancel();
-        if let Some(g) = self.local.take() {
-            self.inner.leave_local(&self.name, g);
+        let r = delete_key_rev(&self.inner, &self.key, Some(self.rev), &self.name).await;
+        if r.is_ok() {
+            self.key.clear();
+            self.stop.cancel();
+            if let Some(g) = self.local.take() {
+                self.inner.leave_local(&self.name, g);
+            }
         }
+        // On failure, dropping the handle hands the delete to the background cleanup: the key
+        // must not outlive the lock on a lease that goes on being renewed.
         r
+    }
+
+    fn release_detached(self: Box<Self>) {
+        // Dropping hands the delete to the background cleanup, which needs no runtime here.
+        drop(self);
     }
 
     fn suspend_keep_alive(&self) {
@@ -791,10 +896,7 @@ impl LockHandle for EtcdLockHandle {
 
 impl Drop for EtcdLockHandle {
     fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(g) = self.local.take() {
-            self.inner.leave_local(&self.name, g);
-        }
+        self.clean_up_later();
     }
 }
 

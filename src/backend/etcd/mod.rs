@@ -62,6 +62,9 @@ pub(crate) struct Inner {
     pub(crate) local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Cancelled when the last handle is dropped: keep-alive tasks revoke their leases and end.
     pub(crate) shutdown: CancellationToken,
+    /// The runtime the store was connected on: background cleanups run there, also when they
+    /// are started from a thread without a runtime.
+    pub(crate) rt: tokio::runtime::Handle,
 }
 
 impl Drop for Inner {
@@ -128,6 +131,7 @@ impl EtcdStore {
             sessions: tokio::sync::Mutex::new(HashMap::new()),
             local: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            rt: tokio::runtime::Handle::current(),
         };
         let store = EtcdStore {
             inner: Arc::new(inner),
