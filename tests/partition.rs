@@ -506,10 +506,27 @@ mod etcd {
     /// The etcd client's default request timeout.
     const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
+    /// The server's version, from `etcdctl endpoint status`.
+    fn server_version(server: &EtcdCluster) -> Option<String> {
+        let (ok, out, _) =
+            support::etcd::etcdctl(&server.endpoints(), &["endpoint", "status", "-w", "json"]);
+        if !ok {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        v[0]["Status"]["version"].as_str().map(str::to_string)
+    }
+
     fn etcd_run(label: &str, query: &str, request_timeout: Duration, fault: Fault) {
         let _turn = turn();
         let server = EtcdCluster::start(1);
         let port = server.members[0].client_port;
+        // The figures name the server version (the test command runs these on 3.4 and 3.5).
+        let label = match server_version(&server) {
+            Some(v) => label.replacen("etcd", &format!("etcd-{v}"), 1),
+            None => label.to_string(),
+        };
+        let label = label.as_str();
         check(label, port, |proxy_port| Run {
             label: label.into(),
             through_proxy: format!("etcd://127.0.0.1:{proxy_port}{query}"),
