@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 pub mod consul_sim;
 pub mod etcd;
+pub mod proxy;
 pub mod zookeeper;
 
 static BASE: OnceLock<PathBuf> = OnceLock::new();
