@@ -600,7 +600,10 @@ async fn timed_out_lock_leaves_no_node_behind() {
         assert!(took >= Duration::from_millis(450));
         // The withdrawal is one round trip here; the contract's bound is wait + one request
         // timeout.
-        assert!(took < Duration::from_millis(1500), "a 500 ms wait took {took:?}");
+        assert!(
+            took < Duration::from_millis(1500),
+            "a 500 ms wait took {took:?}"
+        );
         assert_eq!(
             children_now(&dir),
             before,
@@ -663,7 +666,10 @@ async fn nested_lock_names_are_independent() {
         ("a", "a/b"),
         ("x/y/z", "x"),
         ("n/lock-0000000001", "n"),
-        ("_c_0e8b1e4a-1b5e-4b8c-9a5b-0a1b2c3d4e5f-lock-0000000000/q", "p"),
+        (
+            "_c_0e8b1e4a-1b5e-4b8c-9a5b-0a1b2c3d4e5f-lock-0000000000/q",
+            "p",
+        ),
     ] {
         let h = s.lock(held, &opts).await.expect("lock the held name");
         let g = other
@@ -678,7 +684,11 @@ async fn nested_lock_names_are_independent() {
             .unwrap_or_else(|e| panic!("lock({free}) while {held} is held: {e}"));
         // Still exclusive among equals.
         assert!(s.try_lock(free, &opts).await.expect("try_lock").is_none());
-        assert!(other.try_lock(held, &opts).await.expect("try_lock").is_none());
+        assert!(other
+            .try_lock(held, &opts)
+            .await
+            .expect("try_lock")
+            .is_none());
         g.release().await.expect("release");
         h.release().await.expect("release");
     }
@@ -707,7 +717,10 @@ async fn own_node_vanishing_while_waiting_is_lock_lost() {
             children.sort_by_key(|c| c.rsplit("lock-").next().unwrap_or_default().to_string());
             break children[1].clone();
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "waiter never queued");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waiter never queued"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     c.delete(&format!("{dir}/{mine}"), None)
@@ -741,7 +754,10 @@ async fn guard_dropped_without_a_runtime_ends_the_lock() {
         .lock("plain", &opts.clone().wait(ttl + Duration::from_secs(5)))
         .await
         .expect("the lock of a guard dropped without a runtime was never freed");
-    eprintln!("guard dropped on a plain thread -> next holder after {:?}", started.elapsed());
+    eprintln!(
+        "guard dropped on a plain thread -> next holder after {:?}",
+        started.elapsed()
+    );
     assert!(started.elapsed() < ttl + Duration::from_secs(2));
     assert!(next.token() > token);
     next.release().await.expect("release");
@@ -790,7 +806,10 @@ async fn cancelled_create_leaves_no_orphan() {
         g.release().await.expect("release");
         // Let the background cleanup put the session back into the pool.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let (children, _) = c.get_children(&format!("{root}/locks/c")).await.expect("dir");
+        let (children, _) = c
+            .get_children(&format!("{root}/locks/c"))
+            .await
+            .expect("dir");
         assert!(children.is_empty(), "round {round}: left {children:?}");
     }
     assert!(cancelled >= 4, "only {cancelled} attempts were cancelled");

@@ -31,7 +31,7 @@ use super::error::{err, map, NAME};
 use super::{e_zk, lock_std, open_session, path, Inner, ZkStore};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::validate_lock_name;
-use crate::lease::{self, Lease, RenewPolicy, Renew, Renewal};
+use crate::lease::{self, Lease, Renew, RenewPolicy, Renewal};
 use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
 
 /// The lock name Curator's `InterProcessMutex` uses inside node names.
@@ -523,9 +523,7 @@ impl ZkStore {
                 .await?;
             Ok((stat.map(|s| s.ephemeral_owner != 0), Some(w)))
         } else {
-            let stat = inner
-                .bounded("lock", name, client.check_stat(path))
-                .await?;
+            let stat = inner.bounded("lock", name, client.check_stat(path)).await?;
             Ok((stat.map(|s| s.ephemeral_owner != 0), None))
         }
     }
@@ -642,7 +640,7 @@ impl ZkStore {
                 return Err(vanished(name));
             };
             if idx == 0 {
-                if !contenders.iter().any(|c| *c == own_name) {
+                if !contenders.contains(&own_name) {
                     // Only another node of this attempt is listed: ours is gone.
                     return Err(vanished(name));
                 }
@@ -965,9 +963,12 @@ impl Monitor {
                             zk::EventType::Session if ev.session_state.is_terminated() => {
                                 return Some(format!("the lock session is {}", ev.session_state));
                             }
-                            // Disconnected: re-armed once the state watcher sees the reconnect.
+                            // Disconnected: armed again shortly (and at the reconnect).
                             zk::EventType::Session
-                                if ev.session_state == zk::SessionState::Disconnected => {}
+                                if ev.session_state == zk::SessionState::Disconnected =>
+                            {
+                                retry_at = Some(Instant::now() + Duration::from_millis(200));
+                            }
                             _ => node = Some(self.arm()?),
                         },
                     }
@@ -979,10 +980,10 @@ impl Monitor {
                 st = self.state.changed() => match st {
                     // The lease clock decides how long a disconnection may last.
                     zk::SessionState::Disconnected => {}
-                    zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
-                        if node.is_none() {
-                            node = Some(self.arm()?);
-                        }
+                    zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly
+                        if node.is_none() =>
+                    {
+                        node = Some(self.arm()?);
                     }
                     other if other.is_terminated() => {
                         return Some(format!("the lock session is {other}"));
@@ -1053,7 +1054,11 @@ mod tests {
             assert_eq!(is_contender_name(name), yes, "{name}");
         }
         // The directory `b` of the nested lock `a/b` is not a contender.
-        let (c, own) = queue(strings(&["b", "_c_me-lock-0000000004"]), "_c_me-", &HashSet::new());
+        let (c, own) = queue(
+            strings(&["b", "_c_me-lock-0000000004"]),
+            "_c_me-",
+            &HashSet::new(),
+        );
         assert_eq!((c.len(), own), (1, Some(0)));
         // Two nodes of one attempt: the first one counts, so it never waits behind itself.
         let (c, own) = queue(
@@ -1139,7 +1144,10 @@ mod tests {
         let got = create_protected(&s, "n", Duration::from_secs(10), &mut sent)
             .await
             .expect("found after the failures");
-        assert_eq!(got.map(|g| g.0).as_deref(), Some("/locks/n/_c_me-lock-0000000000"));
+        assert_eq!(
+            got.map(|g| g.0).as_deref(),
+            Some("/locks/n/_c_me-lock-0000000000")
+        );
         assert_eq!(s.creates.load(Ordering::SeqCst), 1, "created a second node");
         assert_eq!(s.nodes.lock().unwrap().len(), 1);
 
