@@ -1081,6 +1081,17 @@ mod tests {
         assert_eq!((c.len(), own), (1, Some(0)));
     }
 
+    #[test]
+    fn a_lock_session_that_ended_is_lock_lost() {
+        for z in [zk::Error::SessionExpired, zk::Error::ClientClosed] {
+            let e = lost_or(map(z, "lock", "n"), "n");
+            assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
+        }
+        let e = lost_or(map(zk::Error::ConnectionLoss, "lock", "n"), "n");
+        assert_eq!(e.kind(), ErrorKind::Unavailable, "{e}");
+        assert_eq!(vanished("n").kind(), ErrorKind::LockLost);
+    }
+
     /// A scripted server: the first create lands but its answer is lost; the lookups fail
     /// `lookup_failures` times with ConnectionLoss, then answer from the server's state.
     struct Scripted {
