@@ -147,13 +147,22 @@ impl ZkNode {
 }
 
 fn write_config(dir: &Path, port: u16, id: u32, peers: &[(u32, u16)]) -> PathBuf {
+    write_config_with(dir, port, id, peers, 2 * TICK_MS)
+}
+
+fn write_config_with(
+    dir: &Path,
+    port: u16,
+    id: u32,
+    peers: &[(u32, u16)],
+    min_session_ms: u64,
+) -> PathBuf {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).expect("create data dir");
     let mut cfg = format!(
-        "tickTime={TICK_MS}\nminSessionTimeout={}\nmaxSessionTimeout=60000\ndataDir={}\n\
-         clientPort={port}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n\
+        "tickTime={TICK_MS}\nminSessionTimeout={min_session_ms}\nmaxSessionTimeout=60000\n\
+         dataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n\
          4lw.commands.whitelist=*\nmaxClientCnxns=0\n",
-        2 * TICK_MS,
         data.display()
     );
     if !peers.is_empty() {
@@ -176,9 +185,15 @@ pub struct ZkStandalone {
 impl ZkStandalone {
     /// Starts a standalone server and waits until it serves.
     pub fn start() -> ZkStandalone {
+        Self::start_with_min_session(Duration::from_millis(2 * TICK_MS))
+    }
+
+    /// Starts a standalone server whose `minSessionTimeout` is `min` (the URL options still
+    /// declare the default of 2 ticks), and waits until it serves.
+    pub fn start_with_min_session(min: Duration) -> ZkStandalone {
         let dir = fresh_dir("zk-standalone");
         let port = free_port();
-        let cfg = write_config(&dir, port, 0, &[]);
+        let cfg = write_config_with(&dir, port, 0, &[], min.as_millis() as u64);
         let mut node = ZkNode {
             id: 0,
             port,
