@@ -655,7 +655,7 @@ async fn lock_with_the_largest_wait_works() {
 /// contains the directory `b`), holding `a` does not block `a/b`, and a nested name whose last
 /// segment looks like a contender node (`n/lock-0000000001`) does not block `n`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nested_lock_names_are_independent() {
+async fn nested_lock_names_and_lock_like_children_are_independent() {
     let root = format!("/{}", unique("nested"));
     let s = store(&root).await;
     let other = store(&root).await;
