@@ -63,6 +63,9 @@ pub struct Session {
     pub lock_delay: Duration,
     pub behavior: Behavior,
     pub ttl: Option<Duration>,
+    /// The TTL exactly as the create request spelled it: Consul stores and returns the string
+    /// (`"10s"`, `"10000ms"`), it does not normalise it.
+    pub ttl_text: String,
     pub node_checks: Vec<String>,
     pub service_checks: Vec<serde_json::Value>,
     pub create_index: u64,
@@ -579,6 +582,7 @@ impl State {
         name: String,
         behavior: Behavior,
         ttl: Option<Duration>,
+        ttl_text: String,
         lock_delay: Duration,
         node_checks: Vec<String>,
         service_checks: Vec<serde_json::Value>,
@@ -593,6 +597,7 @@ impl State {
             lock_delay: lock_delay.min(MAX_LOCK_DELAY),
             behavior,
             ttl,
+            ttl_text,
             node_checks,
             service_checks,
             create_index: idx,
@@ -645,6 +650,21 @@ impl State {
         true
     }
 
+    /// A node check went critical (A3: a critical check invalidates every session that lists
+    /// it): invalidates the sessions whose `NodeChecks` contain `check`. Returns how many.
+    pub fn fail_node_check(&mut self, check: &str, now: Instant) -> usize {
+        let hit: Vec<String> = self
+            .sessions
+            .values()
+            .filter(|s| s.node_checks.iter().any(|c| c == check))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in &hit {
+            self.invalidate_session(id, now);
+        }
+        hit.len()
+    }
+
     /// Invalidates every session whose TTL timer fired; whether anything changed.
     pub fn expire_sessions(&mut self, now: Instant) -> bool {
         let due: Vec<String> = self
@@ -669,7 +689,8 @@ fn plain(entry: DirEntry) -> TxnResult {
 }
 
 /// Parses a Go duration string (`"1h2m3.5s"`, `"150ms"`, `"0"`): what `time.ParseDuration`
-/// accepts, without the sign.
+/// accepts, without the sign. A duration too large to represent is `None` (Go's parser
+/// rejects one beyond about 290 years too), never a panic.
 pub fn parse_go_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s == "0" {
@@ -705,7 +726,7 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         };
         total += n * scale;
     }
-    Some(Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).ok()
 }
 
 /// Formats a duration like Go's `time.Duration.String()` for the values sessions use.
