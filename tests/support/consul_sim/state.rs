@@ -689,8 +689,8 @@ fn plain(entry: DirEntry) -> TxnResult {
 }
 
 /// Parses a Go duration string (`"1h2m3.5s"`, `"150ms"`, `"0"`): what `time.ParseDuration`
-/// accepts, without the sign. A duration too large to represent is `None` (Go's parser
-/// rejects one beyond about 290 years too), never a panic.
+/// accepts, without the sign. A duration beyond Go's range (an i64 of nanoseconds, about 292
+/// years) is `None`, as Go's parser rejects it, never a panic.
 pub fn parse_go_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s == "0" {
@@ -726,7 +726,10 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         };
         total += n * scale;
     }
-    Duration::try_from_secs_f64(total).ok()
+    // Go's time.Duration is an i64 of nanoseconds: longer spans are a parse error.
+    Duration::try_from_secs_f64(total)
+        .ok()
+        .filter(|d| d.as_nanos() <= i64::MAX as u128)
 }
 
 /// Formats a duration like Go's `time.Duration.String()` for the values sessions use.
