@@ -134,9 +134,11 @@ async fn eventually(what: &str, bound: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A holder whose renewals stop: `lost()` fires once a TTL passes without renewal, the
-/// simulator invalidates the session at 2 × TTL (A3), and the next client gets the lock only
-/// after the session's lock-delay, with a larger fencing token (A6).
+/// A holder whose renewals stop: `lost()` fires at the lease deadline (the session create's
+/// send time + TTL − margin), before the TTL has passed; the simulator invalidates the session
+/// later (at 2 × TTL, A3: Consul only promises not before the TTL), and the next client gets
+/// the lock only after the session's lock-delay, with a larger fencing token (A6), strictly
+/// after the holder's `lost()` fired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_session_lapse_then_lock_delay_then_larger_token() {
     let sim = ConsulSim::start();
@@ -161,9 +163,11 @@ async fn fault_session_lapse_then_lock_delay_then_larger_token() {
     tokio::time::timeout(Duration::from_secs(25), guard.lost())
         .await
         .expect("lost() fired");
+    let lost_at = Instant::now();
     let lost_after = acquired.elapsed();
+    // TTL 10 s − margin 300 ms, counted from the create, which came before the acquisition.
     assert!(
-        lost_after >= Duration::from_millis(9500) && lost_after < Duration::from_secs(21),
+        lost_after >= Duration::from_millis(9500) && lost_after < ttl - Duration::from_millis(250),
         "lost after {lost_after:?}"
     );
     let (next, at) = tokio::time::timeout(Duration::from_secs(40), waiter)
@@ -182,6 +186,11 @@ async fn fault_session_lapse_then_lock_delay_then_larger_token() {
         "taken over only after {took:?}"
     );
     assert!(next.token() > guard.token());
+    assert!(at > lost_at, "the next holder acquired before lost() fired");
+    eprintln!(
+        "consul sim lapse: lost() fired {:?} before the next holder acquired",
+        at - lost_at
+    );
     assert_eq!(
         guard.release().await.unwrap_err().kind(),
         ErrorKind::LockLost
@@ -808,4 +817,36 @@ async fn guard_dropped_on_a_plain_thread_ends_the_lock() {
     )
     .await;
     g2.release().await.unwrap();
+}
+
+/// The lease adopts the TTL a renew answer reports (a loaded server may raise it, A3): after a
+/// renew that raised the TTL from 10 s to 20 s, a holder that stops renewing is lost at that
+/// renew's send time + 20 s − margin, not at 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_adopts_the_ttl_of_the_renew_answer() {
+    let sim = ConsulSim::start();
+    let store = store_on(&sim, |_| {}).await;
+    sim.raise_ttl_on_renew(Some(Duration::from_secs(20)));
+    let ttl = Duration::from_secs(10);
+    let t = Instant::now();
+    let g = store
+        .lock("raised", &LockOptions::new().ttl(ttl))
+        .await
+        .unwrap();
+    // The first renew goes out a third of the TTL after the create.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    g.suspend_keep_alive();
+    tokio::time::timeout(Duration::from_secs(25), g.lost())
+        .await
+        .expect("lost() fired");
+    let took = t.elapsed();
+    // First renew at about 3.3 s: lost at about 3.3 + 20 − 0.5 s (10 s unadopted: 13 s).
+    assert!(
+        took > Duration::from_secs(20) && took < Duration::from_secs(23),
+        "lost after {took:?}"
+    );
+    assert!(
+        holder_of(&sim, "locks/raised").await.is_some(),
+        "the server still holds it"
+    );
 }

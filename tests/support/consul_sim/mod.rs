@@ -234,6 +234,13 @@ impl ConsulSim {
         n
     }
 
+    /// Fault hook: from now on, a renew raises the session's TTL to `ttl` (if larger) and
+    /// reports it, as a loaded Consul server may (A3: clients should adopt it). The session is
+    /// then invalidated no earlier than that TTL after each renew.
+    pub fn raise_ttl_on_renew(&self, ttl: Option<Duration>) {
+        self.app.lock().renew_ttl = ttl;
+    }
+
     /// Every KV key, for checks.
     pub fn keys(&self) -> Vec<String> {
         self.app.lock().kv.keys().cloned().collect()

@@ -89,6 +89,8 @@ pub struct State {
     /// Per-key lock-delay expiry (A3).
     pub lock_delays: HashMap<String, Instant>,
     pub uuid_counter: u64,
+    /// Fault hook: renewals raise a session's TTL to this (a loaded server, A3).
+    pub renew_ttl: Option<Duration>,
 }
 
 /// A transaction KV op (A4).
@@ -435,6 +437,7 @@ impl State {
             sessions_index: self.sessions_index,
             lock_delays: self.lock_delays.clone(),
             uuid_counter: self.uuid_counter,
+            renew_ttl: self.renew_ttl,
         };
         let mut results = Vec::new();
         let mut errors = Vec::new();
@@ -611,7 +614,16 @@ impl State {
 
     /// Renew: resets the leader's timer to TTL × 2 (A3). Renewal is not a Raft write.
     pub fn renew_session(&mut self, id: &str, now: Instant) -> Option<Session> {
+        let raise = self.renew_ttl;
         let s = self.sessions.get_mut(id)?;
+        if let (Some(t), Some(old)) = (raise, s.ttl) {
+            // A loaded server asks for fewer renewals by raising the TTL (A3); its timer then
+            // honours the raised TTL.
+            if t > old {
+                s.ttl = Some(t);
+                s.ttl_text = format_go_duration(t);
+            }
+        }
         if let Some(ttl) = s.ttl {
             s.expires = Some(now + ttl * SESSION_TTL_MULTIPLIER);
         }
