@@ -662,6 +662,7 @@ async fn lock_wait_bounds_every_step_and_cleans_up() {
             .unwrap_err();
         let took = t.elapsed();
         sim.set_delay(path, None);
+        eprintln!("{path} stalled for {delay:?}: lock(wait {wait:?}) gave up after {took:?}");
         assert_eq!(e.kind(), ErrorKind::Timeout, "{path} stalled: {e}");
         assert!(
             took < wait + slack,
