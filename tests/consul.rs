@@ -851,3 +851,48 @@ async fn lease_adopts_the_ttl_of_the_renew_answer() {
         "the server still holds it"
     );
 }
+
+/// Renewals that hang (a server or path that accepts requests and never answers) with a request
+/// timeout longer than the TTL: `lost()` still fires at the lease deadline, TTL − margin after
+/// the last confirmed send, not when the hanging renew times out; and strictly before another
+/// client can acquire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_fires_at_the_deadline_while_renewals_hang() {
+    let sim = ConsulSim::start();
+    let a = store_on(&sim, |c| c.timeout_ms = 25_000).await;
+    let b = store_on(&sim, |_| {}).await;
+    let ttl = Duration::from_secs(10);
+    let t = Instant::now();
+    let g = a.lock("hang", &LockOptions::new().ttl(ttl)).await.unwrap();
+    sim.set_delay("/v1/session/renew", Some(Duration::MAX));
+    tokio::time::timeout(ttl + Duration::from_secs(5), g.lost())
+        .await
+        .expect("lost() fired");
+    let lost_at = Instant::now();
+    let lost_after = lost_at - t;
+    assert!(g.is_lost());
+    assert!(
+        lost_after >= ttl - Duration::from_millis(400) && lost_after < ttl,
+        "lost after {lost_after:?}"
+    );
+    assert!(
+        holder_of(&sim, "locks/hang").await.is_some(),
+        "the server still counts the session valid"
+    );
+    sim.set_delay("/v1/session/renew", None);
+    let next = b
+        .lock(
+            "hang",
+            &LockOptions::new().ttl(ttl).wait(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    let acquired_at = Instant::now();
+    assert!(acquired_at > lost_at);
+    eprintln!(
+        "consul sim, renewals hanging: lost() after {lost_after:?}, next holder {:?} later",
+        acquired_at - lost_at
+    );
+    assert!(next.token() > g.token());
+    next.release().await.unwrap();
+}
