@@ -5,88 +5,16 @@
 mod support;
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coordkit::{Consistency, ErrorKind, LockOptions, PutOptions, WatchEvent};
 use futures::StreamExt;
 use support::etcd::{etcdctl, shared, EtcdCluster};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_util::sync::CancellationToken;
+use support::proxy::Proxy;
 
-/// A TCP proxy in front of an etcd endpoint that can cut every connection (and refuse new
-/// ones) and let them through again: a dropped network between one client and etcd.
-struct Proxy {
-    port: u16,
-    open: Arc<AtomicBool>,
-    generation: Arc<std::sync::Mutex<CancellationToken>>,
-    stop: CancellationToken,
-}
-
-impl Proxy {
-    async fn start(upstream: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("addr").port();
-        let open = Arc::new(AtomicBool::new(true));
-        let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
-        let stop = CancellationToken::new();
-        let (o, g, s) = (open.clone(), generation.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = s.cancelled() => return,
-                    a = listener.accept() => a,
-                };
-                let Ok((mut inbound, _)) = accepted else {
-                    continue;
-                };
-                if !o.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let cut = g.lock().unwrap().clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = cut.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    }
-                });
-            }
-        });
-        Proxy {
-            port,
-            open,
-            generation,
-            stop,
-        }
-    }
-
-    fn url(&self, query: &str) -> String {
-        format!("etcd://127.0.0.1:{}{query}", self.port)
-    }
-
-    /// Drops every connection and refuses new ones.
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        let mut g = self.generation.lock().unwrap();
-        g.cancel();
-        *g = CancellationToken::new();
-    }
-
-    fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        self.generation.lock().unwrap().cancel();
-    }
+/// An `etcd://` URL through `proxy` with the given query.
+fn proxy_url(proxy: &Proxy, query: &str) -> String {
+    format!("etcd://127.0.0.1:{}{query}", proxy.port())
 }
 
 async fn next_event(
@@ -106,8 +34,8 @@ async fn next_event(
 async fn watch_resumes_after_dropped_connection() {
     let server = shared();
     let port = server.members[0].client_port;
-    let proxy = Proxy::start(port).await;
-    let watcher = coordkit::connect(&proxy.url("?timeout=2s&connect_timeout=1s"))
+    let proxy = Proxy::to_port(port);
+    let watcher = coordkit::connect(&proxy_url(&proxy, "?timeout=2s&connect_timeout=1s"))
         .await
         .expect("connect through proxy");
     let writer = coordkit::connect(&server.url()).await.expect("connect");
@@ -128,7 +56,7 @@ async fn watch_resumes_after_dropped_connection() {
             other => panic!("{other:?}"),
         }
     }
-    proxy.cut();
+    proxy.reset();
     let cut_at = Instant::now();
     for i in 3..10u8 {
         writer
@@ -141,7 +69,7 @@ async fn watch_resumes_after_dropped_connection() {
         .await
         .expect("delete while cut");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    proxy.restore();
+    proxy.heal();
     for i in 3..10u8 {
         match next_event(&mut w, Duration::from_secs(15))
             .await
@@ -172,8 +100,8 @@ async fn watch_resumes_after_dropped_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_reports_gap_after_compaction() {
     let server = shared();
-    let proxy = Proxy::start(server.members[0].client_port).await;
-    let watcher = coordkit::connect(&proxy.url("?timeout=2s&connect_timeout=1s"))
+    let proxy = Proxy::to_port(server.members[0].client_port);
+    let watcher = coordkit::connect(&proxy_url(&proxy, "?timeout=2s&connect_timeout=1s"))
         .await
         .expect("connect through proxy");
     let writer = coordkit::connect(&server.url()).await.expect("connect");
@@ -187,7 +115,7 @@ async fn watch_reports_gap_after_compaction() {
         next_event(&mut w, Duration::from_secs(5)).await,
         Ok(WatchEvent::Put(_))
     ));
-    proxy.cut();
+    proxy.reset();
     let mut last = 0;
     for i in 0..3 {
         last = writer
@@ -198,7 +126,7 @@ async fn watch_reports_gap_after_compaction() {
     }
     let (ok, _, err) = etcdctl(&server.endpoints(), &["compact", &last.to_string()]);
     assert!(ok, "compact: {err}");
-    proxy.restore();
+    proxy.heal();
     match tokio::time::timeout(Duration::from_secs(15), w.next()).await {
         Ok(Some(Err(e))) => {
             assert_eq!(e.kind(), ErrorKind::WatchGap, "{e}");
@@ -558,8 +486,8 @@ async fn authentication() {
 async fn quiet_watch_survives_compaction_and_a_cut() {
     let server =
         EtcdCluster::start_with(1, &["--experimental-watch-progress-notify-interval=300ms"]);
-    let proxy = Proxy::start(server.members[0].client_port).await;
-    let watcher = coordkit::connect(&proxy.url("?timeout=2s&connect_timeout=1s"))
+    let proxy = Proxy::to_port(server.members[0].client_port);
+    let watcher = coordkit::connect(&proxy_url(&proxy, "?timeout=2s&connect_timeout=1s"))
         .await
         .expect("connect through proxy");
     let writer = coordkit::connect(&server.url()).await.expect("connect");
@@ -585,9 +513,9 @@ async fn quiet_watch_survives_compaction_and_a_cut() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let (ok, _, err) = etcdctl(&server.endpoints(), &["compact", &last.to_string()]);
     assert!(ok, "compact: {err}");
-    proxy.cut();
+    proxy.reset();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.restore();
+    proxy.heal();
     let quiet = tokio::time::timeout(Duration::from_secs(4), w.next()).await;
     assert!(
         quiet.is_err(),
@@ -648,10 +576,10 @@ async fn watch_ends_when_permission_is_revoked() {
     ctl(&["user", "grant-role", "u", "reader"]);
     ctl(&["auth", "enable"]);
 
-    let proxy = Proxy::start(server.members[0].client_port).await;
+    let proxy = Proxy::to_port(server.members[0].client_port);
     let watcher = coordkit::connect(&format!(
         "etcd://u:upw@127.0.0.1:{}?timeout=2s&connect_timeout=1s",
-        proxy.port
+        proxy.port()
     ))
     .await
     .expect("connect as u through the proxy");
@@ -677,9 +605,9 @@ async fn watch_ends_when_permission_is_revoked() {
         "--prefix=true",
         "kv/authw/",
     ]);
-    proxy.cut();
+    proxy.reset();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    proxy.restore();
+    proxy.heal();
     match tokio::time::timeout(Duration::from_secs(15), w.next()).await {
         Ok(Some(Err(e))) => assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}"),
         other => panic!("expected PermissionDenied, got {other:?}"),
