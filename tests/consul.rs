@@ -559,7 +559,7 @@ async fn watch_orders_batched_changes_and_reports_unseen_ones() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The lease clock, bounded waits and the lock defects of issue 12.
+// The lease clock, bounded waits and lock cleanup.
 
 /// The IDs of the sessions the simulator holds, with whether each holds a key.
 async fn sessions_of(sim: &ConsulSim) -> Vec<(String, Vec<String>)> {
@@ -895,4 +895,50 @@ async fn lost_fires_at_the_deadline_while_renewals_hang() {
     );
     assert!(next.token() > g.token());
     next.release().await.unwrap();
+}
+
+/// A value over 380 KiB goes through a plain PUT followed by a read for its version. When
+/// another client writes the key between the two, the put has still happened and must not
+/// report `Conflict` (which means nothing changed); the version it returns is not the key's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_put_overwritten_before_its_version_is_read_still_succeeds() {
+    let sim = ConsulSim::start();
+    let store = store_on(&sim, |_| {}).await;
+    let big = vec![5u8; 450 * 1024];
+    let v0 = store
+        .put("race", b"first".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    sim.overwrite_after_next_put("kv/race", b"theirs");
+    let v = store
+        .put("race", big.clone(), PutOptions::default())
+        .await
+        .expect("an applied put reported an error");
+    let now = store
+        .get("race", Consistency::Strong)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(now.value, b"theirs");
+    assert_ne!(v, now.version);
+    assert_ne!(v, v0);
+    let e = store
+        .compare_and_swap("race", coordkit::Expect::Version(v), Some(b"x".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    // The same through compare-and-swap with a large value.
+    sim.overwrite_after_next_put("kv/race", b"again");
+    let v2 = store
+        .compare_and_swap("race", coordkit::Expect::Version(now.version), Some(big))
+        .await
+        .expect("an applied compare-and-swap reported an error")
+        .unwrap();
+    let after = store
+        .get("race", Consistency::Strong)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.value, b"again");
+    assert_ne!(v2, after.version);
 }

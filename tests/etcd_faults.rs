@@ -5,12 +5,16 @@
 mod support;
 
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use coordkit::{Consistency, ErrorKind, LockOptions, PutOptions, WatchEvent};
 use futures::StreamExt;
 use support::etcd::{etcdctl, shared, EtcdCluster};
 use support::proxy::Proxy;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 /// An `etcd://` URL through `proxy` with the given query.
 fn proxy_url(proxy: &Proxy, query: &str) -> String {
@@ -614,4 +618,133 @@ async fn watch_ends_when_permission_is_revoked() {
     }
     let end = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
     assert!(matches!(end, Ok(None)), "the stream must end: {end:?}");
+}
+/// A TCP proxy that forwards everything until the client sends `marker`; from then on it still
+/// forwards requests but holds back every answer: a request that reaches the server whose
+/// answer is lost.
+struct MuteProxy {
+    port: u16,
+    muted: Arc<AtomicBool>,
+    stop: CancellationToken,
+}
+
+impl MuteProxy {
+    async fn start(upstream: u16, marker: Vec<u8>) -> MuteProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let muted = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
+        let (m, s) = (muted.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = s.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((inbound, _)) = accepted else {
+                    continue;
+                };
+                let Ok(outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let (mut in_r, mut in_w) = inbound.into_split();
+                let (mut out_r, mut out_w) = outbound.into_split();
+                let (m1, m2, marker) = (m.clone(), m.clone(), marker.clone());
+                let (s1, s2) = (s.clone(), s.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut tail: Vec<u8> = Vec::new();
+                    loop {
+                        let n = tokio::select! {
+                            _ = s1.cancelled() => return,
+                            r = in_r.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                        };
+                        tail.extend_from_slice(&buf[..n]);
+                        if tail.windows(marker.len()).any(|w| w == marker.as_slice()) {
+                            m1.store(true, Ordering::SeqCst);
+                        }
+                        let keep = tail.len().saturating_sub(marker.len());
+                        tail.drain(..keep);
+                        if out_w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = tokio::select! {
+                            _ = s2.cancelled() => return,
+                            r = out_r.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                        };
+                        if m2.load(Ordering::SeqCst) {
+                            continue; // the answer is lost
+                        }
+                        if in_w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        MuteProxy { port, muted, stop }
+    }
+}
+
+impl Drop for MuteProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A put with a TTL whose answer is lost (the request reached etcd, which applied it) reports
+/// `Timeout`, and must not revoke its lease: that would delete the key the server wrote. The
+/// key lives on and expires by its own TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_put_whose_answer_is_lost_keeps_its_key() {
+    let server = shared();
+    let port = server.members[0].client_port;
+    let key = format!("lost-answer-{}", std::process::id());
+    let proxy = MuteProxy::start(port, key.clone().into_bytes()).await;
+    let client = coordkit::connect(&format!(
+        "etcd://127.0.0.1:{}?timeout=1s&connect_timeout=1s",
+        proxy.port
+    ))
+    .await
+    .expect("connect through proxy");
+    let direct = coordkit::connect(&server.url()).await.expect("connect");
+    let ttl = Duration::from_secs(5);
+    let started = Instant::now();
+    let e = client
+        .put(&key, b"landed".to_vec(), PutOptions::ttl(ttl))
+        .await
+        .unwrap_err();
+    assert!(
+        proxy.muted.load(Ordering::SeqCst),
+        "the put never reached the proxy"
+    );
+    assert!(
+        matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Unavailable),
+        "{e}"
+    );
+    // Whatever the client did after its timeout (a revoke would have reached etcd by now).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = direct.get(&key, Consistency::Strong).await.expect("get");
+    assert_eq!(
+        got.map(|e| e.value),
+        Some(b"landed".to_vec()),
+        "the key the server wrote was deleted after the timeout"
+    );
+    // It still expires by its TTL (etcd may add up to an election timeout).
+    let bound = ttl + Duration::from_secs(4);
+    while direct
+        .get(&key, Consistency::Strong)
+        .await
+        .expect("get")
+        .is_some()
+    {
+        assert!(started.elapsed() < bound, "the key outlived its TTL");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

@@ -861,3 +861,152 @@ async fn suspended_holder_is_lost_before_the_next_client_acquires() {
         next.release().await.expect("release");
     }
 }
+
+/// A TTL key written by one client and then put without TTL by *another* client (or the same
+/// one after a restart) is permanent: the kind is read from the server, not remembered.
+#[tokio::test]
+async fn plain_put_by_another_client_makes_a_ttl_key_permanent() {
+    let a = store("").await;
+    let ttl = a.capabilities().min_ttl;
+    let key = format!("{}/k", unique("ttlother"));
+    a.put(&key, b"t".to_vec(), PutOptions::ttl(ttl))
+        .await
+        .expect("put ttl");
+    let b = store("").await;
+    b.put(&key, b"p".to_vec(), PutOptions::default())
+        .await
+        .expect("plain put by another client");
+    tokio::time::sleep(ttl * 2 + Duration::from_secs(2)).await;
+    let fresh = store("").await;
+    assert_eq!(
+        fresh.get(&key, STRONG).await.expect("get").map(|e| e.value),
+        Some(b"p".to_vec()),
+        "the server reaped a key made permanent by another client"
+    );
+    // And the other way: a key made TTL by one client, rewritten with the same TTL by another,
+    // still expires.
+    let key2 = format!("{key}2");
+    b.put(&key2, b"p".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    a.put(&key2, b"t".to_vec(), PutOptions::ttl(ttl))
+        .await
+        .expect("put ttl");
+    b.put(&key2, b"t2".to_vec(), PutOptions::ttl(ttl))
+        .await
+        .expect("put ttl again");
+    tokio::time::sleep(ttl * 2 + Duration::from_secs(2)).await;
+    assert_eq!(fresh.get(&key2, STRONG).await.expect("get"), None);
+}
+
+/// Changing a key between permanent and TTL is one transaction: a reader polling the key
+/// meanwhile never finds it missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kind_changes_never_show_the_key_missing() {
+    let w = store("").await;
+    let r = store("").await;
+    let ttl = Duration::from_secs(30);
+    let key = format!("{}/k", unique("kind"));
+    w.put(&key, b"0".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, key) = (stop.clone(), key.clone());
+        tokio::spawn(async move {
+            let (mut reads, mut missing) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if r.get(&key, Consistency::Stale)
+                    .await
+                    .expect("get")
+                    .is_none()
+                {
+                    missing += 1;
+                }
+                reads += 1;
+            }
+            (reads, missing)
+        })
+    };
+    for i in 0..60u32 {
+        let opts = if i % 2 == 0 {
+            PutOptions::ttl(ttl + Duration::from_secs(u64::from(i % 3)))
+        } else {
+            PutOptions::default()
+        };
+        w.put(&key, i.to_string().into_bytes(), opts)
+            .await
+            .expect("put");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (reads, missing) = reader.await.expect("reader");
+    assert!(reads > 20, "only {reads} reads");
+    assert_eq!(
+        missing, 0,
+        "the key was missing in {missing} of {reads} reads"
+    );
+    assert_eq!(
+        w.get(&key, STRONG).await.expect("get").map(|e| e.value),
+        Some(b"59".to_vec())
+    );
+}
+
+/// With ZooKeeper's default reaper interval (60 s) an expired TTL node lingers on the server;
+/// `get`, `list` and create-if-absent treat the key as gone at its TTL anyway.
+#[tokio::test]
+async fn expired_ttl_keys_vanish_at_their_ttl_before_the_reaper_runs() {
+    if !support::zookeeper::installed() {
+        return;
+    }
+    let server = support::zookeeper::ZkStandalone::start_with_reap_interval(60_000);
+    // The store is told a 1 s interval so that a 1 s TTL is accepted.
+    let url = format!(
+        "zk://127.0.0.1:{}?min_session_timeout=1s&ttl_reap_interval=1s&connect_timeout=5s",
+        server.port()
+    );
+    let s = coordkit::connect(&url).await.expect("connect");
+    let ns = unique("expire");
+    let key = format!("{ns}/k");
+    let ttl = Duration::from_secs(1);
+    s.put(&key, b"v".to_vec(), PutOptions::ttl(ttl))
+        .await
+        .expect("put ttl");
+    s.put(&format!("{ns}/p"), b"p".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    assert!(s.get(&key, STRONG).await.expect("get").is_some());
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    // A fresh client (no clock sample of its own yet) sees the same.
+    let other = coordkit::connect(&url).await.expect("connect");
+    for c in [&s, &other] {
+        assert_eq!(
+            c.get(&key, STRONG).await.expect("get"),
+            None,
+            "expired key read"
+        );
+        let listed: Vec<String> = c
+            .list(&format!("{ns}/"), STRONG)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(listed, vec![format!("{ns}/p")]);
+    }
+    let raw = zk::Client::connect(&format!("127.0.0.1:{}", server.port()))
+        .await
+        .expect("raw connect");
+    assert!(
+        exists(&raw, &format!("/kv/{ns}~/k")).await,
+        "the server reaped the node already: the test proves nothing"
+    );
+    // Create-if-absent succeeds on the expired key, and makes it permanent.
+    other
+        .compare_and_swap(&key, Expect::Absent, Some(b"new".to_vec()))
+        .await
+        .expect("create over an expired key");
+    assert_eq!(
+        s.get(&key, STRONG).await.expect("get").map(|e| e.value),
+        Some(b"new".to_vec())
+    );
+}

@@ -79,6 +79,8 @@ pub struct ZkNode {
     cfg: PathBuf,
     proc: Option<Proc>,
     starts: u32,
+    /// `znode.container.checkIntervalMs`.
+    reap_ms: u64,
 }
 
 impl ZkNode {
@@ -90,7 +92,8 @@ impl ZkNode {
             .arg("-XX:+UseSerialGC")
             .arg("-Dzookeeper.extendedTypesEnabled=true")
             .arg(format!(
-                "-Dznode.container.checkIntervalMs={REAP_INTERVAL_MS}"
+                "-Dznode.container.checkIntervalMs={}",
+                self.reap_ms
             ))
             .arg("-Dzookeeper.admin.enableServer=false")
             .arg("-cp")
@@ -185,12 +188,23 @@ pub struct ZkStandalone {
 impl ZkStandalone {
     /// Starts a standalone server and waits until it serves.
     pub fn start() -> ZkStandalone {
-        Self::start_with_min_session(Duration::from_millis(2 * TICK_MS))
+        Self::start_with(Duration::from_millis(2 * TICK_MS), REAP_INTERVAL_MS)
     }
 
     /// Starts a standalone server whose `minSessionTimeout` is `min` (the URL options still
     /// declare the default of 2 ticks), and waits until it serves.
     pub fn start_with_min_session(min: Duration) -> ZkStandalone {
+        Self::start_with(min, REAP_INTERVAL_MS)
+    }
+
+    /// Starts a standalone server that reaps expired TTL nodes and empty containers every
+    /// `reap_ms` (ZooKeeper's default is 60000), and waits until it serves.
+    pub fn start_with_reap_interval(reap_ms: u64) -> ZkStandalone {
+        Self::start_with(Duration::from_millis(2 * TICK_MS), reap_ms)
+    }
+
+    /// Starts a standalone server with `minSessionTimeout` `min` and reap interval `reap_ms`.
+    pub fn start_with(min: Duration, reap_ms: u64) -> ZkStandalone {
         let dir = fresh_dir("zk-standalone");
         let port = free_port();
         let cfg = write_config_with(&dir, port, 0, &[], min.as_millis() as u64);
@@ -201,6 +215,7 @@ impl ZkStandalone {
             cfg,
             proc: None,
             starts: 0,
+            reap_ms,
         };
         node.spawn();
         let started = Instant::now();
@@ -271,6 +286,7 @@ impl ZkEnsemble {
                 cfg,
                 proc: None,
                 starts: 0,
+                reap_ms: REAP_INTERVAL_MS,
             });
         }
         for node in &mut nodes {

@@ -120,8 +120,15 @@ impl KvStore for EtcdStore {
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
+                // Revoking the lease deletes every key on it. After `Timeout` or `Unavailable`
+                // the put may have been applied (the answer, not the request, may be what was
+                // lost), so the lease is left to expire by its TTL: the key, if written, lives
+                // out the TTL it was given. Any other error is the server's answer refusing the
+                // put, which then changed nothing, and the unused lease is revoked.
                 if let Some(id) = lease {
-                    revoke_quietly(inner, id).await;
+                    if !matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Unavailable) {
+                        revoke_quietly(inner, id).await;
+                    }
                 }
                 return Err(e);
             }

@@ -69,6 +69,9 @@ struct App {
     /// Fault hook: requests whose path starts with a prefix wait this long before they are
     /// handled (a slow or stalled server).
     delays: Mutex<Vec<(String, Duration)>>,
+    /// A write another client makes right after the next successful `PUT /v1/kv/<key>` of
+    /// this key, before that PUT is answered (see [`ConsulSim::overwrite_after_next_put`]).
+    overwrite: Mutex<Option<(String, Vec<u8>)>>,
 }
 
 impl App {
@@ -119,6 +122,7 @@ impl ConsulSim {
         let (changes, _) = watch::channel(0u64);
         let app = Arc::new(App {
             state: Mutex::new(State::new()),
+            overwrite: Mutex::new(None),
             changes,
             acl_token: opts.acl_token.clone(),
             delays: Mutex::new(Vec::new()),
@@ -195,6 +199,14 @@ impl ConsulSim {
     /// `consul://127.0.0.1:PORT`, for `coordkit::connect`.
     pub fn url(&self) -> String {
         format!("consul://{}", self.addr)
+    }
+
+    /// Right after the next successful plain `PUT /v1/kv/<key>` of `key` (`key` as stored,
+    /// with any prefix), another client's write of `value` (flags 0) is applied before the PUT is
+    /// answered: a concurrent writer that wins the race to the key's next write.
+    pub fn overwrite_after_next_put(&self, key: &str, value: &[u8]) {
+        *self.app.overwrite.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((key.to_string(), value.to_vec()));
     }
 
     /// Reaps every KV tombstone now (Consul does it later, by itself).
@@ -715,15 +727,25 @@ fn kv_put(app: &App, key: &str, q: &Query, body: Vec<u8>) -> Response {
         Ok(c) => c,
         Err(r) => return r,
     };
-    let result = app.lock().kv_put(
-        key,
-        body,
-        flags,
-        cas,
-        q_get(q, "acquire"),
-        q_get(q, "release"),
-        Instant::now(),
-    );
+    let result = {
+        let mut st = app.lock();
+        let r = st.kv_put(
+            key,
+            body,
+            flags,
+            cas,
+            q_get(q, "acquire"),
+            q_get(q, "release"),
+            Instant::now(),
+        );
+        let mut pending = app.overwrite.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(r, Ok(true)) && pending.as_ref().is_some_and(|(k, _)| k == key) {
+            if let Some((k, v)) = pending.take() {
+                let _ = st.kv_put(&k, v, 0, None, None, None, Instant::now());
+            }
+        }
+        r
+    };
     match result {
         Ok(done) => {
             if done {
