@@ -808,4 +808,103 @@ mod tests {
         j.wait = Some(Duration::from_secs(3_000_000_000_000_000 * 3600));
         assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
     }
+
+    /// A backend whose `lock` fails with `Timeout` after `after` (a request that got no
+    /// answer); everything else is the memory store's.
+    #[derive(Debug)]
+    struct Unanswered {
+        mem: MemoryStore,
+        after: Duration,
+    }
+
+    #[async_trait::async_trait]
+    impl coordkit::KvStore for Unanswered {
+        async fn get(
+            &self,
+            key: &str,
+            c: coordkit::Consistency,
+        ) -> coordkit::Result<Option<coordkit::Entry>> {
+            self.mem.get(key, c).await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            opts: coordkit::PutOptions,
+        ) -> coordkit::Result<coordkit::Version> {
+            self.mem.put(key, value, opts).await
+        }
+        async fn delete(&self, key: &str) -> coordkit::Result<()> {
+            self.mem.delete(key).await
+        }
+        async fn compare_and_swap(
+            &self,
+            key: &str,
+            expect: coordkit::Expect,
+            new: Option<Vec<u8>>,
+        ) -> coordkit::Result<Option<coordkit::Version>> {
+            self.mem.compare_and_swap(key, expect, new).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+            c: coordkit::Consistency,
+        ) -> coordkit::Result<Vec<coordkit::Entry>> {
+            self.mem.list(prefix, c).await
+        }
+        async fn watch(&self, prefix: &str) -> coordkit::Result<coordkit::WatchStream> {
+            self.mem.watch(prefix).await
+        }
+        fn capabilities(&self) -> coordkit::Capabilities {
+            self.mem.capabilities()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl coordkit::DistLock for Unanswered {
+        async fn lock(&self, _name: &str, _opts: &LockOptions) -> coordkit::Result<LockGuard> {
+            tokio::time::sleep(self.after).await;
+            Err(coordkit::Error::new(
+                ErrorKind::Timeout,
+                "fake",
+                "no answer within the request timeout",
+            ))
+        }
+        async fn try_lock(
+            &self,
+            _name: &str,
+            _opts: &LockOptions,
+        ) -> coordkit::Result<Option<LockGuard>> {
+            Err(coordkit::Error::new(
+                ErrorKind::Timeout,
+                "fake",
+                "no answer within the request timeout",
+            ))
+        }
+    }
+
+    /// A request timeout while acquiring is not "not acquired within --wait" (124): it is exit
+    /// 1, saying the backend did not answer. 124 only when the wait ran out.
+    #[tokio::test]
+    async fn request_timeout_is_not_a_wait_timeout() {
+        let b = Unanswered {
+            mem: MemoryStore::new(),
+            after: Duration::from_millis(100),
+        };
+        let mut j = job("j/m", &["true"]);
+        for wait in [Some(Duration::from_secs(60)), None, Some(Duration::ZERO)] {
+            j.wait = wait;
+            let e = run(&b, &j, no_signals()).await.unwrap_err();
+            assert_eq!(e.code, FAILED, "{wait:?}: {e:?}");
+            assert!(e.message.contains("did not answer"), "{}", e.message);
+        }
+        // The same error once the wait has run out: 124.
+        let b = Unanswered {
+            mem: MemoryStore::new(),
+            after: Duration::from_millis(300),
+        };
+        j.wait = Some(Duration::from_millis(200));
+        let e = run(&b, &j, no_signals()).await.unwrap_err();
+        assert_eq!(e.code, LOCK_TIMEOUT, "{e:?}");
+    }
 }
