@@ -590,9 +590,12 @@ mod tests {
     /// A shell command that starts a grandchild ignoring SIGTERM (its pid in `pidfile`), then
     /// runs `then`.
     fn stubborn_grandchild(pidfile: &Path, then: &str) -> String {
+        // The pid file appears only once the grandchild ignores SIGTERM, and `then` runs only
+        // after that.
         format!(
-            "(trap '' TERM; exec sleep 300) & echo $! > {}; {then}",
-            pidfile.display()
+            "sh -c 'trap \"\" TERM; echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 300' & \
+             while [ ! -s {p} ]; do sleep 0.05; done; {then}",
+            p = pidfile.display()
         )
     }
 
