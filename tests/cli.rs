@@ -645,7 +645,7 @@ fn stubborn_grandchild(pidfile: &std::path::Path, then: &str) -> String {
     // The pid file appears only once the grandchild ignores SIGTERM, and `then` runs only
     // after that.
     format!(
-        "sh -c 'trap \"\" TERM; echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 300' & \
+        "sh -c 'trap \"\" TERM; echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 300 </dev/null >/dev/null 2>&1' & \
          while [ ! -s {p} ]; do sleep 0.05; done; {then}",
         p = pidfile.display()
     )
@@ -776,6 +776,7 @@ fn signal_while_waiting_withdraws(url: &str) {
         assert!(stderr.contains("while waiting"), "{stderr}");
         assert!(out.stdout.is_empty(), "CMD ran: {:?}", out.stdout);
         assert!(took < Duration::from_secs(5), "took {took:?}");
+        eprintln!("{url}: signal {sig} while waiting: exit {code} after {took:?}");
     }
     // A third client queues; when the holder releases, nothing stands before it.
     let third = ck(&["--url", url, "lock", &name, "--wait", "60s", "--", "true"])
@@ -791,6 +792,7 @@ fn signal_while_waiting_withdraws(url: &str) {
     let released = Instant::now();
     let out = wait_within(third, Duration::from_secs(40)).expect("third client finishes");
     let waited = released.elapsed();
+    eprintln!("{url}: third client acquired {waited:?} after the release");
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -1131,5 +1133,20 @@ mod consul {
     #[test]
     fn lock_excludes_across_processes() {
         super::lock_excludes_across_processes(&url());
+    }
+
+    #[test]
+    fn lock_covers_processes_left_behind() {
+        super::lock_covers_processes_left_behind(&url());
+    }
+
+    #[test]
+    fn signal_while_waiting_withdraws() {
+        super::signal_while_waiting_withdraws(&url());
+    }
+
+    #[test]
+    fn huge_durations() {
+        super::huge_durations(&url());
     }
 }

@@ -84,17 +84,35 @@ fn interrupted(sig: i32, name: &str, what: &str) -> CliError {
     )
 }
 
-/// Drops an unfinished lock attempt (which withdraws it: the backends delete a queued key or
-/// node in the background when the attempt's future is dropped) and waits, bounded, until the
-/// work that the drop started has finished, so that coordkit does not exit (and end its
-/// runtime) with the withdrawal half done. A signal received meanwhile stops waiting.
+/// Drops an unfinished lock attempt, which withdraws it (the backends delete a queued key or
+/// node in background tasks they spawn when the attempt's future is dropped), and waits,
+/// bounded, until that withdrawal has finished, so that coordkit does not end its runtime (and
+/// the withdrawal with it) half way. A signal received meanwhile stops waiting.
+///
+/// The attempt is dropped inside a runtime of its own, so that the tasks its drop spawns, and
+/// only those, run there: the withdrawal is over when that runtime has no task left.
 async fn abandon<F>(attempt: F, signals: Option<&mut mpsc::UnboundedReceiver<i32>>) {
-    let metrics = tokio::runtime::Handle::current().metrics();
-    let before = metrics.num_alive_tasks();
-    drop(attempt);
-    let give_up = deadline_after(Some(WITHDRAW_BOUND));
+    let side = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("coordkit-withdraw")
+        .enable_all()
+        .build();
+    let side = match side {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::debug!(error = %e, "no runtime for the withdrawal; giving it a moment");
+            drop(attempt);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+    };
+    {
+        let _in_side = side.enter();
+        drop(attempt);
+    }
+    let metrics = side.metrics();
     let settled = async {
-        while metrics.num_alive_tasks() > before {
+        while metrics.num_alive_tasks() > 0 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
@@ -107,15 +125,18 @@ async fn abandon<F>(attempt: F, signals: Option<&mut mpsc::UnboundedReceiver<i32
         }
     };
     tokio::select! {
-        r = coordkit::lease::until(give_up, settled) => if r.is_none() {
-            crate::exit::note!(
-                "coordkit: warning: withdrawing the lock attempt did not finish within {}; \
-                 the backend removes it when its lease expires",
-                format_duration(WITHDRAW_BOUND)
-            );
-        },
+        r = coordkit::lease::until(deadline_after(Some(WITHDRAW_BOUND)), settled) => {
+            if r.is_none() {
+                crate::exit::note!(
+                    "coordkit: warning: withdrawing the lock attempt did not finish within {}; \
+                     the backend drops it when its lease expires",
+                    format_duration(WITHDRAW_BOUND)
+                );
+            }
+        }
         _ = again => {}
     }
+    side.shutdown_background();
 }
 
 /// Acquires the lock, honouring `--wait`.
@@ -593,7 +614,7 @@ mod tests {
         // The pid file appears only once the grandchild ignores SIGTERM, and `then` runs only
         // after that.
         format!(
-            "sh -c 'trap \"\" TERM; echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 300' & \
+            "sh -c 'trap \"\" TERM; echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 300 </dev/null >/dev/null 2>&1' & \
              while [ ! -s {p} ]; do sleep 0.05; done; {then}",
             p = pidfile.display()
         )
