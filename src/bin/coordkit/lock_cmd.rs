@@ -32,6 +32,9 @@ const RELEASE_BOUND: Duration = Duration::from_secs(10);
 /// Bound on the background withdrawal of an abandoned lock attempt (one backend request, with
 /// its retries).
 const WITHDRAW_BOUND: Duration = Duration::from_secs(10);
+/// How long the runtime running a withdrawal must stay idle (its worker parked, nothing waking
+/// it) for the withdrawal to count as done although tasks remain (see [`abandon`]).
+const WITHDRAW_QUIET: Duration = Duration::from_millis(500);
 /// How often CMD's process group is checked for members once CMD itself has exited.
 const GROUP_POLL: Duration = Duration::from_millis(20);
 /// How long members of CMD's group may survive `SIGKILL` (stuck in the kernel, where they run
@@ -111,8 +114,24 @@ async fn abandon<F>(attempt: F, signals: Option<&mut mpsc::UnboundedReceiver<i32
         drop(attempt);
     }
     let metrics = side.metrics();
+    // Over when no task is left there; or when the side runtime's one worker has been parked,
+    // with nothing waking it, for a while: what remains then waits on nothing that comes soon,
+    // such as a pooled HTTP connection that the withdrawal opened (it would linger for the
+    // pool's idle timeout), or a server that does not answer.
     let settled = async {
-        while metrics.num_alive_tasks() > 0 {
+        let mut last = None;
+        let mut still_since = Instant::now();
+        loop {
+            if metrics.num_alive_tasks() == 0 {
+                return;
+            }
+            let now = parked_count(&metrics);
+            if now != last {
+                last = now;
+                still_since = Instant::now();
+            } else if now.is_some_and(|n| n % 2 == 1) && still_since.elapsed() >= WITHDRAW_QUIET {
+                return;
+            }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     };
@@ -137,6 +156,18 @@ async fn abandon<F>(attempt: F, signals: Option<&mut mpsc::UnboundedReceiver<i32
         _ = again => {}
     }
     side.shutdown_background();
+}
+
+/// The park/unpark count of the runtime's first worker: odd while it is parked. `None` where
+/// the count is not kept.
+#[cfg(target_has_atomic = "64")]
+fn parked_count(metrics: &tokio::runtime::RuntimeMetrics) -> Option<u64> {
+    (metrics.num_workers() > 0).then(|| metrics.worker_park_unpark_count(0))
+}
+
+#[cfg(not(target_has_atomic = "64"))]
+fn parked_count(_metrics: &tokio::runtime::RuntimeMetrics) -> Option<u64> {
+    None
 }
 
 /// Acquires the lock, honouring `--wait`.
