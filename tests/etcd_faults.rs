@@ -748,3 +748,94 @@ async fn ttl_put_whose_answer_is_lost_keeps_its_key() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A waiter whose network path is black-holed while it waits: when its wait runs out, it
+/// returns `Timeout` within the wait plus the withdrawal's short grace (not plus a whole request
+/// timeout), and its key is deleted once the path heals, so the next contender is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_waiter_times_out_on_time_and_leaves_nothing() {
+    let server = shared();
+    let name = format!("cutwait-{}", std::process::id());
+    let holder = coordkit::connect(&server.url())
+        .await
+        .expect("connect holder");
+    let proxy = Proxy::to_port(server.members[0].client_port);
+    let waiter = coordkit::connect(&proxy_url(&proxy, "?timeout=5s&connect_timeout=1s"))
+        .await
+        .expect("connect waiter through the proxy");
+    let third = coordkit::connect(&server.url())
+        .await
+        .expect("connect third");
+    let ttl = LockOptions::new().ttl(Duration::from_secs(20));
+    let held = holder.lock(&name, &ttl).await.expect("holder locks");
+    let wait = Duration::from_millis(1500);
+    let attempt = {
+        let (waiter, name, opts) = (waiter.clone(), name.clone(), ttl.clone().wait(wait));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = waiter.lock(&name, &opts).await;
+            (r.map(|g| g.token()), started.elapsed())
+        })
+    };
+    // Let the waiter queue its key, then cut its path: its withdrawal cannot reach etcd.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.stall();
+    let (r, took) = attempt.await.expect("waiter task");
+    let e = r.expect_err("the waiter cannot have the held lock");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(
+        took < wait + Duration::from_millis(700),
+        "Timeout came {took:?} after the start of a {wait:?} wait"
+    );
+    proxy.heal();
+    held.release().await.expect("release");
+    let started = Instant::now();
+    let next = third
+        .lock(&name, &ttl.clone().wait(Duration::from_secs(15)))
+        .await
+        .expect("third locks");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the waiter's key held the next contender up for {:?}",
+        started.elapsed()
+    );
+    next.release().await.expect("release third");
+}
+
+/// A waiter whose lease cannot be renewed while it waits (its path black-holed past the TTL)
+/// gives up with `LockLost`, the same kind every backend uses, and never returns a guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_lease_lapses_gets_lock_lost() {
+    let server = shared();
+    let name = format!("lapsewait-{}", std::process::id());
+    let holder = coordkit::connect(&server.url())
+        .await
+        .expect("connect holder");
+    let proxy = Proxy::to_port(server.members[0].client_port);
+    let waiter = coordkit::connect(&proxy_url(&proxy, "?timeout=10s&connect_timeout=1s"))
+        .await
+        .expect("connect waiter through the proxy");
+    let held = holder
+        .lock(&name, &LockOptions::new().ttl(Duration::from_secs(20)))
+        .await
+        .expect("holder locks");
+    let attempt = {
+        let (waiter, name) = (waiter.clone(), name.clone());
+        tokio::spawn(async move {
+            waiter
+                .lock(&name, &LockOptions::new().ttl(Duration::from_secs(2)))
+                .await
+                .map(|g| g.token())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.stall();
+    let r = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .expect("the waiter must give up once its lease deadline passed")
+        .expect("waiter task");
+    let e = r.expect_err("a waiter with a lapsed lease must not get the lock");
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
+    proxy.heal();
+    held.release().await.expect("release");
+}
