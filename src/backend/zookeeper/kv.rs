@@ -72,6 +72,16 @@ fn conflict(key: &str, msg: impl Into<String>) -> Error {
     err(ErrorKind::Conflict, key, msg)
 }
 
+/// What a read for a write found at a key's znode.
+enum NodeState {
+    /// A znode holding a live key.
+    Live(Node),
+    /// A znode whose key expired (or is half reaped): absent for the caller, replaced by a write.
+    Dead(Node),
+    /// No znode.
+    Absent,
+}
+
 /// A key znode's kind, as the server shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -238,17 +248,22 @@ impl Inner {
         }
     }
 
-    /// Reads key znode `path` for a write: `None` if absent or expired.
-    async fn live_node(&self, client: &zk::Client, key: &str, path: &str) -> Result<Option<Node>> {
+    /// Reads key znode `path` for a write, in one read: `Live` if it holds a key, `Dead` if a
+    /// znode is there but its key expired (or is half reaped), `Absent` if there is none.
+    async fn node_state(&self, client: &zk::Client, key: &str, path: &str) -> Result<NodeState> {
         let Some(node) = self.read_node(client, key, path, false).await? else {
-            return Ok(None);
+            return Ok(NodeState::Absent);
         };
         let expired = match node.kind {
             Kind::Permanent => false,
             Kind::Reaped => true,
             Kind::Ttl { .. } => node.expired(self.server_now_ms(client, key).await),
         };
-        Ok((!expired).then_some(node))
+        Ok(if expired {
+            NodeState::Dead(node)
+        } else {
+            NodeState::Live(node)
+        })
     }
 
     /// Creates a permanent key at `path`, creating parents as needed. `Ok(None)` if it exists.
@@ -665,22 +680,26 @@ impl Inner {
         let client = self.client().await?;
         let path = path::key_path(&self.root, key);
         for _ in 0..RETRIES {
-            // An expired TTL key the server has not reaped yet counts as absent.
-            let node = self.live_node(&client, key, &path).await?;
+            // An expired TTL key the server has not reaped yet counts as absent. One read
+            // decides: a key created after it makes the create (or the replace, whose
+            // precondition is the dead znode's version) fail, and the loop reads again.
+            let (node, dead) = match self.node_state(&client, key, &path).await? {
+                NodeState::Live(n) => (Some(n), None),
+                NodeState::Dead(n) => (None, Some(n)),
+                NodeState::Absent => (None, None),
+            };
             let r = match (expect, &new, node) {
-                (Expect::Absent, Some(value), None) => {
-                    // Absent, or expired: its znode (if any) is replaced atomically.
-                    match self.read_node(&client, key, &path, false).await? {
-                        None => match self.create_key(&client, key, &path, value).await? {
-                            Some(stat) => return Ok(Some(version_of(&stat))),
-                            None => continue,
-                        },
-                        Some(dead) => self
-                            .replace(&client, key, &path, Some(&dead), value, None)
-                            .await
-                            .map(|s| Some(version_of(&s))),
-                    }
-                }
+                (Expect::Absent, Some(value), None) => match dead {
+                    None => match self.create_key(&client, key, &path, value).await? {
+                        Some(stat) => return Ok(Some(version_of(&stat))),
+                        None => continue,
+                    },
+                    // Expired: its znode is replaced atomically.
+                    Some(dead) => self
+                        .replace(&client, key, &path, Some(&dead), value, None)
+                        .await
+                        .map(|s| Some(version_of(&s))),
+                },
                 (Expect::Absent, None, None) => return Ok(None),
                 (Expect::Absent, _, Some(_)) => {
                     return Err(conflict(key, "expected no key, found one"))
