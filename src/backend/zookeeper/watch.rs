@@ -102,6 +102,7 @@ pub(super) async fn start(inner: Arc<Inner>, prefix: &str) -> Result<WatchStream
         disconnected: false,
         session_ended: false,
         auth_failed: false,
+        rewatch: false,
         tx,
     };
     // Seed the cache: the state now is the starting point, not reported.
@@ -202,6 +203,9 @@ struct WatchTask {
     session_ended: bool,
     /// The session failed authentication.
     auth_failed: bool,
+    /// The connection was re-established: the persistent watch must be registered again
+    /// (zookeeper-client 0.11 does not re-send persistent watches on reconnect).
+    rewatch: bool,
     tx: mpsc::UnboundedSender<Result<WatchEvent>>,
 }
 
@@ -261,6 +265,7 @@ impl WatchTask {
                     zk::SessionState::SyncConnected | zk::SessionState::ConnectedReadOnly => {
                         if std::mem::take(&mut self.disconnected) {
                             work.resync = true;
+                            self.rewatch = true;
                         }
                     }
                     zk::SessionState::AuthFailed => {
@@ -337,6 +342,7 @@ impl WatchTask {
                 return;
             }
             self.drain();
+            tracing::trace!(queued = ?self.queue, "watch batch");
             let work = self.consume();
             if self.auth_failed {
                 let e = Error::new(
@@ -433,6 +439,7 @@ impl WatchTask {
         self.client = client;
         self.watcher = Some(watcher);
         self.session_ended = false;
+        self.rewatch = false;
         Ok(())
     }
 
@@ -545,6 +552,15 @@ impl WatchTask {
                 NAME,
                 "the ZooKeeper connection is not back yet",
             ));
+        }
+        if self.rewatch {
+            // The server may have lost the watch (a restart, another server): register it again
+            // before listing, so that every change after the listing is notified. The old
+            // watcher is dropped once the new one exists (the client then keeps the server's
+            // watch).
+            let w = register(&self.inner, &self.client, &self.prefix).await?;
+            self.watcher = Some(w);
+            self.rewatch = false;
         }
         let listed = self.list().await?;
         self.drain();
