@@ -102,6 +102,9 @@ mod real {
         list_by_prefix,
         key_ttl_expiry,
         watch_order_and_start,
+        watch_concurrent_writers,
+        watch_survives_burst,
+        watch_state_matches_list,
         invalid_keys_rejected,
         oversized_value_rejected,
         lock_mutual_exclusion,
@@ -515,7 +518,12 @@ async fn watch_orders_batched_changes_and_survives_unseen_ones() {
     .await;
     store.delete("w/a").await.unwrap();
     let mut got = Vec::new();
-    while got.iter().filter(|e: &&String| !e.starts_with("coalesced")).count() < 3 {
+    while got
+        .iter()
+        .filter(|e: &&String| !e.starts_with("coalesced"))
+        .count()
+        < 3
+    {
         got.push(event_line(&mut events).await);
     }
     // w/a was written long before its delete: other writes lie between, so it is marked.

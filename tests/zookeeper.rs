@@ -488,7 +488,11 @@ async fn watch_survives_two_pipelining_writers() {
         tasks.push(tokio::spawn(async move {
             let s = store("").await;
             let puts = (0..WRITES).map(|i| {
-                s.put(&key, format!("w{w}-{i}").into_bytes(), PutOptions::default())
+                s.put(
+                    &key,
+                    format!("w{w}-{i}").into_bytes(),
+                    PutOptions::default(),
+                )
             });
             let versions: Vec<_> = futures::future::join_all(puts).await;
             versions
@@ -547,7 +551,10 @@ async fn watch_survives_two_pipelining_writers() {
         "2 x {WRITES} pipelined writes in {wrote:?}: {puts} put events ({marks} marked \
          coalesced), the last one the final value"
     );
-    assert!(marks > 0 || puts == 2 * WRITES, "writes merged without a mark");
+    assert!(
+        marks > 0 || puts == 2 * WRITES,
+        "writes merged without a mark"
+    );
 }
 
 /// A burst of pipelined puts to distinct keys, then at once a rewrite of the first: the watch
@@ -701,7 +708,10 @@ async fn watch_survives_server_restart_and_reports_missed_changes() {
     let down = Instant::now();
     zk.node().restart();
     while zk.node().mode().as_deref() != Some("standalone") {
-        assert!(down.elapsed() < Duration::from_secs(60), "server did not come back");
+        assert!(
+            down.elapsed() < Duration::from_secs(60),
+            "server did not come back"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let retry = |what: &'static str| {
@@ -724,10 +734,19 @@ async fn watch_survives_server_restart_and_reports_missed_changes() {
             }
         };
     }
-    until_ok!("put keep", direct.put("r/keep", b"2".to_vec(), PutOptions::default()));
+    until_ok!(
+        "put keep",
+        direct.put("r/keep", b"2".to_vec(), PutOptions::default())
+    );
     until_ok!("delete gone", direct.delete("r/gone"));
-    until_ok!("put new", direct.put("r/new", b"1".to_vec(), PutOptions::default()));
-    until_ok!("put flash", direct.put("r/flash", b"1".to_vec(), PutOptions::default()));
+    until_ok!(
+        "put new",
+        direct.put("r/new", b"1".to_vec(), PutOptions::default())
+    );
+    until_ok!(
+        "put flash",
+        direct.put("r/flash", b"1".to_vec(), PutOptions::default())
+    );
     until_ok!("delete flash", direct.delete("r/flash"));
     // Past the short session's expiry (1.4 x its timeout after the restart at the latest).
     tokio::time::sleep(Duration::from_secs(4).saturating_sub(down.elapsed())).await;
@@ -757,7 +776,8 @@ async fn watch_survives_server_restart_and_reports_missed_changes() {
             got.push(ev);
         }
         assert!(
-            !got.iter().any(|e| e.key() == "r/same" || e.key() == "r/flash"),
+            !got.iter()
+                .any(|e| e.key() == "r/same" || e.key() == "r/flash"),
             "[{session}] events for unchanged keys: {got:?}"
         );
         eprintln!(

@@ -522,7 +522,12 @@ fn check_history(h: &Harness, got: &[WatchEvent], history: &[Change], coalesces:
                 })
             })
             .collect();
-        assert_eq!(seen, history, "[{}] events differ from the changes", h.name());
+        assert_eq!(
+            seen,
+            history,
+            "[{}] events differ from the changes",
+            h.name()
+        );
         return;
     }
     let mut keys: Vec<&String> = history.iter().map(|(k, _)| k).collect();
@@ -543,7 +548,11 @@ fn check_history(h: &Harness, got: &[WatchEvent], history: &[Change], coalesces:
                 Some((_, st)) => evs.push((std::mem::take(&mut marked), st)),
             }
         }
-        assert!(!marked, "[{}] {key}: a mark with no event after it", h.name());
+        assert!(
+            !marked,
+            "[{}] {key}: a mark with no event after it",
+            h.name()
+        );
         if evs.is_empty() {
             assert!(
                 changes.last().is_some_and(|s| s.is_none()),
@@ -696,7 +705,11 @@ pub async fn watch_survives_burst(h: &Harness) {
             let writer = writer.clone();
             let key = format!("{ns}k{i:04}");
             async move {
-                ok("put", writer.put(&key, b"1".to_vec(), PutOptions::default())).await;
+                ok(
+                    "put",
+                    writer.put(&key, b"1".to_vec(), PutOptions::default()),
+                )
+                .await;
             }
         })
         .buffer_unordered(64)
@@ -754,8 +767,11 @@ pub async fn watch_state_matches_list(h: &Harness) {
                     let key = format!("{ns}d{}/k{i}", i % 3);
                     match (round + i as u8 + w as u8) % 5 {
                         0 | 1 => {
-                            ok("put", store.put(&key, vec![w as u8, round], PutOptions::default()))
-                                .await;
+                            ok(
+                                "put",
+                                store.put(&key, vec![w as u8, round], PutOptions::default()),
+                            )
+                            .await;
                         }
                         2 => ok("delete", store.delete(&key)).await,
                         3 => {

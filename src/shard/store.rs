@@ -683,7 +683,12 @@ impl WatchShared {
         }
         // Oldest first: an event after a `Merged` mark of the key may stand for `change`.
         let mut merged = false;
-        let after = st.recent.iter().rev().take_while(|(seq, ..)| *seq > mark).count();
+        let after = st
+            .recent
+            .iter()
+            .rev()
+            .take_while(|(seq, ..)| *seq > mark)
+            .count();
         for (_, i, k, c) in st.recent.iter().skip(st.recent.len() - after) {
             if *i != index || k != key {
                 continue;

@@ -130,7 +130,11 @@ pub(super) async fn start(inner: Arc<Inner>, prefix: &str) -> Result<WatchStream
     }))
 }
 
-async fn register(inner: &Inner, client: &zk::Client, prefix: &str) -> Result<zk::PersistentWatcher> {
+async fn register(
+    inner: &Inner,
+    client: &zk::Client,
+    prefix: &str,
+) -> Result<zk::PersistentWatcher> {
     let (dir, _) = path::split_prefix(prefix);
     let zdir = path::dir_path(&inner.root, dir);
     inner
@@ -224,11 +228,9 @@ impl WatchTask {
         let Some(w) = self.watcher.as_mut() else {
             return;
         };
-        if self
-            .queue
-            .back()
-            .is_some_and(|e| e.event_type == zk::EventType::Session && e.session_state.is_terminated())
-        {
+        if self.queue.back().is_some_and(|e| {
+            e.event_type == zk::EventType::Session && e.session_state.is_terminated()
+        }) {
             return;
         }
         while let Some(ev) = w.changed().now_or_never() {
@@ -500,7 +502,13 @@ impl WatchTask {
 
     /// Reports the state `now` of `key` read after consuming `n` notifications of it, `later`
     /// telling whether more arrived while the read was in flight.
-    fn report(&mut self, key: String, n: u32, later: bool, now: Option<(Vec<u8>, zk::Stat)>) -> bool {
+    fn report(
+        &mut self,
+        key: String,
+        n: u32,
+        later: bool,
+        now: Option<(Vec<u8>, zk::Stat)>,
+    ) -> bool {
         let prev = self.keys.get(&key).copied().unwrap_or_default();
         // Exactly `n` changes lie between the cached state and the one read.
         let counted = prev.exact && !later;
@@ -518,7 +526,8 @@ impl WatchTask {
             (Some(_), None) => self.emit(WatchEvent::Delete { key: key.clone() }, one),
             (Some(p), Some(_)) if Some(p) == next => true,
             (p, Some((value, stat))) => {
-                let stepped = p.is_some_and(|p| p.czxid == stat.czxid && stat.version == p.version + 1);
+                let stepped =
+                    p.is_some_and(|p| p.czxid == stat.czxid && stat.version == p.version + 1);
                 let e = Entry {
                     key: key.clone(),
                     value,
