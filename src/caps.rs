@@ -17,8 +17,11 @@ pub struct Capabilities {
     /// `InvalidArgument`.
     pub min_lock_ttl: Duration,
     /// How long after a holder stops renewing its lease the lock may still be held by it, as a
-    /// multiple of the lock TTL, rounded up (memory and etcd: 1; Consul: 2, because a session is
-    /// reaped only after twice its TTL). Tests use this to bound how long a lapse takes.
+    /// multiple of the lock TTL, rounded up (memory and etcd: 1; Consul: 2, because today's
+    /// Consul servers invalidate a session within twice its TTL — their implementation, not a
+    /// documented promise). A liveness figure: how long others may have to wait. Tests use it
+    /// to bound how long a lapse takes. The holder's lost signal never waits for it: it fires at
+    /// the lease deadline (see [`crate::lease`]).
     pub lease_expiry_factor: u32,
     /// The largest value accepted, in bytes.
     pub max_value_size: usize,

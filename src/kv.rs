@@ -174,6 +174,10 @@ pub trait KvStore: Send + Sync + fmt::Debug {
     ///
     /// Returns the new version after a write, `None` after a delete (or the no-op).
     ///
+    /// A write by compare-and-swap is like a put without TTL: the key is permanent afterwards,
+    /// also if it had a TTL (on every backend with [`Capabilities::key_ttl`]). To keep a TTL,
+    /// `put` with it.
+    ///
     /// # Errors
     /// `Conflict` when the precondition does not hold (nothing is changed); `InvalidKey`,
     /// `ValueTooLarge`, `Unavailable`, `Timeout`.

@@ -19,7 +19,7 @@
 //! under 0.1 %) plus 100 ms for the timer to fire and the holder to react. A renewal that is
 //! not confirmed moves nothing.
 //!
-//! A timer fires [`Lease::lost`] at the deadline whatever renewals are still in flight, and
+//! A timer fires [`Lease::lost_token`] at the deadline whatever renewals are still in flight, and
 //! [`Lease::is_lost`] compares the clock with the deadline itself, so it answers correctly even
 //! when the timer task has not run yet.
 //!

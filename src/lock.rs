@@ -20,8 +20,10 @@ pub const DEFAULT_LOCK_TTL: Duration = Duration::from_secs(15);
 #[non_exhaustive]
 pub struct LockOptions {
     /// The lease/session TTL. The lock is renewed in the background while held; if renewal
-    /// stops, the lock is lost at most this long later (times the backend's
-    /// [`lease_expiry_factor`](crate::Capabilities::lease_expiry_factor)). Default 15 s.
+    /// stops, `lost()` fires within this TTL (at the lease deadline, see [`crate::lease`]),
+    /// while other clients may have to wait up to TTL ×
+    /// [`lease_expiry_factor`](crate::Capabilities::lease_expiry_factor) before they can take
+    /// it. Default 15 s.
     pub ttl: Duration,
     /// How long [`DistLock::lock`] waits before giving up with `Timeout`. `None` waits without
     /// bound. Ignored by `try_lock`.

@@ -615,6 +615,224 @@ fn lock_excludes_across_processes(url: &str) {
     assert_eq!(out.code, 0, "{out:?}");
 }
 
+/// Whether process `pid` runs: it exists and is not a zombie (this machine's init may never
+/// reap orphans).
+fn pid_running(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+/// Waits for a pid written to `path`.
+fn read_pid_file(path: &std::path::Path) -> i32 {
+    let read = || {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok())
+    };
+    assert!(
+        support::wait_until(Duration::from_secs(30), || read().is_some()),
+        "no pid in {}",
+        path.display()
+    );
+    read().expect("pid")
+}
+
+/// A shell script that starts a grandchild ignoring SIGTERM, writes its pid to `pidfile`, then
+/// runs `then`.
+fn stubborn_grandchild(pidfile: &std::path::Path, then: &str) -> String {
+    // The pid file appears only once the grandchild ignores SIGTERM, and `then` runs only
+    // after that.
+    format!(
+        "sh -c 'trap \"\" TERM; echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 300 </dev/null >/dev/null 2>&1' & \
+         while [ ! -s {p} ]; do sleep 0.05; done; {then}",
+        p = pidfile.display()
+    )
+}
+
+/// A shell script printing `alive` if process `pid` runs, else `dead` (zombies are dead).
+fn print_pid_state(pid: i32) -> String {
+    format!(
+        "s=$(cat /proc/{pid}/stat 2>/dev/null); case \"${{s##*) }}\" in ''|Z*) echo dead;; *) echo alive;; esac"
+    )
+}
+
+/// Waits up to `bound` for `child`; `None` (and the child killed) if it runs on.
+fn wait_within(mut child: Child, bound: Duration) -> Option<std::process::Output> {
+    let started = Instant::now();
+    while started.elapsed() < bound {
+        if let Ok(Some(_)) = child.try_wait() {
+            return Some(child.wait_with_output().expect("collect output"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// CMD exits at once, leaving a process that ignores SIGTERM in its group: the lock is not
+/// released until that process is gone (SIGKILL after --kill-after), so the next holder's
+/// command finds it dead; coordkit exits with CMD's status.
+fn lock_covers_processes_left_behind(url: &str) {
+    let name = format!("{}/job", unique("group"));
+    let dir = support::fresh_dir("cli-group");
+    let pidfile = dir.join("pid");
+    let script = stubborn_grandchild(&pidfile, "exit 0");
+    let started = Instant::now();
+    let holder = ck(&[
+        "--url",
+        url,
+        "lock",
+        &name,
+        "--kill-after",
+        "2s",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start holder");
+    let gpid = read_pid_file(&pidfile);
+    let next = run(
+        url,
+        &[
+            "lock",
+            &name,
+            "--wait",
+            "30s",
+            "--",
+            "sh",
+            "-c",
+            &print_pid_state(gpid),
+        ],
+    );
+    assert_eq!(next.code, 0, "{next:?}");
+    assert_eq!(
+        next.text().trim(),
+        "dead",
+        "the next holder ran while pid {gpid}, started under the previous holder, still ran"
+    );
+    let out = wait_bounded(holder, started);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("SIGKILL"), "{stderr}");
+    assert!(!pid_running(gpid));
+}
+
+/// SIGTERM (SIGINT) while waiting for a held lock: exit 143 (130) at once, the queued attempt
+/// withdrawn, so that when the holder releases, a third client gets the lock at once.
+fn signal_while_waiting_withdraws(url: &str) {
+    let name = format!("{}/job", unique("sigwait"));
+    let dir = support::fresh_dir("cli-sigwait");
+    let marker = dir.join("held");
+    let holder_script = format!("touch {}; exec sleep 60", marker.display());
+    let held_at = Instant::now();
+    let holder = ck(&[
+        "--url",
+        url,
+        "lock",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        &holder_script,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("start holder");
+    assert!(
+        support::wait_until(Duration::from_secs(30), || marker.exists()),
+        "holder never ran"
+    );
+    for (sig, code, wait) in [(libc::SIGTERM, 143, "60s"), (libc::SIGINT, 130, "")] {
+        let mut args = vec!["--url", url, "lock", &name, "--ttl", "30s"];
+        if !wait.is_empty() {
+            args.extend(["--wait", wait]);
+        }
+        args.extend(["--", "sh", "-c", "echo ran"]);
+        let waiter = ck(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start waiter");
+        // Let it connect and queue behind the holder.
+        std::thread::sleep(Duration::from_millis(1500));
+        let signalled = Instant::now();
+        signal(&waiter, sig);
+        let out = wait_within(waiter, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("signal {sig} did not end the wait"));
+        let took = signalled.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{stderr}");
+        assert!(stderr.contains("while waiting"), "{stderr}");
+        assert!(out.stdout.is_empty(), "CMD ran: {:?}", out.stdout);
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        eprintln!("{url}: signal {sig} while waiting: exit {code} after {took:?}");
+    }
+    // A third client queues; when the holder releases, nothing stands before it.
+    let third = ck(&["--url", url, "lock", &name, "--wait", "60s", "--", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start third");
+    std::thread::sleep(Duration::from_millis(1000));
+    signal(&holder, libc::SIGTERM);
+    let out = wait_bounded(holder, held_at);
+    assert_eq!(out.status.code(), Some(143));
+    let released = Instant::now();
+    let out = wait_within(third, Duration::from_secs(40)).expect("third client finishes");
+    let waited = released.elapsed();
+    eprintln!("{url}: third client acquired {waited:?} after the release");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "the third client waited {waited:?} after the release: an interrupted attempt was left queued"
+    );
+}
+
+/// Durations too large for the clock mean "unbounded": no panic, the lock is taken.
+fn huge_durations(url: &str) {
+    let name = format!("{}/job", unique("huge"));
+    let out = run(
+        url,
+        &["lock", &name, "--wait", "3000000000000000h", "--", "true"],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+    let out = run(
+        url,
+        &[
+            "lock",
+            &name,
+            "--wait",
+            "3000000000000000h",
+            "--kill-after",
+            "3000000000000000h",
+            "--",
+            "sh",
+            "-c",
+            "sleep 0.2 & exit 5",
+        ],
+    );
+    assert_eq!(out.code, 5, "{out:?}");
+}
+
 #[cfg(feature = "etcd")]
 mod etcd {
     use super::*;
@@ -642,6 +860,21 @@ mod etcd {
     #[test]
     fn lock_excludes_across_processes() {
         super::lock_excludes_across_processes(&url());
+    }
+
+    #[test]
+    fn lock_covers_processes_left_behind() {
+        super::lock_covers_processes_left_behind(&url());
+    }
+
+    #[test]
+    fn signal_while_waiting_withdraws() {
+        super::signal_while_waiting_withdraws(&url());
+    }
+
+    #[test]
+    fn huge_durations() {
+        super::huge_durations(&url());
     }
 
     #[test]
@@ -700,6 +933,72 @@ mod etcd {
         assert_eq!(out.code, 1, "{out:?}");
         assert_one_line_error(&out);
         assert!(out.took < Duration::from_secs(20), "took {:?}", out.took);
+    }
+
+    /// Revokes the lease of the etcd lock `name`'s key (the lock is lost at once).
+    fn revoke_lock_lease(name: &str) {
+        let eps = etcd::shared().endpoints();
+        let (ok, keys, err) = etcd::etcdctl(
+            &eps,
+            &["get", "--prefix", "--keys-only", &format!("locks/{name}/")],
+        );
+        assert!(ok, "{err}");
+        let key = keys
+            .lines()
+            .find(|l| !l.trim().is_empty())
+            .expect("the lock key")
+            .trim()
+            .to_string();
+        let lease = key.rsplit('/').next().expect("lease hex").to_string();
+        let (ok, _, err) = etcd::etcdctl(&eps, &["lease", "revoke", &lease]);
+        assert!(ok, "revoke {lease}: {err}");
+    }
+
+    /// The lock is lost while CMD runs; CMD dies of the SIGTERM, but a process it started
+    /// ignores SIGTERM: it gets SIGKILL after --kill-after, and coordkit exits 125 only once
+    /// it is gone.
+    #[test]
+    fn lost_lock_ends_the_whole_group() {
+        let name = format!("{}/job", unique("lostgroup"));
+        let dir = support::fresh_dir("cli-lost-group");
+        let pidfile = dir.join("pid");
+        let script = stubborn_grandchild(&pidfile, "wait");
+        let started = Instant::now();
+        let holder = ck(&[
+            "--url",
+            &url(),
+            "lock",
+            &name,
+            "--ttl",
+            "30s",
+            "--kill-after",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start holder");
+        let gpid = read_pid_file(&pidfile);
+        assert!(pid_running(gpid));
+        revoke_lock_lease(&name);
+        let lost_at = Instant::now();
+        let out = wait_bounded(holder, started);
+        let took = lost_at.elapsed();
+        let survived = pid_running(gpid);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{stderr}");
+        assert!(
+            !survived,
+            "coordkit exited while pid {gpid} of the command's group ran"
+        );
+        assert!(stderr.contains("SIGKILL"), "{stderr}");
+        assert!(took >= Duration::from_secs(1), "{took:?}");
+        assert!(took < Duration::from_secs(20), "{took:?}");
     }
 
     /// The lock's lease revoked behind the holder's back: CMD gets SIGTERM, exit 125.
@@ -776,6 +1075,21 @@ mod zookeeper {
     }
 
     #[test]
+    fn lock_covers_processes_left_behind() {
+        super::lock_covers_processes_left_behind(&url());
+    }
+
+    #[test]
+    fn signal_while_waiting_withdraws() {
+        super::signal_while_waiting_withdraws(&url());
+    }
+
+    #[test]
+    fn huge_durations() {
+        super::huge_durations(&url());
+    }
+
+    #[test]
     fn unreachable_server_fails_within_bound() {
         let port = support::free_port();
         let out = run(
@@ -821,5 +1135,20 @@ mod consul {
     #[test]
     fn lock_excludes_across_processes() {
         super::lock_excludes_across_processes(&url());
+    }
+
+    #[test]
+    fn lock_covers_processes_left_behind() {
+        super::lock_covers_processes_left_behind(&url());
+    }
+
+    #[test]
+    fn signal_while_waiting_withdraws() {
+        super::signal_while_waiting_withdraws(&url());
+    }
+
+    #[test]
+    fn huge_durations() {
+        super::huge_durations(&url());
     }
 }

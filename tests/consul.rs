@@ -137,9 +137,11 @@ async fn eventually(what: &str, bound: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-/// A holder whose renewals stop: `lost()` fires once a TTL passes without renewal, the
-/// simulator invalidates the session at 2 × TTL (A3), and the next client gets the lock only
-/// after the session's lock-delay, with a larger fencing token (A6).
+/// A holder whose renewals stop: `lost()` fires at the lease deadline (the session create's
+/// send time + TTL − margin), before the TTL has passed; the simulator invalidates the session
+/// later (at 2 × TTL, A3: Consul only promises not before the TTL), and the next client gets
+/// the lock only after the session's lock-delay, with a larger fencing token (A6), strictly
+/// after the holder's `lost()` fired.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_session_lapse_then_lock_delay_then_larger_token() {
     let sim = ConsulSim::start();
@@ -164,9 +166,11 @@ async fn fault_session_lapse_then_lock_delay_then_larger_token() {
     tokio::time::timeout(Duration::from_secs(25), guard.lost())
         .await
         .expect("lost() fired");
+    let lost_at = Instant::now();
     let lost_after = acquired.elapsed();
+    // TTL 10 s − margin 300 ms, counted from the create, which came before the acquisition.
     assert!(
-        lost_after >= Duration::from_millis(9500) && lost_after < Duration::from_secs(21),
+        lost_after >= Duration::from_millis(9500) && lost_after < ttl - Duration::from_millis(250),
         "lost after {lost_after:?}"
     );
     let (next, at) = tokio::time::timeout(Duration::from_secs(40), waiter)
@@ -185,6 +189,11 @@ async fn fault_session_lapse_then_lock_delay_then_larger_token() {
         "taken over only after {took:?}"
     );
     assert!(next.token() > guard.token());
+    assert!(at > lost_at, "the next holder acquired before lost() fired");
+    eprintln!(
+        "consul sim lapse: lost() fired {:?} before the next holder acquired",
+        at - lost_at
+    );
     assert_eq!(
         guard.release().await.unwrap_err().kind(),
         ErrorKind::LockLost
@@ -565,4 +574,389 @@ async fn event_line(events: &mut coordkit::WatchStream) -> String {
         coordkit::WatchEvent::Delete { key } => format!("delete {key}"),
         coordkit::WatchEvent::Coalesced { key } => format!("coalesced {key}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The lease clock, bounded waits and lock cleanup.
+
+/// The IDs of the sessions the simulator holds, with whether each holds a key.
+async fn sessions_of(sim: &ConsulSim) -> Vec<(String, Vec<String>)> {
+    let list: serde_json::Value = reqwest::get(format!("{}/v1/session/list", sim.http_base()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .map(|b| serde_json::from_slice(&b).unwrap())
+        .unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            let checks = s["NodeChecks"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|c| c.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+            (s["ID"].as_str().unwrap().to_string(), checks)
+        })
+        .collect()
+}
+
+/// The session that holds `key`, read from the simulator.
+async fn holder_of(sim: &ConsulSim, key: &str) -> Option<String> {
+    let r = reqwest::get(format!("{}/v1/kv/{key}", sim.http_base()))
+        .await
+        .unwrap();
+    if r.status() == 404 {
+        return None;
+    }
+    let e: serde_json::Value = serde_json::from_slice(&r.bytes().await.unwrap()).unwrap();
+    e[0]["Session"].as_str().map(str::to_string)
+}
+
+/// `wait(Duration::MAX)` and other waits too large for a deadline mean "unbounded": they
+/// neither panic nor time out, on a free lock and on a held one that is then released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_waits_are_unbounded_and_never_panic() {
+    let sim = ConsulSim::start();
+    let store = store_on(&sim, |_| {}).await;
+    let g = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.lock("huge", &LockOptions::new().wait(Duration::MAX)),
+    )
+    .await
+    .expect("bounded")
+    .expect("a free lock with wait(Duration::MAX)");
+    let mut held = g;
+    for wait in [
+        Duration::MAX,
+        Duration::from_secs(u64::MAX / 2),
+        // `--wait 3000000000000000h`
+        Duration::from_secs(3_000_000_000_000_000 * 3600),
+    ] {
+        let waiter = {
+            let store = store.clone();
+            tokio::spawn(async move { store.lock("huge", &LockOptions::new().wait(wait)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiter.is_finished(), "{wait:?}: the waiter gave up");
+        held.release().await.unwrap();
+        held = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("handed over")
+            .expect("no panic")
+            .unwrap_or_else(|e| panic!("{wait:?}: {e}"));
+    }
+    held.release().await.unwrap();
+}
+
+/// The wait bounds every step of `lock()`: with the lock held elsewhere, a `wait(300ms)`
+/// returns `Timeout` within the wait plus a small bound even when the server stalls the
+/// session create, the acquire transaction or the read of the key. Nothing stays behind: a
+/// session created after the waiter gave up is destroyed, and an acquire that went through
+/// after it gave up is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_wait_bounds_every_step_and_cleans_up() {
+    let sim = ConsulSim::start();
+    let a = store_on(&sim, |_| {}).await;
+    let b = store_on(&sim, |_| {}).await;
+    let held = a.lock("busy", &LockOptions::new()).await.unwrap();
+    let wait = Duration::from_millis(300);
+    let slack = Duration::from_millis(250);
+    for (path, delay) in [
+        ("/v1/session/create", Duration::from_millis(1500)),
+        ("/v1/session/create", Duration::MAX),
+        ("/v1/txn", Duration::from_millis(1500)),
+        ("/v1/kv/locks/", Duration::from_millis(1500)),
+    ] {
+        sim.set_delay(path, Some(delay));
+        let t = Instant::now();
+        let e = b
+            .lock("busy", &LockOptions::new().wait(wait))
+            .await
+            .unwrap_err();
+        let took = t.elapsed();
+        sim.set_delay(path, None);
+        eprintln!("{path} stalled for {delay:?}: lock(wait {wait:?}) gave up after {took:?}");
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{path} stalled: {e}");
+        assert!(
+            took < wait + slack,
+            "{path} stalled for {delay:?}: lock(wait {wait:?}) returned after {took:?}"
+        );
+        // The holder's session only, once the stalled requests are answered.
+        eventually(
+            &format!("{path}: the waiter's session destroyed"),
+            Duration::from_secs(4),
+            || sim.session_count() == 1,
+        )
+        .await;
+    }
+    held.release().await.unwrap();
+
+    // A free lock whose acquire is answered only after the waiter gave up: the key was taken
+    // on the server; the cleanup releases it and destroys the session.
+    sim.set_delay("/v1/txn", Some(Duration::from_millis(1000)));
+    let e = b
+        .lock("late", &LockOptions::new().wait(wait))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    sim.set_delay("/v1/txn", None);
+    eventually("nothing left behind", Duration::from_secs(5), || {
+        sim.session_count() == 0
+    })
+    .await;
+    let g = tokio::time::timeout(
+        Duration::from_secs(3),
+        a.lock("late", &LockOptions::new().wait(Duration::from_secs(3))),
+    )
+    .await
+    .expect("bounded")
+    .expect("the late acquire did not keep the lock");
+    g.release().await.unwrap();
+}
+
+/// A lock attempt whose session is invalidated while it waits fails with `LockLost` (as on
+/// etcd), not `Unavailable`: here the session is destroyed behind its back, and in a second
+/// attempt its renewals are stalled until the lease clock runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waiting_attempt_whose_session_is_lost_gives_lock_lost() {
+    let sim = ConsulSim::start();
+    let a = store_on(&sim, |_| {}).await;
+    let b = store_on(&sim, |_| {}).await;
+    // A TTL long enough for the holder to outlive the stalled renewals below.
+    let held = a
+        .lock("w", &LockOptions::new().ttl(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let mine = holder_of(&sim, "locks/w").await.unwrap();
+    let ttl = Duration::from_secs(10);
+
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move { b.lock("w", &LockOptions::new().ttl(ttl)).await })
+    };
+    eventually("the waiter's session", Duration::from_secs(3), || {
+        sim.session_count() == 2
+    })
+    .await;
+    let theirs = sessions_of(&sim)
+        .await
+        .into_iter()
+        .map(|(id, _)| id)
+        .find(|id| *id != mine)
+        .unwrap();
+    let http = reqwest::Client::new();
+    http.put(format!("{}/v1/session/destroy/{theirs}", sim.http_base()))
+        .send()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    // The next renew (a third of the TTL after the create) finds the session gone.
+    let e = tokio::time::timeout(ttl, waiter)
+        .await
+        .expect("the waiter noticed")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
+    assert!(t.elapsed() < ttl / 2, "{:?}", t.elapsed());
+
+    // Renewals that get no answer: the lease clock runs out at TTL − margin after the create.
+    sim.set_delay("/v1/session/renew", Some(Duration::MAX));
+    let t = Instant::now();
+    let e = tokio::time::timeout(
+        ttl + Duration::from_secs(2),
+        b.lock("w", &LockOptions::new().ttl(ttl)),
+    )
+    .await
+    .expect("bounded by the TTL")
+    .unwrap_err();
+    let took = t.elapsed();
+    sim.set_delay("/v1/session/renew", None);
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
+    assert!(
+        took >= ttl - Duration::from_millis(500) && took < ttl,
+        "lost after {took:?}"
+    );
+    assert!(!held.is_lost());
+    held.release().await.unwrap();
+}
+
+/// Lock sessions carry no health checks (`NodeChecks: []`, `Checks: []`): a node health
+/// failure, which invalidates sessions with the default `serfHealth` check, leaves the lock
+/// held; only the TTL can end it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_health_failure_does_not_end_a_lock() {
+    let sim = ConsulSim::start();
+    let store = store_on(&sim, |_| {}).await;
+    let g = store.lock("h", &LockOptions::new()).await.unwrap();
+    let sessions = sessions_of(&sim).await;
+    assert_eq!(sessions.len(), 1);
+    assert!(sessions[0].1.is_empty(), "node checks {:?}", sessions[0].1);
+    // A session with the default checks, for contrast.
+    let http = reqwest::Client::new();
+    http.put(format!("{}/v1/session/create", sim.http_base()))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(sim.fail_node_check("serfHealth"), 1);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!g.is_lost(), "a node health failure ended the lock");
+    assert!(holder_of(&sim, "locks/h").await.is_some());
+    g.release().await.unwrap();
+}
+
+/// A guard dropped on a thread with no tokio runtime ends the lock: its release runs on the
+/// runtime the guard was made on, the session is destroyed (nothing renews it any more), and
+/// another client gets the lock long before the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_dropped_on_a_plain_thread_ends_the_lock() {
+    let sim = ConsulSim::start();
+    let a = store_on(&sim, |_| {}).await;
+    let b = store_on(&sim, |_| {}).await;
+    let ttl = Duration::from_secs(30);
+    let g = a.lock("t", &LockOptions::new().ttl(ttl)).await.unwrap();
+    let dropped = Instant::now();
+    std::thread::spawn(move || drop(g)).join().unwrap();
+    let g2 = b
+        .lock("t", &LockOptions::new().wait(Duration::from_secs(5)))
+        .await
+        .expect("the dropped guard's lock was freed");
+    let took = dropped.elapsed();
+    assert!(took < Duration::from_secs(3), "freed after {took:?}");
+    eventually(
+        "the dropped guard's session destroyed",
+        Duration::from_secs(3),
+        || sim.session_count() == 1,
+    )
+    .await;
+    g2.release().await.unwrap();
+}
+
+/// The lease adopts the TTL a renew answer reports (a loaded server may raise it, A3): after a
+/// renew that raised the TTL from 10 s to 20 s, a holder that stops renewing is lost at that
+/// renew's send time + 20 s − margin, not at 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_adopts_the_ttl_of_the_renew_answer() {
+    let sim = ConsulSim::start();
+    let store = store_on(&sim, |_| {}).await;
+    sim.raise_ttl_on_renew(Some(Duration::from_secs(20)));
+    let ttl = Duration::from_secs(10);
+    let t = Instant::now();
+    let g = store
+        .lock("raised", &LockOptions::new().ttl(ttl))
+        .await
+        .unwrap();
+    // The first renew goes out a third of the TTL after the create.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    g.suspend_keep_alive();
+    tokio::time::timeout(Duration::from_secs(25), g.lost())
+        .await
+        .expect("lost() fired");
+    let took = t.elapsed();
+    // First renew at about 3.3 s: lost at about 3.3 + 20 − 0.5 s (10 s unadopted: 13 s).
+    assert!(
+        took > Duration::from_secs(20) && took < Duration::from_secs(23),
+        "lost after {took:?}"
+    );
+    assert!(
+        holder_of(&sim, "locks/raised").await.is_some(),
+        "the server still holds it"
+    );
+}
+
+/// Renewals that hang (a server or path that accepts requests and never answers) with a request
+/// timeout longer than the TTL: `lost()` still fires at the lease deadline, TTL − margin after
+/// the last confirmed send, not when the hanging renew times out; and strictly before another
+/// client can acquire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lost_fires_at_the_deadline_while_renewals_hang() {
+    let sim = ConsulSim::start();
+    let a = store_on(&sim, |c| c.timeout_ms = 25_000).await;
+    let b = store_on(&sim, |_| {}).await;
+    let ttl = Duration::from_secs(10);
+    let t = Instant::now();
+    let g = a.lock("hang", &LockOptions::new().ttl(ttl)).await.unwrap();
+    sim.set_delay("/v1/session/renew", Some(Duration::MAX));
+    tokio::time::timeout(ttl + Duration::from_secs(5), g.lost())
+        .await
+        .expect("lost() fired");
+    let lost_at = Instant::now();
+    let lost_after = lost_at - t;
+    assert!(g.is_lost());
+    assert!(
+        lost_after >= ttl - Duration::from_millis(400) && lost_after < ttl,
+        "lost after {lost_after:?}"
+    );
+    assert!(
+        holder_of(&sim, "locks/hang").await.is_some(),
+        "the server still counts the session valid"
+    );
+    sim.set_delay("/v1/session/renew", None);
+    let next = b
+        .lock(
+            "hang",
+            &LockOptions::new().ttl(ttl).wait(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    let acquired_at = Instant::now();
+    assert!(acquired_at > lost_at);
+    eprintln!(
+        "consul sim, renewals hanging: lost() after {lost_after:?}, next holder {:?} later",
+        acquired_at - lost_at
+    );
+    assert!(next.token() > g.token());
+    next.release().await.unwrap();
+}
+
+/// A value over 380 KiB goes through a plain PUT followed by a read for its version. When
+/// another client writes the key between the two, the put has still happened and must not
+/// report `Conflict` (which means nothing changed); the version it returns is not the key's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_put_overwritten_before_its_version_is_read_still_succeeds() {
+    let sim = ConsulSim::start();
+    let store = store_on(&sim, |_| {}).await;
+    let big = vec![5u8; 450 * 1024];
+    let v0 = store
+        .put("race", b"first".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    sim.overwrite_after_next_put("kv/race", b"theirs");
+    let v = store
+        .put("race", big.clone(), PutOptions::default())
+        .await
+        .expect("an applied put reported an error");
+    let now = store
+        .get("race", Consistency::Strong)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(now.value, b"theirs");
+    assert_ne!(v, now.version);
+    assert_ne!(v, v0);
+    let e = store
+        .compare_and_swap("race", coordkit::Expect::Version(v), Some(b"x".to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    // The same through compare-and-swap with a large value.
+    sim.overwrite_after_next_put("kv/race", b"again");
+    let v2 = store
+        .compare_and_swap("race", coordkit::Expect::Version(now.version), Some(big))
+        .await
+        .expect("an applied compare-and-swap reported an error")
+        .unwrap();
+    let after = store
+        .get("race", Consistency::Strong)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.value, b"again");
+    assert_ne!(v2, after.version);
 }

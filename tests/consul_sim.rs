@@ -596,6 +596,148 @@ fn a3_ttl_invalidates_at_twice_the_ttl_then_lock_delay_applies() {
     );
 }
 
+/// `Checks` and `NodeChecks` both default to `serfHealth`; a present key replaces its default,
+/// and an empty `Checks` means "no node checks" (how servers before 1.7 are asked, and how
+/// `fixupEmptySessionChecks` reads it since). A critical node check invalidates exactly the
+/// sessions that list it, with release and lock-delay; sessions without checks live on.
+#[test]
+fn a3_node_checks_defaults_and_a_failing_check_invalidates_only_its_sessions() {
+    let sim = ConsulSim::start();
+    let checks_of = |id: &str| {
+        http(&sim, "GET", &format!("/v1/session/info/{id}"), b"").json()[0]["NodeChecks"].clone()
+    };
+    let default = session(&sim, json!({"LockDelay": "2s"}));
+    assert_eq!(checks_of(&default), json!(["serfHealth"]));
+    let none_new = session(&sim, json!({"NodeChecks": []}));
+    assert_eq!(checks_of(&none_new), json!([]));
+    let none_old = session(&sim, json!({"Checks": []}));
+    assert_eq!(checks_of(&none_old), json!([]));
+    let both = session(&sim, json!({"NodeChecks": [], "Checks": []}));
+    assert_eq!(checks_of(&both), json!([]));
+    // An empty Checks wins over NodeChecks (the 1.7+ fixup).
+    let quirk = session(&sim, json!({"NodeChecks": ["mine"], "Checks": []}));
+    assert_eq!(checks_of(&quirk), json!([]));
+    let custom = session(&sim, json!({"NodeChecks": ["mine"]}));
+    assert_eq!(checks_of(&custom), json!(["mine"]));
+    assert_eq!(
+        put(&sim, "/v1/session/create", br#"{"Checks":"serfHealth"}"#).status,
+        400
+    );
+    put(&sim, &format!("/v1/kv/a?acquire={default}"), b"x");
+    put(&sim, &format!("/v1/kv/b?acquire={both}"), b"y");
+    assert_eq!(sim.fail_node_check("serfHealth"), 1);
+    assert_eq!(
+        http(&sim, "GET", &format!("/v1/session/info/{default}"), b"").text(),
+        "[]"
+    );
+    assert!(entry(&sim, "a").get("Session").is_none(), "released");
+    assert_eq!(entry(&sim, "b")["Session"].as_str(), Some(both.as_str()));
+    let other = session(&sim, json!({}));
+    assert_eq!(
+        put(&sim, &format!("/v1/kv/a?acquire={other}"), b"").text(),
+        "false",
+        "lock-delay after invalidation by a check"
+    );
+    assert_eq!(sim.fail_node_check("mine"), 1);
+    assert_eq!(sim.session_count(), 5);
+}
+
+/// The TTL comes back from info and renew exactly as the create spelled it (Consul stores the
+/// string), so a client parses what it sent.
+#[test]
+fn a3_renew_returns_the_ttl_as_created() {
+    let sim = ConsulSim::start();
+    for ttl in ["10s", "10000ms", "1m30s", "15s"] {
+        let id = session(&sim, json!({ "TTL": ttl }));
+        let r = put(&sim, &format!("/v1/session/renew/{id}"), b"");
+        assert_eq!(r.status, 200);
+        assert_eq!(r.json()[0]["TTL"], ttl);
+        assert_eq!(r.json()[0]["ID"], id.as_str());
+    }
+}
+
+/// Absurd blocking-query waits and durations are refused (400/500), never a crash: the
+/// simulator keeps answering.
+#[test]
+fn a2_a3_absurd_waits_and_durations_are_refused_without_panicking() {
+    let sim = ConsulSim::start();
+    put(&sim, "/v1/kv/k", b"v");
+    for wait in [
+        "99999999999999999999999h",
+        "1e400s",
+        "18446744073709551616s",
+        "-1s",
+        "NaNs",
+        "5y",
+    ] {
+        let r = http(&sim, "GET", &format!("/v1/kv/k?index=1&wait={wait}"), b"");
+        assert_eq!(
+            (r.status, r.text().as_str()),
+            (400, "Invalid wait time"),
+            "{wait}"
+        );
+    }
+    // Beyond Go's duration range (about 292 years) is invalid; the largest valid wait is
+    // capped at 10 minutes (index 0: answers at once).
+    let r = http(&sim, "GET", "/v1/kv/k?index=1&wait=2562048h", b"");
+    assert_eq!(r.status, 400);
+    let t = Instant::now();
+    let r = http(&sim, "GET", "/v1/kv/k?index=0&wait=2562047h", b"");
+    assert_eq!(r.status, 200);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let r = http(
+        &sim,
+        "GET",
+        "/v1/kv/k?index=18446744073709551615&wait=200ms",
+        b"",
+    );
+    assert_eq!(
+        r.status, 200,
+        "an index above the current one blocks for the wait"
+    );
+    for ttl in ["99999999999999999999999h", "18446744073709551616s"] {
+        let body = json!({ "TTL": ttl }).to_string();
+        let r = put(&sim, "/v1/session/create", body.as_bytes());
+        assert_eq!(r.status, 500, "{ttl}: {}", r.text());
+    }
+    let r = put(&sim, "/v1/session/create", br#"{"LockDelay": 1e300}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        put(
+            &sim,
+            "/v1/session/create",
+            br#"{"LockDelay": "99999999999999999999999h"}"#
+        )
+        .status,
+        400
+    );
+    assert_eq!(entry(&sim, "k")["Key"], "k", "still serving");
+}
+
+/// The fault hook: requests under a path prefix are held for the configured delay.
+#[test]
+fn fault_hook_delays_requests_by_path() {
+    let sim = ConsulSim::start();
+    sim.set_delay("/v1/session/create", Some(Duration::from_millis(400)));
+    let t = Instant::now();
+    session(&sim, json!({}));
+    assert!(
+        t.elapsed() >= Duration::from_millis(390),
+        "{:?}",
+        t.elapsed()
+    );
+    let t = Instant::now();
+    put(&sim, "/v1/kv/x", b"1");
+    assert!(
+        t.elapsed() < Duration::from_millis(300),
+        "other paths are not delayed"
+    );
+    sim.set_delay("/v1/session/create", None);
+    let t = Instant::now();
+    session(&sim, json!({}));
+    assert!(t.elapsed() < Duration::from_millis(300));
+}
+
 #[test]
 fn a3_destroy_applies_lock_delay_explicit_release_does_not_behavior_delete_deletes() {
     let sim = ConsulSim::start();

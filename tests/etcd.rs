@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use coordkit::{Consistency, ErrorKind, LockOptions, PutOptions};
-use support::etcd::{etcdctl, shared, ETCDCTL_BIN};
+use support::etcd::{etcdctl, etcdctl_bin, shared};
 use support::{fresh_dir, wait_until, Proc};
 
 /// Starts `etcdctl lock locks/<name> sh -c …`: the shell touches `<dir>/acquired` once etcdctl
@@ -31,7 +31,7 @@ fn etcdctl_lock(name: &str, dir: &Path) -> Proc {
         "touch '{d}/acquired'; while [ ! -f '{d}/release' ]; do sleep 0.05; done",
         d = dir.display()
     );
-    let mut cmd = Command::new(ETCDCTL_BIN);
+    let mut cmd = Command::new(etcdctl_bin());
     cmd.env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(shared().endpoints())
@@ -463,4 +463,25 @@ async fn a_cancelled_attempt_leaves_no_key_on_the_kept_alive_lease() {
     assert!(started.elapsed() < Duration::from_secs(3));
     next.release().await.expect("release c");
     keep.release().await.expect("release keep");
+}
+
+/// The server under test is the etcd version the test command asked for
+/// (`COORDKIT_ETCD_VERSION`, a prefix such as `3.5.`), so that a run meant for etcd 3.5 cannot
+/// silently test another version. Without the variable, any version passes.
+#[test]
+fn server_is_the_requested_etcd_version() {
+    let Ok(want) = std::env::var("COORDKIT_ETCD_VERSION") else {
+        return;
+    };
+    let (ok, out, err) = etcdctl(&shared().endpoints(), &["endpoint", "status", "-w", "json"]);
+    assert!(ok, "etcdctl endpoint status: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+    let version = v[0]["Status"]["version"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        version.starts_with(&want),
+        "the etcd server is {version:?}, not {want}*"
+    );
 }

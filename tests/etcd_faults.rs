@@ -12,81 +12,13 @@ use std::time::{Duration, Instant};
 use coordkit::{Consistency, ErrorKind, LockOptions, PutOptions, WatchEvent};
 use futures::StreamExt;
 use support::etcd::{etcdctl, shared, EtcdCluster};
+use support::proxy::Proxy;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// A TCP proxy in front of an etcd endpoint that can cut every connection (and refuse new
-/// ones) and let them through again: a dropped network between one client and etcd.
-struct Proxy {
-    port: u16,
-    open: Arc<AtomicBool>,
-    generation: Arc<std::sync::Mutex<CancellationToken>>,
-    stop: CancellationToken,
-}
-
-impl Proxy {
-    async fn start(upstream: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-        let port = listener.local_addr().expect("addr").port();
-        let open = Arc::new(AtomicBool::new(true));
-        let generation = Arc::new(std::sync::Mutex::new(CancellationToken::new()));
-        let stop = CancellationToken::new();
-        let (o, g, s) = (open.clone(), generation.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    _ = s.cancelled() => return,
-                    a = listener.accept() => a,
-                };
-                let Ok((mut inbound, _)) = accepted else {
-                    continue;
-                };
-                if !o.load(Ordering::SeqCst) {
-                    drop(inbound);
-                    continue;
-                }
-                let cut = g.lock().unwrap().clone();
-                tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = cut.cancelled() => {}
-                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
-                    }
-                });
-            }
-        });
-        Proxy {
-            port,
-            open,
-            generation,
-            stop,
-        }
-    }
-
-    fn url(&self, query: &str) -> String {
-        format!("etcd://127.0.0.1:{}{query}", self.port)
-    }
-
-    /// Drops every connection and refuses new ones.
-    fn cut(&self) {
-        self.open.store(false, Ordering::SeqCst);
-        let mut g = self.generation.lock().unwrap();
-        g.cancel();
-        *g = CancellationToken::new();
-    }
-
-    fn restore(&self) {
-        self.open.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        self.generation.lock().unwrap().cancel();
-    }
+/// An `etcd://` URL through `proxy` with the given query.
+fn proxy_url(proxy: &Proxy, query: &str) -> String {
+    format!("etcd://127.0.0.1:{}{query}", proxy.port())
 }
 
 async fn next_event(
@@ -106,8 +38,8 @@ async fn next_event(
 async fn watch_resumes_after_dropped_connection() {
     let server = shared();
     let port = server.members[0].client_port;
-    let proxy = Proxy::start(port).await;
-    let watcher = coordkit::connect(&proxy.url("?timeout=2s&connect_timeout=1s"))
+    let proxy = Proxy::to_port(port);
+    let watcher = coordkit::connect(&proxy_url(&proxy, "?timeout=2s&connect_timeout=1s"))
         .await
         .expect("connect through proxy");
     let writer = coordkit::connect(&server.url()).await.expect("connect");
@@ -128,7 +60,7 @@ async fn watch_resumes_after_dropped_connection() {
             other => panic!("{other:?}"),
         }
     }
-    proxy.cut();
+    proxy.reset();
     let cut_at = Instant::now();
     for i in 3..10u8 {
         writer
@@ -141,7 +73,7 @@ async fn watch_resumes_after_dropped_connection() {
         .await
         .expect("delete while cut");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    proxy.restore();
+    proxy.heal();
     for i in 3..10u8 {
         match next_event(&mut w, Duration::from_secs(15))
             .await
@@ -172,8 +104,8 @@ async fn watch_resumes_after_dropped_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_reports_gap_after_compaction() {
     let server = shared();
-    let proxy = Proxy::start(server.members[0].client_port).await;
-    let watcher = coordkit::connect(&proxy.url("?timeout=2s&connect_timeout=1s"))
+    let proxy = Proxy::to_port(server.members[0].client_port);
+    let watcher = coordkit::connect(&proxy_url(&proxy, "?timeout=2s&connect_timeout=1s"))
         .await
         .expect("connect through proxy");
     let writer = coordkit::connect(&server.url()).await.expect("connect");
@@ -187,7 +119,7 @@ async fn watch_reports_gap_after_compaction() {
         next_event(&mut w, Duration::from_secs(5)).await,
         Ok(WatchEvent::Put(_))
     ));
-    proxy.cut();
+    proxy.reset();
     let mut last = 0;
     for i in 0..3 {
         last = writer
@@ -198,7 +130,7 @@ async fn watch_reports_gap_after_compaction() {
     }
     let (ok, _, err) = etcdctl(&server.endpoints(), &["compact", &last.to_string()]);
     assert!(ok, "compact: {err}");
-    proxy.restore();
+    proxy.heal();
     match tokio::time::timeout(Duration::from_secs(15), w.next()).await {
         Ok(Some(Err(e))) => {
             assert_eq!(e.kind(), ErrorKind::WatchGap, "{e}");
@@ -548,4 +480,362 @@ async fn authentication() {
         .map(|_| ())
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionDenied, "no credentials: {e}");
+}
+
+/// A watch of a quiet prefix does not report a false gap: while other keys change and history
+/// is compacted, the server's progress notifications move the watch's resume point, so after
+/// a cut connection it resumes without `WatchGap` and without any event, and still delivers
+/// the next change of its prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_watch_survives_compaction_and_a_cut() {
+    let server =
+        EtcdCluster::start_with(1, &["--experimental-watch-progress-notify-interval=300ms"]);
+    let proxy = Proxy::to_port(server.members[0].client_port);
+    let watcher = coordkit::connect(&proxy_url(&proxy, "?timeout=2s&connect_timeout=1s"))
+        .await
+        .expect("connect through proxy");
+    let writer = coordkit::connect(&server.url()).await.expect("connect");
+    let mut w = watcher.watch("quiet/").await.expect("watch");
+    let mut last = 0;
+    let mut puts = Vec::new();
+    for i in 0..1000 {
+        let writer = writer.clone();
+        puts.push(tokio::spawn(async move {
+            writer
+                .put(
+                    &format!("busy/k{}", i % 50),
+                    vec![b'x'; 16],
+                    PutOptions::default(),
+                )
+                .await
+        }));
+    }
+    for p in puts {
+        last = last.max(p.await.expect("task").expect("put").as_raw());
+    }
+    // Let at least two progress notifications pass the 1,000 writes.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let (ok, _, err) = etcdctl(&server.endpoints(), &["compact", &last.to_string()]);
+    assert!(ok, "compact: {err}");
+    proxy.reset();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.heal();
+    let quiet = tokio::time::timeout(Duration::from_secs(4), w.next()).await;
+    assert!(
+        quiet.is_err(),
+        "a quiet prefix reported something after the cut: {quiet:?}"
+    );
+    writer
+        .put("quiet/a", b"1".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    match next_event(&mut w, Duration::from_secs(10)).await {
+        Ok(WatchEvent::Put(e)) => assert_eq!(e.key, "quiet/a"),
+        other => panic!("the resumed watch missed the write: {other:?}"),
+    }
+}
+
+/// A watch whose credentials lose the right to read its prefix ends with `PermissionDenied`
+/// (after the next reconnect) instead of retrying for ever while the consumer waits for events
+/// that never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ends_when_permission_is_revoked() {
+    let server = EtcdCluster::start(1);
+    let eps = server.endpoints();
+    let ctl = |args: &[&str]| {
+        let (ok, out, err) = etcdctl(&eps, args);
+        assert!(ok, "etcdctl {args:?}: {out}{err}");
+    };
+    let as_root = |args: &[&str]| {
+        let mut all = vec!["--user", "root:rootpw"];
+        all.extend_from_slice(args);
+        let (ok, out, err) = etcdctl(&eps, &all);
+        assert!(ok, "etcdctl {args:?}: {out}{err}");
+    };
+    ctl(&[
+        "user",
+        "add",
+        "root",
+        "--new-user-password=rootpw",
+        "--interactive=false",
+    ]);
+    ctl(&["user", "grant-role", "root", "root"]);
+    ctl(&["role", "add", "reader"]);
+    ctl(&["role", "grant-permission", "reader", "read", "kv/"]);
+    ctl(&[
+        "role",
+        "grant-permission",
+        "reader",
+        "--prefix=true",
+        "read",
+        "kv/authw/",
+    ]);
+    ctl(&[
+        "user",
+        "add",
+        "u",
+        "--new-user-password=upw",
+        "--interactive=false",
+    ]);
+    ctl(&["user", "grant-role", "u", "reader"]);
+    ctl(&["auth", "enable"]);
+
+    let proxy = Proxy::to_port(server.members[0].client_port);
+    let watcher = coordkit::connect(&format!(
+        "etcd://u:upw@127.0.0.1:{}?timeout=2s&connect_timeout=1s",
+        proxy.port()
+    ))
+    .await
+    .expect("connect as u through the proxy");
+    let writer = coordkit::connect(&format!(
+        "etcd://root:rootpw@{}",
+        server.members[0].endpoint()
+    ))
+    .await
+    .expect("connect as root");
+    let mut w = watcher.watch("authw/").await.expect("watch");
+    writer
+        .put("authw/a", b"1".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    assert!(matches!(
+        next_event(&mut w, Duration::from_secs(5)).await,
+        Ok(WatchEvent::Put(_))
+    ));
+    as_root(&[
+        "role",
+        "revoke-permission",
+        "reader",
+        "--prefix=true",
+        "kv/authw/",
+    ]);
+    proxy.reset();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    proxy.heal();
+    match tokio::time::timeout(Duration::from_secs(15), w.next()).await {
+        Ok(Some(Err(e))) => assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}"),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    let end = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
+    assert!(matches!(end, Ok(None)), "the stream must end: {end:?}");
+}
+/// A TCP proxy that forwards everything until the client sends `marker`; from then on it still
+/// forwards requests but holds back every answer: a request that reaches the server whose
+/// answer is lost.
+struct MuteProxy {
+    port: u16,
+    muted: Arc<AtomicBool>,
+    stop: CancellationToken,
+}
+
+impl MuteProxy {
+    async fn start(upstream: u16, marker: Vec<u8>) -> MuteProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let port = listener.local_addr().expect("addr").port();
+        let muted = Arc::new(AtomicBool::new(false));
+        let stop = CancellationToken::new();
+        let (m, s) = (muted.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = s.cancelled() => return,
+                    a = listener.accept() => a,
+                };
+                let Ok((inbound, _)) = accepted else {
+                    continue;
+                };
+                let Ok(outbound) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let (mut in_r, mut in_w) = inbound.into_split();
+                let (mut out_r, mut out_w) = outbound.into_split();
+                let (m1, m2, marker) = (m.clone(), m.clone(), marker.clone());
+                let (s1, s2) = (s.clone(), s.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut tail: Vec<u8> = Vec::new();
+                    loop {
+                        let n = tokio::select! {
+                            _ = s1.cancelled() => return,
+                            r = in_r.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                        };
+                        tail.extend_from_slice(&buf[..n]);
+                        if tail.windows(marker.len()).any(|w| w == marker.as_slice()) {
+                            m1.store(true, Ordering::SeqCst);
+                        }
+                        let keep = tail.len().saturating_sub(marker.len());
+                        tail.drain(..keep);
+                        if out_w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = tokio::select! {
+                            _ = s2.cancelled() => return,
+                            r = out_r.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
+                        };
+                        if m2.load(Ordering::SeqCst) {
+                            continue; // the answer is lost
+                        }
+                        if in_w.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        MuteProxy { port, muted, stop }
+    }
+}
+
+impl Drop for MuteProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A put with a TTL whose answer is lost (the request reached etcd, which applied it) reports
+/// `Timeout`, and must not revoke its lease: that would delete the key the server wrote. The
+/// key lives on and expires by its own TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttl_put_whose_answer_is_lost_keeps_its_key() {
+    let server = shared();
+    let port = server.members[0].client_port;
+    let key = format!("lost-answer-{}", std::process::id());
+    let proxy = MuteProxy::start(port, key.clone().into_bytes()).await;
+    let client = coordkit::connect(&format!(
+        "etcd://127.0.0.1:{}?timeout=1s&connect_timeout=1s",
+        proxy.port
+    ))
+    .await
+    .expect("connect through proxy");
+    let direct = coordkit::connect(&server.url()).await.expect("connect");
+    let ttl = Duration::from_secs(5);
+    let started = Instant::now();
+    let e = client
+        .put(&key, b"landed".to_vec(), PutOptions::ttl(ttl))
+        .await
+        .unwrap_err();
+    assert!(
+        proxy.muted.load(Ordering::SeqCst),
+        "the put never reached the proxy"
+    );
+    assert!(
+        matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Unavailable),
+        "{e}"
+    );
+    // Whatever the client did after its timeout (a revoke would have reached etcd by now).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let got = direct.get(&key, Consistency::Strong).await.expect("get");
+    assert_eq!(
+        got.map(|e| e.value),
+        Some(b"landed".to_vec()),
+        "the key the server wrote was deleted after the timeout"
+    );
+    // It still expires by its TTL (etcd may add up to an election timeout).
+    let bound = ttl + Duration::from_secs(4);
+    while direct
+        .get(&key, Consistency::Strong)
+        .await
+        .expect("get")
+        .is_some()
+    {
+        assert!(started.elapsed() < bound, "the key outlived its TTL");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A waiter whose network path is black-holed while it waits: when its wait runs out, it
+/// returns `Timeout` within the wait plus the withdrawal's short grace (not plus a whole request
+/// timeout), and its key is deleted once the path heals, so the next contender is not held up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_off_waiter_times_out_on_time_and_leaves_nothing() {
+    let server = shared();
+    let name = format!("cutwait-{}", std::process::id());
+    let holder = coordkit::connect(&server.url())
+        .await
+        .expect("connect holder");
+    let proxy = Proxy::to_port(server.members[0].client_port);
+    let waiter = coordkit::connect(&proxy_url(&proxy, "?timeout=5s&connect_timeout=1s"))
+        .await
+        .expect("connect waiter through the proxy");
+    let third = coordkit::connect(&server.url())
+        .await
+        .expect("connect third");
+    let ttl = LockOptions::new().ttl(Duration::from_secs(20));
+    let held = holder.lock(&name, &ttl).await.expect("holder locks");
+    let wait = Duration::from_millis(1500);
+    let attempt = {
+        let (waiter, name, opts) = (waiter.clone(), name.clone(), ttl.clone().wait(wait));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let r = waiter.lock(&name, &opts).await;
+            (r.map(|g| g.token()), started.elapsed())
+        })
+    };
+    // Let the waiter queue its key, then cut its path: its withdrawal cannot reach etcd.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.stall();
+    let (r, took) = attempt.await.expect("waiter task");
+    let e = r.expect_err("the waiter cannot have the held lock");
+    assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    assert!(
+        took < wait + Duration::from_millis(700),
+        "Timeout came {took:?} after the start of a {wait:?} wait"
+    );
+    proxy.heal();
+    held.release().await.expect("release");
+    let started = Instant::now();
+    let next = third
+        .lock(&name, &ttl.clone().wait(Duration::from_secs(15)))
+        .await
+        .expect("third locks");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the waiter's key held the next contender up for {:?}",
+        started.elapsed()
+    );
+    next.release().await.expect("release third");
+}
+
+/// A waiter whose lease cannot be renewed while it waits (its path black-holed past the TTL)
+/// gives up with `LockLost`, the same kind every backend uses, and never returns a guard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_lease_lapses_gets_lock_lost() {
+    let server = shared();
+    let name = format!("lapsewait-{}", std::process::id());
+    let holder = coordkit::connect(&server.url())
+        .await
+        .expect("connect holder");
+    let proxy = Proxy::to_port(server.members[0].client_port);
+    let waiter = coordkit::connect(&proxy_url(&proxy, "?timeout=10s&connect_timeout=1s"))
+        .await
+        .expect("connect waiter through the proxy");
+    let held = holder
+        .lock(&name, &LockOptions::new().ttl(Duration::from_secs(20)))
+        .await
+        .expect("holder locks");
+    let attempt = {
+        let (waiter, name) = (waiter.clone(), name.clone());
+        tokio::spawn(async move {
+            waiter
+                .lock(&name, &LockOptions::new().ttl(Duration::from_secs(2)))
+                .await
+                .map(|g| g.token())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.stall();
+    let r = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .expect("the waiter must give up once its lease deadline passed")
+        .expect("waiter task");
+    let e = r.expect_err("a waiter with a lapsed lease must not get the lock");
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
+    proxy.heal();
+    held.release().await.expect("release");
 }

@@ -55,6 +55,8 @@ mod sharding {
         no_ttl: bool,
         /// The watch stream reports a gap after this many events.
         gap_after: Option<usize>,
+        /// The next compare-and-swap first deletes its key (a concurrent delete just before).
+        delete_before_cas: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl Probe {
@@ -109,6 +111,9 @@ mod sharding {
                         "injected crash",
                     ));
                 }
+            }
+            if self.delete_before_cas.swap(false, Ordering::SeqCst) {
+                self.inner.delete(key).await?;
             }
             self.wrote(key);
             self.inner.compare_and_swap(key, expect, new).await
@@ -616,6 +621,120 @@ mod sharding {
         assert_eq!(report.conflicts, vec![key.clone()]);
         assert_eq!(new.get(&key, STRONG).await.unwrap().unwrap().value, b"new");
         assert_eq!(old.get(&key, STRONG).await.unwrap().unwrap().value, b"old");
+    }
+
+    /// Old layout 2 shards, new layout 3; a key that moves to the new shard.
+    async fn pending_move() -> (
+        Vec<(&'static str, Probe)>,
+        ShardedStore,
+        ShardedStore,
+        String,
+    ) {
+        let old_ps = probes(&["s0", "s1"]);
+        let mut new_ps = old_ps.clone();
+        new_ps.push(("s2", Probe::default()));
+        let old = store(StrategyKind::Rendezvous, &old_ps);
+        let new = store(StrategyKind::Rendezvous, &new_ps);
+        let key = (0..)
+            .map(|i| format!("d/{i}"))
+            .find(|k| new.shard_index(k) == 2)
+            .unwrap();
+        old.put(&key, b"old".to_vec(), PutOptions::default())
+            .await
+            .unwrap();
+        (new_ps, old, new, key)
+    }
+
+    async fn everywhere(ps: &[(&str, Probe)], key: &str) -> Vec<String> {
+        let mut on = Vec::new();
+        for (n, p) in ps {
+            if p.inner.get(key, STRONG).await.unwrap().is_some() {
+                on.push(n.to_string());
+            }
+        }
+        on
+    }
+
+    /// The documented procedure: writers use the new layout, then `migrate`. A delete made
+    /// before the key moved must stay a delete (a plain new-layout delete would be a no-op on
+    /// the new owner, and `migrate` would copy the old value back).
+    #[tokio::test]
+    async fn delete_before_the_move_is_not_undone_by_migrate() {
+        let (ps, old, new, key) = pending_move().await;
+        let writer = new.migrating_from(&old);
+        writer.delete(&key).await.unwrap();
+        let p = plan(&old, &new).await.unwrap();
+        migrate(&old, &new, &p).await.unwrap();
+        assert_eq!(writer.get(&key, STRONG).await.unwrap(), None);
+        assert_eq!(new.get(&key, STRONG).await.unwrap(), None);
+        assert!(
+            everywhere(&ps, &key).await.is_empty(),
+            "the deleted key came back"
+        );
+    }
+
+    /// A crash between copy and delete leaves the key on both shards; a delete through the new
+    /// layout then, and a resumed `migrate`, must not bring it back. Also a delete by
+    /// compare-and-swap.
+    #[tokio::test]
+    async fn delete_after_a_crash_between_copy_and_delete_is_not_undone() {
+        for by_cas in [false, true] {
+            let (ps, old, new, key) = pending_move().await;
+            let from = ps
+                .iter()
+                .find(|(n, _)| *n == old.shard_for(&key).name())
+                .unwrap();
+            // The first CAS on the old owner is the migration's delete: fail it.
+            from.1.fail_cas_at.store(1, Ordering::SeqCst);
+            let p = plan(&old, &new).await.unwrap();
+            migrate(&old, &new, &p).await.unwrap_err();
+            from.1.fail_cas_at.store(0, Ordering::SeqCst);
+            assert_eq!(
+                everywhere(&ps, &key).await.len(),
+                2,
+                "copied and not deleted"
+            );
+            let writer = new.migrating_from(&old);
+            if by_cas {
+                let v = writer.get(&key, STRONG).await.unwrap().unwrap().version;
+                writer
+                    .compare_and_swap(&key, Expect::Version(v), None)
+                    .await
+                    .unwrap();
+            } else {
+                writer.delete(&key).await.unwrap();
+            }
+            let p = plan(&old, &new).await.unwrap();
+            migrate(&old, &new, &p).await.unwrap();
+            assert_eq!(
+                new.get(&key, STRONG).await.unwrap(),
+                None,
+                "by_cas={by_cas}"
+            );
+            assert!(
+                everywhere(&ps, &key).await.is_empty(),
+                "the deleted key came back (by_cas={by_cas})"
+            );
+        }
+    }
+
+    /// A delete (through the new layout, reaching both owners) that lands while `migrate` is
+    /// between its copy and its delete: the delete wins and `migrate` takes its copy back.
+    #[tokio::test]
+    async fn delete_during_the_copy_wins() {
+        let (ps, old, new, key) = pending_move().await;
+        let from = ps
+            .iter()
+            .find(|(n, _)| *n == old.shard_for(&key).name())
+            .unwrap();
+        from.1.delete_before_cas.store(true, Ordering::SeqCst);
+        let p = plan(&old, &new).await.unwrap();
+        let report = migrate(&old, &new, &p).await.unwrap();
+        assert_eq!((report.moved, report.already_done), (0, 1), "{report:?}");
+        assert!(
+            everywhere(&ps, &key).await.is_empty(),
+            "the deleted key came back"
+        );
     }
 
     #[tokio::test]

@@ -889,7 +889,14 @@ async fn timed_out_lock_leaves_no_node_behind() {
             .await;
         let e = r.expect_err("b must not get the held lock");
         assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
-        assert!(started.elapsed() >= Duration::from_millis(450));
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(450));
+        // The withdrawal is one round trip here; the contract's bound is wait + one request
+        // timeout.
+        assert!(
+            took < Duration::from_millis(1500),
+            "a 500 ms wait took {took:?}"
+        );
         assert_eq!(
             children_now(&dir),
             before,
@@ -906,4 +913,393 @@ async fn timed_out_lock_leaves_no_node_behind() {
         .expect("b locks after the release");
     assert!(started.elapsed() < Duration::from_secs(5));
     next.release().await.expect("release b");
+}
+
+/// `LockOptions::wait(Duration::MAX)` is an unbounded wait: it takes a free lock (it used to
+/// panic computing `now + wait`), and a held one once it is released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_with_the_largest_wait_works() {
+    let root = format!("/{}", unique("maxwait"));
+    let s = store(&root).await;
+    let opts = LockOptions::new()
+        .ttl(Duration::from_secs(10))
+        .wait(Duration::MAX);
+    let g = tokio::time::timeout(Duration::from_secs(10), s.lock("free", &opts))
+        .await
+        .expect("lock with wait MAX hung")
+        .expect("lock with wait MAX");
+    let waiter = {
+        let s = store(&root).await;
+        let opts = opts.clone();
+        tokio::spawn(async move { s.lock("free", &opts).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "got a held lock");
+    g.release().await.expect("release");
+    let next = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("waiter not woken")
+        .expect("waiter task")
+        .expect("waiter lock");
+    next.release().await.expect("release");
+}
+
+/// Every name is its own lock: holding `a/b` does not block `a` (whose lock directory then
+/// contains the directory `b`), holding `a` does not block `a/b`, and a nested name whose last
+/// segment looks like a contender node (`n/lock-0000000001`) does not block `n`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_lock_names_and_lock_like_children_are_independent() {
+    let root = format!("/{}", unique("nested"));
+    let s = store(&root).await;
+    let other = store(&root).await;
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+    let bounded = opts.clone().wait(Duration::from_secs(3));
+    for (held, free) in [
+        ("a/b", "a"),
+        ("a", "a/b"),
+        ("x/y/z", "x"),
+        ("n/lock-0000000001", "n"),
+        (
+            "_c_0e8b1e4a-1b5e-4b8c-9a5b-0a1b2c3d4e5f-lock-0000000000/q",
+            "p",
+        ),
+    ] {
+        let h = s.lock(held, &opts).await.expect("lock the held name");
+        let g = other
+            .try_lock(free, &opts)
+            .await
+            .expect("try_lock")
+            .unwrap_or_else(|| panic!("try_lock({free}) blocked while {held} is held"));
+        g.release().await.expect("release");
+        let g = other
+            .lock(free, &bounded)
+            .await
+            .unwrap_or_else(|e| panic!("lock({free}) while {held} is held: {e}"));
+        // Still exclusive among equals.
+        assert!(s.try_lock(free, &opts).await.expect("try_lock").is_none());
+        assert!(other
+            .try_lock(held, &opts)
+            .await
+            .expect("try_lock")
+            .is_none());
+        g.release().await.expect("release");
+        h.release().await.expect("release");
+    }
+}
+
+/// A waiter whose own node disappears (deleted by an operator, or its session expired) gets
+/// `LockLost`, the same kind as on etcd, not `Unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_node_vanishing_while_waiting_is_lock_lost() {
+    let root = format!("/{}", unique("vanish"));
+    let a = store(&root).await;
+    let b = store(&root).await;
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+    let held = a.lock("v", &opts).await.expect("a locks");
+    let waiter = {
+        let opts = opts.clone().wait(Duration::from_secs(20));
+        tokio::spawn(async move { b.lock("v", &opts).await })
+    };
+    let c = raw().await;
+    let dir = format!("{root}/locks/v");
+    let started = Instant::now();
+    let mine = loop {
+        let (mut children, _) = c.get_children(&dir).await.expect("lock dir");
+        if children.len() == 2 {
+            // Curator's order: by the sequence number after the last `lock-`.
+            children.sort_by_key(|c| c.rsplit("lock-").next().unwrap_or_default().to_string());
+            break children[1].clone();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "waiter never queued"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    c.delete(&format!("{dir}/{mine}"), None)
+        .await
+        .expect("delete the waiter's node");
+    held.release().await.expect("release");
+    let e = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("waiter hung")
+        .expect("waiter task")
+        .expect_err("the waiter's node is gone");
+    assert_eq!(e.kind(), ErrorKind::LockLost, "{e}");
+}
+
+/// A guard dropped on a thread without a tokio runtime ends the lock: another client gets it
+/// within the TTL plus a bound (here at once: the release runs on the guard's runtime).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guard_dropped_without_a_runtime_ends_the_lock() {
+    let root = format!("/{}", unique("noruntime"));
+    let a = store(&root).await;
+    let b = store(&root).await;
+    let ttl = Duration::from_secs(3);
+    let opts = LockOptions::new().ttl(ttl);
+    let g = a.lock("plain", &opts).await.expect("lock");
+    let token = g.token();
+    std::thread::spawn(move || drop(g))
+        .join()
+        .expect("dropping thread");
+    let started = Instant::now();
+    let next = b
+        .lock("plain", &opts.clone().wait(ttl + Duration::from_secs(5)))
+        .await
+        .expect("the lock of a guard dropped without a runtime was never freed");
+    eprintln!(
+        "guard dropped on a plain thread -> next holder after {:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < ttl + Duration::from_secs(2));
+    assert!(next.token() > token);
+    next.release().await.expect("release");
+}
+
+/// A `lock()` future dropped while its create is in flight leaves no node behind: the node is
+/// found by its uuid and deleted in the background, so the next client is not blocked until
+/// the (30 s) session expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_create_leaves_no_orphan() {
+    let root = format!("/{}", unique("cancel"));
+    let s = store(&root).await;
+    let other = store(&root).await;
+    let opts = LockOptions::new().ttl(Duration::from_secs(30));
+    // A persistent lock directory, so that the very first create is the one cut short, and a
+    // session in the pool, so that the create is sent on the first poll.
+    let c = raw().await;
+    let persistent = zk::CreateMode::Persistent.with_acls(zk::Acls::anyone_all());
+    c.mkdir(&format!("{root}/locks/c"), &persistent)
+        .await
+        .expect("lock dir");
+    s.lock("c", &opts)
+        .await
+        .expect("warm-up")
+        .release()
+        .await
+        .expect("release");
+    let mut cancelled = 0;
+    for round in 0..12u64 {
+        let delay = Duration::from_millis(round % 3);
+        match tokio::time::timeout(delay, s.lock("c", &opts)).await {
+            Ok(r) => {
+                r.expect("lock").release().await.expect("release");
+                continue;
+            }
+            Err(_) => cancelled += 1,
+        }
+        let started = Instant::now();
+        let g = other
+            .lock("c", &opts.clone().wait(Duration::from_secs(5)))
+            .await
+            .unwrap_or_else(|e| {
+                panic!("round {round}: the cancelled attempt left a node behind: {e}")
+            });
+        assert!(started.elapsed() < Duration::from_secs(3));
+        g.release().await.expect("release");
+        // Let the background cleanup put the session back into the pool.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (children, _) = c
+            .get_children(&format!("{root}/locks/c"))
+            .await
+            .expect("dir");
+        assert!(children.is_empty(), "round {round}: left {children:?}");
+    }
+    assert!(cancelled >= 4, "only {cancelled} attempts were cancelled");
+}
+
+/// A holder whose keep-alive stops sees `lost()` fire at its lease deadline, strictly before
+/// another client gets the lock (the server expires the session only a session timeout after
+/// the last packet it got, which is after the last answered request was sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn suspended_holder_is_lost_before_the_next_client_acquires() {
+    let root = format!("/{}", unique("order"));
+    let a = store(&root).await;
+    let b = store(&root).await;
+    let ttl = Duration::from_secs(2);
+    for round in 0..3 {
+        let g = a
+            .lock("o", &LockOptions::new().ttl(ttl))
+            .await
+            .expect("lock");
+        tokio::time::sleep(ttl / 2).await;
+        let lost_at = {
+            let lost = g.lost();
+            tokio::spawn(async move {
+                lost.await;
+                Instant::now()
+            })
+        };
+        let suspended = Instant::now();
+        g.suspend_keep_alive();
+        let next = b
+            .lock("o", &LockOptions::new().ttl(ttl).wait(ttl * 4))
+            .await
+            .expect("next client");
+        let acquired = Instant::now();
+        let lost_at = lost_at.await.expect("lost task");
+        eprintln!(
+            "round {round}: lost {:?} after the suspension, next holder {:?} after; margin {:?}",
+            lost_at - suspended,
+            acquired - suspended,
+            acquired.checked_duration_since(lost_at)
+        );
+        assert!(
+            lost_at < acquired,
+            "lost() fired {:?} after the next client acquired",
+            lost_at - acquired
+        );
+        assert!(g.is_lost());
+        drop(g);
+        next.release().await.expect("release");
+    }
+}
+
+/// A TTL key written by one client and then put without TTL by *another* client (or the same
+/// one after a restart) is permanent: the kind is read from the server, not remembered.
+#[tokio::test]
+async fn plain_put_by_another_client_makes_a_ttl_key_permanent() {
+    let a = store("").await;
+    let ttl = a.capabilities().min_ttl;
+    let key = format!("{}/k", unique("ttlother"));
+    a.put(&key, b"t".to_vec(), PutOptions::ttl(ttl))
+        .await
+        .expect("put ttl");
+    let b = store("").await;
+    b.put(&key, b"p".to_vec(), PutOptions::default())
+        .await
+        .expect("plain put by another client");
+    tokio::time::sleep(ttl * 2 + Duration::from_secs(2)).await;
+    let fresh = store("").await;
+    assert_eq!(
+        fresh.get(&key, STRONG).await.expect("get").map(|e| e.value),
+        Some(b"p".to_vec()),
+        "the server reaped a key made permanent by another client"
+    );
+    // And the other way: a key made TTL by one client, rewritten with the same TTL by another,
+    // still expires.
+    let key2 = format!("{key}2");
+    b.put(&key2, b"p".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    a.put(&key2, b"t".to_vec(), PutOptions::ttl(ttl))
+        .await
+        .expect("put ttl");
+    b.put(&key2, b"t2".to_vec(), PutOptions::ttl(ttl))
+        .await
+        .expect("put ttl again");
+    tokio::time::sleep(ttl * 2 + Duration::from_secs(2)).await;
+    assert_eq!(fresh.get(&key2, STRONG).await.expect("get"), None);
+}
+
+/// Changing a key between permanent and TTL is one transaction: a reader polling the key
+/// meanwhile never finds it missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kind_changes_never_show_the_key_missing() {
+    let w = store("").await;
+    let r = store("").await;
+    let ttl = Duration::from_secs(30);
+    let key = format!("{}/k", unique("kind"));
+    w.put(&key, b"0".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, key) = (stop.clone(), key.clone());
+        tokio::spawn(async move {
+            let (mut reads, mut missing) = (0, 0);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if r.get(&key, Consistency::Stale)
+                    .await
+                    .expect("get")
+                    .is_none()
+                {
+                    missing += 1;
+                }
+                reads += 1;
+            }
+            (reads, missing)
+        })
+    };
+    for i in 0..60u32 {
+        let opts = if i % 2 == 0 {
+            PutOptions::ttl(ttl + Duration::from_secs(u64::from(i % 3)))
+        } else {
+            PutOptions::default()
+        };
+        w.put(&key, i.to_string().into_bytes(), opts)
+            .await
+            .expect("put");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (reads, missing) = reader.await.expect("reader");
+    assert!(reads > 20, "only {reads} reads");
+    assert_eq!(
+        missing, 0,
+        "the key was missing in {missing} of {reads} reads"
+    );
+    assert_eq!(
+        w.get(&key, STRONG).await.expect("get").map(|e| e.value),
+        Some(b"59".to_vec())
+    );
+}
+
+/// With ZooKeeper's default reaper interval (60 s) an expired TTL node lingers on the server;
+/// `get`, `list` and create-if-absent treat the key as gone at its TTL anyway.
+#[tokio::test]
+async fn expired_ttl_keys_vanish_at_their_ttl_before_the_reaper_runs() {
+    if !support::zookeeper::installed() {
+        return;
+    }
+    let server = support::zookeeper::ZkStandalone::start_with_reap_interval(60_000);
+    // The store is told a 1 s interval so that a 1 s TTL is accepted.
+    let url = format!(
+        "zk://127.0.0.1:{}?min_session_timeout=1s&ttl_reap_interval=1s&connect_timeout=5s",
+        server.port()
+    );
+    let s = coordkit::connect(&url).await.expect("connect");
+    let ns = unique("expire");
+    let key = format!("{ns}/k");
+    let ttl = Duration::from_secs(1);
+    s.put(&key, b"v".to_vec(), PutOptions::ttl(ttl))
+        .await
+        .expect("put ttl");
+    s.put(&format!("{ns}/p"), b"p".to_vec(), PutOptions::default())
+        .await
+        .expect("put");
+    assert!(s.get(&key, STRONG).await.expect("get").is_some());
+    tokio::time::sleep(ttl + Duration::from_millis(300)).await;
+    // A fresh client (no clock sample of its own yet) sees the same.
+    let other = coordkit::connect(&url).await.expect("connect");
+    for c in [&s, &other] {
+        assert_eq!(
+            c.get(&key, STRONG).await.expect("get"),
+            None,
+            "expired key read"
+        );
+        let listed: Vec<String> = c
+            .list(&format!("{ns}/"), STRONG)
+            .await
+            .expect("list")
+            .into_iter()
+            .map(|e| e.key)
+            .collect();
+        assert_eq!(listed, vec![format!("{ns}/p")]);
+    }
+    let raw = zk::Client::connect(&format!("127.0.0.1:{}", server.port()))
+        .await
+        .expect("raw connect");
+    assert!(
+        exists(&raw, &format!("/kv/{ns}~/k")).await,
+        "the server reaped the node already: the test proves nothing"
+    );
+    // Create-if-absent succeeds on the expired key, and makes it permanent.
+    other
+        .compare_and_swap(&key, Expect::Absent, Some(b"new".to_vec()))
+        .await
+        .expect("create over an expired key");
+    assert_eq!(
+        s.get(&key, STRONG).await.expect("get").map(|e| e.value),
+        Some(b"new".to_vec())
+    );
 }

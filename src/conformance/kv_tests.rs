@@ -988,3 +988,35 @@ pub async fn oversized_value_rejected(h: &Harness) {
     .await;
     assert_eq!(value_of(&*store, &key).await, Some(under));
 }
+
+/// A compare-and-swap write makes a key permanent, as a put without TTL does (the rule of every
+/// backend with key TTLs): the key outlives the TTL it had.
+pub async fn cas_makes_a_ttl_key_permanent(h: &Harness) {
+    let store = h.open().await;
+    let caps = store.capabilities();
+    if !caps.key_ttl {
+        return;
+    }
+    let ns = h.scope("casttl");
+    let key = format!("{ns}k");
+    let ttl = caps.min_ttl.max(Duration::from_secs(1));
+    let v = ok(
+        "put with TTL",
+        store.put(&key, b"t".to_vec(), PutOptions::ttl(ttl)),
+    )
+    .await;
+    let v2 = ok(
+        "compare-and-swap",
+        store.compare_and_swap(&key, Expect::Version(v), Some(b"c".to_vec())),
+    )
+    .await;
+    assert!(v2.is_some());
+    // Past the TTL, its slack and the reaping of every backend's test setup.
+    tokio::time::sleep(ttl * 3 + Duration::from_secs(2)).await;
+    assert_eq!(
+        value_of(&*store, &key).await,
+        Some(b"c".to_vec()),
+        "[{}] a key written by compare-and-swap expired with its old TTL",
+        h.name()
+    );
+}

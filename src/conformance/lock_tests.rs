@@ -181,7 +181,8 @@ pub async fn lock_wait_times_out(h: &Harness) {
 }
 
 /// A holder whose keep-alive stops loses the lock after its TTL: `lost()` fires, `is_lost()`
-/// turns true, and another client takes the lock with a larger token.
+/// turns true, and another client takes the lock with a larger token — and `lost()` fired
+/// strictly before the other client's `lock()` returned.
 pub async fn lost_fires_when_lease_lapses(h: &Harness) {
     let a = h.open().await;
     let b = h.open().await;
@@ -190,7 +191,15 @@ pub async fn lost_fires_when_lease_lapses(h: &Harness) {
     let name = format!("{}lapse", h.scope("lost"));
     let guard = ok("lock", a.lock(&name, &LockOptions::new().ttl(ttl))).await;
     assert!(!guard.is_lost());
-    let lost = guard.lost();
+    // The instant lost() fires, taken by a task of its own so that it does not depend on when
+    // this task gets to run.
+    let lost_at = {
+        let lost = guard.lost();
+        tokio::spawn(async move {
+            lost.await;
+            Instant::now()
+        })
+    };
     // Renewal keeps it held past the TTL.
     tokio::time::sleep(ttl + ttl / 2).await;
     assert!(
@@ -205,27 +214,41 @@ pub async fn lost_fires_when_lease_lapses(h: &Harness) {
         let b = b.clone();
         let name = name.clone();
         tokio::spawn(async move {
-            b.lock(&name, &LockOptions::new().ttl(ttl).wait(bound))
-                .await
+            let r = b
+                .lock(&name, &LockOptions::new().ttl(ttl).wait(bound))
+                .await;
+            (r, Instant::now())
         })
     };
-    if tokio::time::timeout(bound, lost).await.is_err() {
-        panic!(
+    let lost_at = match tokio::time::timeout(bound, lost_at).await {
+        Ok(Ok(at)) => at,
+        Ok(Err(e)) => panic!("[{}] lost() task failed: {e}", h.name()),
+        Err(_) => panic!(
             "[{}] lost() did not fire within {bound:?} of the lease lapsing",
             h.name()
-        );
-    }
+        ),
+    };
     assert!(guard.is_lost());
-    let next = match tokio::time::timeout(bound, waiter).await {
-        Ok(Ok(Ok(g))) => g,
-        Ok(Ok(Err(e))) => panic!("[{}] next client failed to lock: {e}", h.name()),
+    let (next, acquired_at) = match tokio::time::timeout(bound, waiter).await {
+        Ok(Ok((Ok(g), at))) => (g, at),
+        Ok(Ok((Err(e), _))) => panic!("[{}] next client failed to lock: {e}", h.name()),
         Ok(Err(e)) => panic!("[{}] waiter panicked: {e}", h.name()),
         Err(_) => panic!(
             "[{}] next client did not get the lock within {bound:?}",
             h.name()
         ),
     };
-    let took = paused.elapsed();
+    let took = acquired_at.duration_since(paused);
+    // The central promise: the holder learns of the loss before anyone else can acquire.
+    assert!(
+        lost_at < acquired_at,
+        "[{}] the next client acquired {:?} before the holder's lost() fired (lost {:?}, \
+         acquired {:?} after keep-alive stopped)",
+        h.name(),
+        lost_at.saturating_duration_since(acquired_at),
+        lost_at.saturating_duration_since(paused),
+        took
+    );
     assert!(
         next.token() > guard.token(),
         "[{}] token did not increase",

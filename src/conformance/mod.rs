@@ -142,6 +142,7 @@ pub const ALL: &[&str] = &[
     "guard_dropped_off_runtime_releases",
     "nested_lock_names_are_independent",
     "absurd_wait_is_unbounded",
+    "cas_makes_a_ttl_key_permanent",
 ];
 
 /// Generates one `#[tokio::test]` per conformance test, each calling
@@ -156,7 +157,8 @@ macro_rules! conformance_tests {
             lock_mutual_exclusion, fencing_tokens_increase, try_lock_on_held_lock,
             lock_wait_times_out, lost_fires_when_lease_lapses, release_hands_over_promptly,
             dropped_guard_releases, run_locked_job, guard_dropped_off_runtime_releases,
-            nested_lock_names_are_independent, absurd_wait_is_unbounded);
+            nested_lock_names_are_independent, absurd_wait_is_unbounded,
+            cas_makes_a_ttl_key_permanent);
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {
         $(

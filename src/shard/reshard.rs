@@ -1,6 +1,7 @@
 //! Resharding: moving keys when the shard list changes.
 //!
-//! 1. Build the new [`ShardedStore`] (old shards plus new ones, or fewer) next to the old one.
+//! 1. Build the new [`ShardedStore`] (old shards plus new ones, or fewer) next to the old one,
+//!    and switch writers to `new.migrating_from(&old)`.
 //! 2. [`plan`] lists every key on every shard of both and names each key whose shard is not its
 //!    owner under the new layout.
 //! 3. [`migrate`] moves exactly those keys: copy to the new owner with a compare-and-swap
@@ -24,6 +25,12 @@
 //! - Keys with a TTL: [`KvStore`](crate::KvStore) does not expose a key's remaining TTL, so moved keys are copied
 //!   **without** TTL. Let short-lived keys expire, or have their owners write them again, rather
 //!   than migrating them.
+//! - Deletes while migrating: until a key has moved, its value is on its old owner, so delete
+//!   through [`ShardedStore::migrating_from`] (the new layout that also deletes on the old
+//!   owner). A plain delete through the new layout would leave the old copy, and `migrate` would
+//!   copy the deleted value back; likewise after a crash between copy and delete. A delete that
+//!   lands while `migrate` is copying the key makes `migrate` take its copy back. Run one
+//!   `migrate` at a time.
 //! - Writes through the old layout while migrating: a key written through the old layout after
 //!   it moved is written to its old shard again and becomes invisible through the new layout
 //!   until the next `plan`/`migrate`, which then reports it as a conflict. Switch writers to the
@@ -191,6 +198,16 @@ pub async fn migrate(old: &ShardedStore, new: &ShardedStore, plan: &Plan) -> Res
         let mut done = false;
         for _ in 0..ATTEMPTS {
             let Some(src) = from.get(key, Consistency::Strong).await.map_err(at_from)? else {
+                if let Some(c) = copied {
+                    // The old copy was deleted after this run copied it (a delete through the
+                    // new layout while migrating): the delete wins, so take the copy back,
+                    // unless the key has been written on its new owner since.
+                    match to.compare_and_swap(key, Expect::Version(c), None).await {
+                        Ok(_) => {}
+                        Err(e) if e.is(ErrorKind::Conflict) => {}
+                        Err(e) => return Err(at_to(e)),
+                    }
+                }
                 report.already_done += 1;
                 done = true;
                 break;

@@ -141,6 +141,8 @@ impl Shard {
 #[derive(Clone)]
 pub struct ShardedStore {
     inner: Arc<Inner>,
+    /// The layout a pending reshard moves keys away from (see [`ShardedStore::migrating_from`]).
+    previous: Option<Arc<Inner>>,
 }
 
 struct Inner {
@@ -210,7 +212,36 @@ impl ShardedStore {
                 strategy,
                 caps,
             }),
+            previous: None,
         })
+    }
+
+    /// This layout while a reshard from `old` is pending: a handle on the same shards whose
+    /// deletes also reach the key's owner under `old`.
+    ///
+    /// Writers switch to the new layout before [`migrate`](super::reshard::migrate) runs (see
+    /// `docs/sharding.md`). Until a key has moved, its value is still on its old owner, so a
+    /// plain delete through the new layout would change nothing there and the migration would
+    /// then copy the deleted value back. Through this handle `delete`, and a `compare_and_swap`
+    /// that deletes, remove the key from its old owner too (first the old owner, then the new
+    /// one), so no deleted key comes back. Everything else behaves as on `self`. Use a handle
+    /// without the old layout again once the migration has finished.
+    pub fn migrating_from(&self, old: &ShardedStore) -> ShardedStore {
+        ShardedStore {
+            inner: self.inner.clone(),
+            previous: Some(old.inner.clone()),
+        }
+    }
+
+    /// The key's owner under the layout being migrated from, if that is another shard.
+    fn previous_owner(&self, key: &str) -> Option<&Shard> {
+        let prev = self.previous.as_ref()?;
+        let i = prev
+            .strategy
+            .route(key)
+            .min(prev.shards.len().saturating_sub(1));
+        let old = prev.shards.get(i)?;
+        (old.name != self.owner(key).1.name).then_some(old)
     }
 
     /// The shards, in strategy order.
@@ -436,6 +467,11 @@ impl KvStore for ShardedStore {
                 shard.backend.get(key, Consistency::Strong).await,
                 Ok(Some(_))
             );
+        // A key not moved yet lives on its old owner: delete it there first, so that neither
+        // a later migration nor a crash between the two deletes brings it back.
+        if let Some(old) = self.previous_owner(key) {
+            old.backend.delete(key).await.map_err(on_shard(old))?;
+        }
         shard.backend.delete(key).await.map_err(on_shard(shard))?;
         if existed {
             wait_seen(&watchers, key, Change::Delete).await;
@@ -461,6 +497,13 @@ impl KvStore for ShardedStore {
             .compare_and_swap(key, expect, new)
             .await
             .map_err(on_shard(shard))?;
+        if deletes && matches!(expect, Expect::Version(_)) {
+            // The new owner's copy is the one seen; a copy left on the old owner (copied, not
+            // yet deleted by the migration) must not be copied back.
+            if let Some(old) = self.previous_owner(key) {
+                old.backend.delete(key).await.map_err(on_shard(old))?;
+            }
+        }
         if !watchers.is_empty() {
             match (result, deletes, expect) {
                 (Some(v), _, _) => wait_seen(&watchers, key, Change::Put(v)).await,

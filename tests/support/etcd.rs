@@ -20,10 +20,16 @@ use std::time::Duration;
 
 use super::{free_port, fresh_dir, wait_until, Proc};
 
-/// The etcd server binary (Debian package `etcd-server`).
-pub const ETCD_BIN: &str = "/usr/bin/etcd";
-/// The etcdctl binary (Debian package `etcd-client`).
-pub const ETCDCTL_BIN: &str = "/usr/bin/etcdctl";
+/// The etcd server binary: `$COORDKIT_ETCD_BIN`, or Debian's (package `etcd-server`).
+/// `scripts/test.sh` runs the etcd tests a second time with etcd 3.5 this way.
+pub fn etcd_bin() -> String {
+    std::env::var("COORDKIT_ETCD_BIN").unwrap_or_else(|_| "/usr/bin/etcd".to_string())
+}
+
+/// The etcdctl binary: `$COORDKIT_ETCDCTL_BIN`, or Debian's (package `etcd-client`).
+pub fn etcdctl_bin() -> String {
+    std::env::var("COORDKIT_ETCDCTL_BIN").unwrap_or_else(|_| "/usr/bin/etcdctl".to_string())
+}
 
 /// How long a start may take before the harness gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -58,6 +64,8 @@ pub struct Member {
     pub data_dir: PathBuf,
     dir: PathBuf,
     initial_cluster: String,
+    /// Extra command-line flags for this member.
+    extra: Vec<String>,
     restarts: u32,
     proc: Option<Proc>,
 }
@@ -72,6 +80,7 @@ impl Member {
             data_dir: dir.join(format!("{name}.etcd")),
             dir: dir.to_path_buf(),
             initial_cluster: String::new(),
+            extra: Vec::new(),
             restarts: 0,
             proc: None,
         }
@@ -92,7 +101,7 @@ impl Member {
             .dir
             .join(format!("{}-{}.log", self.name, self.restarts));
         self.restarts += 1;
-        let mut cmd = Command::new(ETCD_BIN);
+        let mut cmd = Command::new(etcd_bin());
         cmd.arg("--name")
             .arg(&self.name)
             .arg("--data-dir")
@@ -116,6 +125,7 @@ impl Member {
                     .map(|n| n.to_string_lossy().to_string())
                     .unwrap_or_default(),
             );
+        cmd.args(&self.extra);
         self.proc = Some(Proc::spawn(&format!("etcd {}", self.name), &mut cmd, &log));
     }
 
@@ -169,10 +179,16 @@ impl EtcdCluster {
     /// Starts `n` members on free loopback ports and waits until every one is healthy.
     /// Panics (failing the test) if they are not healthy within 30 s.
     pub fn start(n: usize) -> EtcdCluster {
+        Self::start_with(n, &[])
+    }
+
+    /// [`EtcdCluster::start`] with extra etcd flags on every member.
+    pub fn start_with(n: usize, extra: &[&str]) -> EtcdCluster {
         assert!(n >= 1);
         assert!(
-            Path::new(ETCD_BIN).exists(),
-            "{ETCD_BIN} missing: install the Debian package etcd-server (scripts/test.sh does)"
+            Path::new(&etcd_bin()).exists(),
+            "{} missing: install the Debian package etcd-server (scripts/test.sh does)",
+            etcd_bin()
         );
         let dir = fresh_dir("etcd");
         let mut members: Vec<Member> = (0..n)
@@ -185,6 +201,7 @@ impl EtcdCluster {
             .join(",");
         for m in &mut members {
             m.initial_cluster = initial.clone();
+            m.extra = extra.iter().map(|a| a.to_string()).collect();
             m.spawn();
         }
         let mut c = EtcdCluster { members, dir };
@@ -229,7 +246,7 @@ impl EtcdCluster {
             if !self.members[i].alive() {
                 continue;
             }
-            let out = Command::new(ETCDCTL_BIN)
+            let out = Command::new(etcdctl_bin())
                 .env("ETCDCTL_API", "3")
                 .args(["--dial-timeout", "2s", "--command-timeout", "3s"])
                 .arg("--endpoints")
@@ -258,7 +275,7 @@ impl EtcdCluster {
                 if j == i || !self.members[j].alive() {
                     continue;
                 }
-                let out = Command::new(ETCDCTL_BIN)
+                let out = Command::new(etcdctl_bin())
                     .env("ETCDCTL_API", "3")
                     .args(["--dial-timeout", "2s", "--command-timeout", "3s"])
                     .arg("--endpoints")
@@ -325,7 +342,7 @@ pub fn shared_url() -> String {
 
 /// Runs `etcdctl` (API v3) against `endpoints` with `args`; returns (success, stdout, stderr).
 pub fn etcdctl(endpoints: &str, args: &[&str]) -> (bool, String, String) {
-    match Command::new(ETCDCTL_BIN)
+    match Command::new(etcdctl_bin())
         .env("ETCDCTL_API", "3")
         .arg("--endpoints")
         .arg(endpoints)

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 pub mod consul_sim;
 pub mod etcd;
+pub mod proxy;
 pub mod zookeeper;
 
 static BASE: OnceLock<PathBuf> = OnceLock::new();
@@ -65,16 +66,27 @@ pub fn fresh_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A loopback port that was free a moment ago and has not been handed out by this process.
+/// A loopback port that was free a moment ago and has not been handed out by this process,
+/// with the port after it free too (etcd puts its peer port there).
+///
+/// Ports come from 20000–32699, below Linux's ephemeral range (32768–60999): a server restarted
+/// on its old port must not find it taken by some client's outgoing connection, whose local
+/// port the kernel picks from the ephemeral range.
 pub fn free_port() -> u16 {
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_700;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let used = PORTS.get_or_init(|| Mutex::new(HashSet::new()));
+    let seed = std::process::id().wrapping_mul(7919) % SPAN;
     loop {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-        let port = listener.local_addr().expect("local addr").port();
-        // Keep port+1 free too: etcd puts its peer port there.
-        let next_free = port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok();
+        let n = NEXT.fetch_add(2, std::sync::atomic::Ordering::Relaxed);
+        let port = (LOW + (seed + n) % SPAN) as u16;
         let mut used = used.lock().unwrap_or_else(|p| p.into_inner());
-        if next_free && !used.contains(&port) && !used.contains(&(port + 1)) {
+        if used.contains(&port) || used.contains(&(port + 1)) {
+            continue;
+        }
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 1) {
             used.insert(port);
             used.insert(port + 1);
             return port;

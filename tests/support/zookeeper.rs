@@ -79,6 +79,8 @@ pub struct ZkNode {
     cfg: PathBuf,
     proc: Option<Proc>,
     starts: u32,
+    /// `znode.container.checkIntervalMs`.
+    reap_ms: u64,
 }
 
 impl ZkNode {
@@ -90,7 +92,8 @@ impl ZkNode {
             .arg("-XX:+UseSerialGC")
             .arg("-Dzookeeper.extendedTypesEnabled=true")
             .arg(format!(
-                "-Dznode.container.checkIntervalMs={REAP_INTERVAL_MS}"
+                "-Dznode.container.checkIntervalMs={}",
+                self.reap_ms
             ))
             .arg("-Dzookeeper.admin.enableServer=false")
             .arg("-cp")
@@ -154,13 +157,22 @@ impl ZkNode {
 }
 
 fn write_config(dir: &Path, port: u16, id: u32, peers: &[(u32, u16)]) -> PathBuf {
+    write_config_with(dir, port, id, peers, 2 * TICK_MS)
+}
+
+fn write_config_with(
+    dir: &Path,
+    port: u16,
+    id: u32,
+    peers: &[(u32, u16)],
+    min_session_ms: u64,
+) -> PathBuf {
     let data = dir.join("data");
     std::fs::create_dir_all(&data).expect("create data dir");
     let mut cfg = format!(
-        "tickTime={TICK_MS}\nminSessionTimeout={}\nmaxSessionTimeout=60000\ndataDir={}\n\
-         clientPort={port}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n\
+        "tickTime={TICK_MS}\nminSessionTimeout={min_session_ms}\nmaxSessionTimeout=60000\n\
+         dataDir={}\nclientPort={port}\nclientPortAddress=127.0.0.1\nadmin.enableServer=false\n\
          4lw.commands.whitelist=*\nmaxClientCnxns=0\n",
-        2 * TICK_MS,
         data.display()
     );
     if !peers.is_empty() {
@@ -183,9 +195,26 @@ pub struct ZkStandalone {
 impl ZkStandalone {
     /// Starts a standalone server and waits until it serves.
     pub fn start() -> ZkStandalone {
+        Self::start_with(Duration::from_millis(2 * TICK_MS), REAP_INTERVAL_MS)
+    }
+
+    /// Starts a standalone server whose `minSessionTimeout` is `min` (the URL options still
+    /// declare the default of 2 ticks), and waits until it serves.
+    pub fn start_with_min_session(min: Duration) -> ZkStandalone {
+        Self::start_with(min, REAP_INTERVAL_MS)
+    }
+
+    /// Starts a standalone server that reaps expired TTL nodes and empty containers every
+    /// `reap_ms` (ZooKeeper's default is 60000), and waits until it serves.
+    pub fn start_with_reap_interval(reap_ms: u64) -> ZkStandalone {
+        Self::start_with(Duration::from_millis(2 * TICK_MS), reap_ms)
+    }
+
+    /// Starts a standalone server with `minSessionTimeout` `min` and reap interval `reap_ms`.
+    pub fn start_with(min: Duration, reap_ms: u64) -> ZkStandalone {
         let dir = fresh_dir("zk-standalone");
         let port = free_port();
-        let cfg = write_config(&dir, port, 0, &[]);
+        let cfg = write_config_with(&dir, port, 0, &[], min.as_millis() as u64);
         let mut node = ZkNode {
             id: 0,
             port,
@@ -193,6 +222,7 @@ impl ZkStandalone {
             cfg,
             proc: None,
             starts: 0,
+            reap_ms,
         };
         node.spawn();
         let started = Instant::now();
@@ -263,6 +293,7 @@ impl ZkEnsemble {
                 cfg,
                 proc: None,
                 starts: 0,
+                reap_ms: REAP_INTERVAL_MS,
             });
         }
         for node in &mut nodes {

@@ -471,11 +471,18 @@ impl Client {
     ) -> Result<String> {
         let body = serde_json::json!({
             "Name": name,
-            "TTL": format!("{}ms", ttl.as_millis()),
+            "TTL": go_duration(ttl),
             // A number in nanoseconds; values under 1000 would mean seconds (A3), so send a
             // duration string instead.
             "LockDelay": format!("{}ms", lock_delay.as_millis()),
             "Behavior": behavior,
+            // No health checks: only the TTL (or a destroy) may invalidate the session. The
+            // default `serfHealth` check would invalidate it whenever the agent's node fails
+            // a gossip health check, at any moment and without regard to renewals. Servers
+            // before 1.7 know only `Checks`; newer ones take `NodeChecks`, and read an empty
+            // `Checks` as "no node checks" too.
+            "NodeChecks": [],
+            "Checks": [],
         });
         let body = serde_json::to_vec(&body).map_err(|e| {
             Error::new(
@@ -507,7 +514,8 @@ impl Client {
     }
 
     /// `PUT /v1/session/renew/<id>`: `Ok(Some(ttl))` with the TTL the server reports (adopt
-    /// it), `Ok(None)` if the session is gone (404).
+    /// it; `None` inside if the answer names none that parses), `Ok(None)` if the session is
+    /// gone (404, or an answer without the session).
     pub async fn session_renew(&self, id: &str, key: &str) -> Result<Option<Option<Duration>>> {
         let path = format!("/v1/session/renew/{}", encode_path(id));
         let a = self
@@ -517,7 +525,9 @@ impl Client {
             StatusCode::NOT_FOUND => Ok(None),
             StatusCode::OK => {
                 let list: Vec<SessionInfo> = self.parse("session renew", &a, key)?;
-                Ok(Some(list.first().and_then(|s| parse_duration(&s.ttl))))
+                Ok(list
+                    .first()
+                    .map(|s| parse_duration(&s.ttl).filter(|t| !t.is_zero())))
             }
             _ => Err(self.unexpected("session renew", &a, key)),
         }
@@ -536,14 +546,24 @@ impl Client {
     }
 }
 
+/// A duration in Go syntax, as Consul stores it: whole seconds as `"15s"`, else milliseconds.
+pub(crate) fn go_duration(d: Duration) -> String {
+    if d.subsec_nanos() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
 /// Parses a duration: Go syntax (`"1m30s"`, `"250ms"`, `"15s"`), or a bare number of seconds.
+/// `None` for anything else, including a duration too large to represent (never a panic).
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s.is_empty() {
         return None;
     }
     if let Ok(secs) = s.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return Duration::try_from_secs_f64(secs).ok();
     }
     let mut total = 0f64;
     let mut rest = s;
@@ -571,7 +591,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         rest = &rest[u_end..];
         total += n * scale;
     }
-    total.is_finite().then(|| Duration::from_secs_f64(total))
+    Duration::try_from_secs_f64(total).ok()
 }
 
 #[cfg(test)]
@@ -587,6 +607,14 @@ mod tests {
         assert_eq!(parse_duration("x"), None);
         assert_eq!(parse_duration("5y"), None);
         assert_eq!(parse_duration(""), None);
+        // Too large, negative or not finite: None, not a panic.
+        assert_eq!(parse_duration("99999999999999999999999"), None);
+        assert_eq!(parse_duration("99999999999999999999999h"), None);
+        assert_eq!(parse_duration("-5"), None);
+        assert_eq!(parse_duration("inf"), None);
+        assert_eq!(parse_duration("NaN"), None);
+        assert_eq!(go_duration(Duration::from_secs(10)), "10s");
+        assert_eq!(go_duration(Duration::from_millis(10_500)), "10500ms");
     }
 
     #[test]

@@ -87,6 +87,13 @@ impl ConsulStore {
     /// A write too large for `/v1/txn`: a plain PUT (with `?cas=` when given) tagged with a
     /// one-off `flags` value, then a consistent read that finds the tag to learn the version
     /// (a plain PUT answers no index).
+    ///
+    /// Once the PUT has answered `true` the write happened, so this never reports `Conflict`
+    /// after it (`Conflict` means nothing changed). If another write replaced the key before
+    /// the read, the exact version of this write can no longer be learnt; the version returned
+    /// is then one below the index of what the read found (the replacing write's ModifyIndex, or
+    /// the index of the key's deletion), which is no version the key has or will have: a
+    /// compare-and-swap with it fails with `Conflict`, as it must, the key having changed since.
     async fn large_write(&self, key: &str, value: Vec<u8>, cas: Option<u64>) -> Result<Version> {
         let full = self.data_key(key);
         let nonce = write_nonce();
@@ -97,17 +104,15 @@ impl ConsulStore {
         if !self.inner.client.kv_put(&full, value, &q).await? {
             return Err(conflict(key, "the key's version changed"));
         }
-        let (entries, _) = self
+        let (entries, index) = self
             .inner
             .client
             .kv_get(&full, false, Mode::Consistent, None)
             .await?;
-        match entries.first() {
+        match entries.iter().find(|e| e.key == full) {
             Some(e) if e.flags == nonce => Ok(Version::from_raw(e.modify_index)),
-            _ => Err(conflict(
-                key,
-                "the value was written, but another client changed the key before its version could be read",
-            )),
+            Some(e) => Ok(Version::from_raw(e.modify_index.saturating_sub(1))),
+            None => Ok(Version::from_raw(index.saturating_sub(1))),
         }
     }
 }

@@ -1,19 +1,27 @@
 //! [`DistLock`] over Consul sessions: one TTL session per acquisition, the lock key acquired
 //! through `/v1/txn`'s `lock` verb so the acquiring ModifyIndex (the fencing token) comes back
 //! atomically.
+//!
+//! The session is the lease: its clock (`crate::lease`) starts when the session create is
+//! sent, moves on every confirmed `PUT /v1/session/renew/<id>` (to that renew's send time +
+//! the TTL the server returned − the margin), and fires the guard's lost signal at that
+//! deadline, whatever the server or the network do meanwhile. A blocking query on the lock
+//! key fires it earlier if the key is no longer held by the session.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::client::{Mode, TxnKv, TxnOutcome};
+use super::client::{Client, Mode, TxnKv, TxnOutcome};
 use super::{ConsulStore, MAX_SESSION_TTL, MIN_SESSION_TTL, NAME};
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::validate_lock_name;
+use crate::lease::{deadline_after, until, Lease, Renew, RenewPolicy, Renewal};
 use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
 
 /// The `Flags` value of a lock key, the same as Consul's Go API (`api.LockFlagValue`), so that
@@ -27,89 +35,142 @@ const LOCK_DELAY_RETRY: Duration = Duration::from_millis(250);
 /// The longest single blocking query of a waiter or monitor.
 const MAX_BLOCK: Duration = Duration::from_secs(300);
 
-/// A session and its renewer: renews every TTL/2, adopts the TTL the server returns, and
-/// cancels `lost` when the session is gone or renewals have failed for a whole TTL.
+/// The session behind one lock attempt, and the lease clock that says until when this client
+/// may count on it (`crate::lease`: the last confirmed renew's send time + the session TTL −
+/// the margin).
 #[derive(Clone)]
 struct Session {
     id: String,
-    lost: CancellationToken,
+    lease: Lease,
+    /// Ends the lock monitor (the lock is being released).
     stop: CancellationToken,
-    suspended: Arc<AtomicBool>,
+}
+
+/// Renews a session: `PUT /v1/session/renew/<id>`. A 404 means the session was invalidated;
+/// an answer gives the TTL the server now applies (it may raise it, A3), else the TTL the
+/// session was created with.
+struct SessionRenewer {
+    client: Client,
+    id: String,
+    key: String,
+    ttl: Duration,
+}
+
+impl Renew for SessionRenewer {
+    fn renew(&mut self) -> Pin<Box<dyn Future<Output = Result<Renewal>> + Send + '_>> {
+        Box::pin(async move {
+            match self.client.session_renew(&self.id, &self.key).await? {
+                None => Ok(Renewal::Gone(format!(
+                    "the Consul session {} was invalidated (renew: not found)",
+                    self.id
+                ))),
+                Some(ttl) => Ok(Renewal::Confirmed(ttl.unwrap_or(self.ttl))),
+            }
+        })
+    }
+}
+
+/// A session create whose answer has not been taken: if it is given up on (the wait ran out,
+/// or the `lock()` future was dropped), the session it creates is destroyed once the answer
+/// comes, so nothing stays behind.
+struct PendingCreate {
+    rx: Option<oneshot::Receiver<Result<String>>>,
+    client: Client,
+    key: String,
+}
+
+impl Drop for PendingCreate {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        // After close, the create task's send fails and the task destroys the session itself;
+        // an answer that came before close is taken here.
+        rx.close();
+        if let Ok(Ok(id)) = rx.try_recv() {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let client = self.client.clone();
+                let key = self.key.clone();
+                rt.spawn(async move {
+                    let _ = client.session_destroy(&id, &key).await;
+                });
+            }
+        }
+    }
 }
 
 impl Session {
-    async fn create(store: &ConsulStore, name: &str, key: &str, ttl: Duration) -> Result<Session> {
-        let client = &store.inner.client;
+    /// Creates the session of one lock attempt, waiting for the answer until `deadline`
+    /// (`Ok(None)` once it passed), and starts its lease clock from the moment the create
+    /// request was sent.
+    async fn create(
+        store: &ConsulStore,
+        name: &str,
+        key: &str,
+        ttl: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<Option<Session>> {
+        let client = store.inner.client.clone();
         let delay = Duration::from_millis(store.inner.cfg.lock_delay_ms);
-        let id = client
-            .session_create(&format!("coordkit lock {name}"), ttl, delay, "release", key)
-            .await?;
-        let s = Session {
-            id,
-            lost: CancellationToken::new(),
-            stop: CancellationToken::new(),
-            suspended: Arc::new(AtomicBool::new(false)),
+        let (tx, rx) = oneshot::channel();
+        let mut pending = PendingCreate {
+            rx: Some(rx),
+            client: client.clone(),
+            key: key.to_string(),
         };
-        s.spawn_renewer(store.clone(), key.to_string(), ttl);
-        Ok(s)
+        let sent = Instant::now();
+        {
+            let client = client.clone();
+            let name = format!("coordkit lock {name}");
+            let key = key.to_string();
+            tokio::spawn(async move {
+                let created = client
+                    .session_create(&name, ttl, delay, "release", &key)
+                    .await;
+                if let Err(Ok(id)) = tx.send(created) {
+                    // Given up on: nobody will use or destroy this session otherwise.
+                    let _ = client.session_destroy(&id, &key).await;
+                }
+            });
+        }
+        let answer = match pending.rx.as_mut() {
+            Some(rx) => until(deadline, rx).await,
+            None => None,
+        };
+        let id = match answer {
+            None => return Ok(None),
+            Some(Ok(created)) => {
+                pending.rx = None;
+                created?
+            }
+            Some(Err(_)) => {
+                pending.rx = None;
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    NAME,
+                    "the session create was cancelled (the runtime is shutting down)",
+                )
+                .with_key(key));
+            }
+        };
+        let renewer = SessionRenewer {
+            client,
+            id: id.clone(),
+            key: key.to_string(),
+            ttl,
+        };
+        let policy = RenewPolicy {
+            attempt_timeout: store.inner.cfg.timeout(),
+        };
+        Ok(Some(Session {
+            id,
+            lease: Lease::start(renewer, sent, ttl, policy),
+            stop: CancellationToken::new(),
+        }))
     }
 
-    fn spawn_renewer(&self, store: ConsulStore, key: String, ttl: Duration) {
-        let id = self.id.clone();
-        let lost = self.lost.clone();
-        let stop = self.stop.clone();
-        let suspended = self.suspended.clone();
-        tokio::spawn(async move {
-            let ttl_ms = AtomicU64::new(ttl.as_millis() as u64);
-            let mut last_ok = Instant::now();
-            let mut next = last_ok + ttl / 2;
-            loop {
-                let ttl = Duration::from_millis(ttl_ms.load(Ordering::Relaxed));
-                let give_up = last_ok + ttl;
-                let wake = if suspended.load(Ordering::SeqCst) {
-                    give_up
-                } else {
-                    next.min(give_up)
-                };
-                tokio::select! {
-                    _ = tokio::time::sleep_until(wake) => {}
-                    _ = stop.cancelled() => return,
-                    _ = lost.cancelled() => return,
-                }
-                if Instant::now() >= give_up {
-                    // No renewal for a whole TTL: the session may be invalidated any moment.
-                    tracing::debug!(lock = %key, "consul session not renewed for its TTL");
-                    lost.cancel();
-                    return;
-                }
-                if suspended.load(Ordering::SeqCst) {
-                    continue;
-                }
-                let renewed = tokio::select! {
-                    r = store.inner.client.session_renew(&id, &key) => r,
-                    _ = stop.cancelled() => return,
-                };
-                match renewed {
-                    Ok(Some(adopted)) => {
-                        last_ok = Instant::now();
-                        if let Some(t) = adopted.filter(|t| !t.is_zero()) {
-                            ttl_ms.store(t.as_millis() as u64, Ordering::Relaxed);
-                        }
-                        let ttl = Duration::from_millis(ttl_ms.load(Ordering::Relaxed));
-                        next = last_ok + ttl / 2;
-                    }
-                    Ok(None) => {
-                        tracing::debug!(lock = %key, "consul session is gone");
-                        lost.cancel();
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::debug!(lock = %key, error = %e, "consul session renewal failed");
-                        next = Instant::now() + (ttl / 10).max(Duration::from_millis(200));
-                    }
-                }
-            }
-        });
+    /// Stops renewing and monitoring, without firing the lost signal.
+    fn stop(&self) {
+        self.stop.cancel();
+        self.lease.stop();
     }
 }
 
@@ -149,7 +210,7 @@ impl Drop for SessionCleanup {
             return;
         }
         let s = self.session.clone();
-        s.stop.cancel();
+        s.stop();
         let store = self.store.clone();
         let key = self.key.clone();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -238,9 +299,9 @@ impl ConsulStore {
                     Ok(Attempt::Held)
                 } else if what.contains("invalid session") {
                     Err(Error::new(
-                        ErrorKind::Unavailable,
+                        ErrorKind::LockLost,
                         NAME,
-                        format!("the lock's session expired while acquiring: {what}"),
+                        format!("the session of this lock attempt was invalidated while acquiring: {what}"),
                     )
                     .with_key(key))
                 } else {
@@ -261,7 +322,7 @@ impl ConsulStore {
         &self,
         key: &str,
         session: &Session,
-        until: Option<Instant>,
+        deadline: Option<Instant>,
     ) -> Result<()> {
         let client = &self.inner.client;
         let (entries, index) = client.kv_get(key, false, Mode::Default, None).await?;
@@ -282,36 +343,42 @@ impl ConsulStore {
             )
             .with_key(key));
         }
-        let wait = match until {
+        let wait = match deadline {
             Some(t) => t.saturating_duration_since(Instant::now()).min(MAX_BLOCK),
             None => MAX_BLOCK,
         };
         if wait.is_zero() {
             return Ok(());
         }
+        let lost = session.lease.lost_token();
         tokio::select! {
             r = client.kv_get(key, false, Mode::Default, Some((index, wait))) => r.map(|_| ()),
-            _ = session.lost.cancelled() => Ok(()),
+            _ = lost.cancelled() => Ok(()),
         }
     }
 
     fn guard(&self, name: &str, key: String, session: Session, token: u64) -> LockGuard {
-        let lost = session.lost.clone();
         self.spawn_monitor(key.clone(), &session, token);
+        let lease = session.lease.clone();
+        let lost = lease.lost_token().child_token();
         let handle = ConsulLock {
             store: self.clone(),
             key,
             session,
         };
         LockGuard::new(name, FencingToken::from_raw(token), lost, Box::new(handle))
+            .with_lease(&lease)
     }
 
-    /// While held: consistent blocking queries on the key; `lost` fires as soon as the key is
-    /// gone or held by another session (A5 `monitorLock`).
+    /// While held: consistent blocking queries on the key; the lease is declared lost as soon
+    /// as the key is gone or held by another session (A5 `monitorLock`). This is a trigger on
+    /// top of the lease clock, which fires on its own at the deadline whatever the monitor
+    /// sees.
     fn spawn_monitor(&self, key: String, session: &Session, mut index: u64) {
         let store = self.clone();
         let id = session.id.clone();
-        let lost = session.lost.clone();
+        let lease = session.lease.clone();
+        let lost = lease.lost_token();
         let stop = session.stop.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
@@ -338,13 +405,15 @@ impl ConsulStore {
                                 return;
                             }
                             tracing::debug!(lock = %key, "consul lock key no longer held by our session");
-                            lost.cancel();
+                            lease.lose(
+                                "the lock key is no longer held by this lock's Consul session",
+                            );
                             return;
                         }
                         index = if new_index < index { 1 } else { new_index };
                     }
                     Err(e) => {
-                        // The renewer decides when failures mean loss (a whole TTL).
+                        // The lease clock decides when failures mean loss.
                         tracing::debug!(lock = %key, error = %e, "consul lock monitor poll failed");
                         tokio::select! {
                             _ = tokio::time::sleep(backoff) => {}
@@ -359,14 +428,33 @@ impl ConsulStore {
     }
 }
 
+fn passed(deadline: Option<Instant>) -> bool {
+    deadline.is_some_and(|d| Instant::now() >= d)
+}
+
+fn session_lost(name: &str, session: &Session) -> Error {
+    Error::new(
+        ErrorKind::LockLost,
+        NAME,
+        format!(
+            "the session of this lock attempt was lost before the lock was granted: {}",
+            session
+                .lease
+                .why()
+                .unwrap_or_else(|| "it could not be renewed within its TTL".into())
+        ),
+    )
+    .with_key(name)
+}
+
 #[async_trait]
 impl DistLock for ConsulStore {
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
         Self::check_lock_args(name, opts)?;
-        let until = opts.wait.map(|w| Instant::now() + w);
+        // Every step below is bounded by this deadline (None: a wait too large to represent,
+        // or no wait, is unbounded).
+        let deadline = deadline_after(opts.wait);
         let key = self.lock_key(name);
-        let session = Session::create(self, name, &key, opts.ttl).await?;
-        let cleanup = SessionCleanup::new(self, session, &key);
         let timeout = || {
             Error::new(
                 ErrorKind::Timeout,
@@ -378,45 +466,55 @@ impl DistLock for ConsulStore {
             )
             .with_key(name)
         };
+        let Some(session) = Session::create(self, name, &key, opts.ttl, deadline).await? else {
+            return Err(timeout());
+        };
+        let cleanup = SessionCleanup::new(self, session, &key);
         loop {
-            if cleanup.session().lost.is_cancelled() {
-                return Err(Error::new(
-                    ErrorKind::Unavailable,
-                    NAME,
-                    "the session expired while waiting for the lock (renewals failed)",
-                )
-                .with_key(name));
+            if cleanup.session().lease.is_lost() {
+                return Err(session_lost(name, cleanup.session()));
             }
-            match self.attempt(&key, &cleanup.session().id).await? {
+            if passed(deadline) {
+                return Err(timeout());
+            }
+            // An attempt cut off by the deadline may have acquired the key on the server; the
+            // cleanup releases it (only if this session holds it) and destroys the session.
+            let attempt = match until(deadline, self.attempt(&key, &cleanup.session().id)).await {
+                None => return Err(timeout()),
+                Some(a) => a?,
+            };
+            match attempt {
                 Attempt::Acquired(token) => {
+                    if cleanup.session().lease.is_lost() {
+                        // Granted to a session this client can no longer vouch for.
+                        return Err(session_lost(name, cleanup.session()));
+                    }
                     let session = cleanup.disarm();
                     return Ok(self.guard(name, key, session, token));
                 }
                 Attempt::LockDelay => {
                     let mut nap = LOCK_DELAY_RETRY;
-                    if let Some(t) = until {
-                        let left = t.saturating_duration_since(Instant::now());
-                        if left.is_zero() {
-                            return Err(timeout());
-                        }
-                        nap = nap.min(left);
+                    if let Some(t) = deadline {
+                        nap = nap.min(t.saturating_duration_since(Instant::now()));
                     }
-                    tokio::time::sleep(nap).await;
+                    let lost = cleanup.session().lease.lost_token();
+                    tokio::select! {
+                        _ = tokio::time::sleep(nap) => {}
+                        _ = lost.cancelled() => {}
+                    }
                 }
                 Attempt::Held => {
-                    if until.is_some_and(|t| Instant::now() >= t) {
+                    if passed(deadline) {
                         return Err(timeout());
                     }
-                    self.wait_for_change(&key, cleanup.session(), until).await?;
-                    if until.is_some_and(|t| Instant::now() >= t) {
-                        // One last try at the deadline, then give up.
-                        if let Attempt::Acquired(token) =
-                            self.attempt(&key, &cleanup.session().id).await?
-                        {
-                            let session = cleanup.disarm();
-                            return Ok(self.guard(name, key, session, token));
-                        }
-                        return Err(timeout());
+                    let waited = until(
+                        deadline,
+                        self.wait_for_change(&key, cleanup.session(), deadline),
+                    )
+                    .await;
+                    match waited {
+                        None => return Err(timeout()),
+                        Some(r) => r?,
                     }
                 }
             }
@@ -435,10 +533,18 @@ impl DistLock for ConsulStore {
         if entries.iter().any(|e| e.key == key && e.holder().is_some()) {
             return Ok(None);
         }
-        let session = Session::create(self, name, &key, opts.ttl).await?;
+        let session = Session::create(self, name, &key, opts.ttl, None)
+            .await?
+            .ok_or_else(|| {
+                Error::new(ErrorKind::Timeout, NAME, "the session create got no answer")
+                    .with_key(name)
+            })?;
         let cleanup = SessionCleanup::new(self, session, &key);
         match self.attempt(&key, &cleanup.session().id).await? {
             Attempt::Acquired(token) => {
+                if cleanup.session().lease.is_lost() {
+                    return Err(session_lost(name, cleanup.session()));
+                }
                 let session = cleanup.disarm();
                 Ok(Some(self.guard(name, key, session, token)))
             }
@@ -454,10 +560,18 @@ struct ConsulLock {
     session: Session,
 }
 
+/// A handle dropped without its release running (a guard dropped where no runtime runs) stops
+/// renewing: the session then lapses at its TTL, and the lock with it.
+impl Drop for ConsulLock {
+    fn drop(&mut self) {
+        self.session.stop();
+    }
+}
+
 #[async_trait]
 impl LockHandle for ConsulLock {
     async fn release(self: Box<Self>) -> Result<()> {
-        self.session.stop.cancel();
+        self.session.stop();
         let client = &self.store.inner.client;
         // Release first (an explicit release sets no lock-delay), then destroy (A3). The
         // release deletes the key if and only if our session still holds it.
@@ -468,6 +582,6 @@ impl LockHandle for ConsulLock {
     }
 
     fn suspend_keep_alive(&self) {
-        self.session.suspended.store(true, Ordering::SeqCst);
+        self.session.lease.suspend();
     }
 }

@@ -281,6 +281,8 @@ impl ConsulStore {
         caps.key_ttl = false;
         caps.min_ttl = MIN_SESSION_TTL;
         caps.min_lock_ttl = MIN_SESSION_TTL;
+        // Liveness only (others' wait): today's servers invalidate within 2 × TTL of the last
+        // renew, which Consul does not promise; the lost signal fires at the lease deadline.
         caps.lease_expiry_factor = 2;
         caps.max_value_size = MAX_VALUE_SIZE;
         caps.watch = true;
@@ -315,6 +317,10 @@ mod tests {
         for bad in [
             "consul://h?nope=1",
             "consul://h?timeout=abc",
+            "consul://h?timeout=99999999999999999999999",
+            "consul://h?timeout=99999999999999999999999h",
+            "consul://h?connect_timeout=-1",
+            "consul://h?lock_delay=NaN",
             "consul://h/path",
             "consul://u:p@h",
             "etcd://h",

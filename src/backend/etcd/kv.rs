@@ -120,8 +120,15 @@ impl KvStore for EtcdStore {
         let resp = match resp {
             Ok(r) => r,
             Err(e) => {
+                // Revoking the lease deletes every key on it. After `Timeout` or `Unavailable`
+                // the put may have been applied (the answer, not the request, may be what was
+                // lost), so the lease is left to expire by its TTL: the key, if written, lives
+                // out the TTL it was given. Any other error is the server's answer refusing the
+                // put, which then changed nothing, and the unused lease is revoked.
                 if let Some(id) = lease {
-                    revoke_quietly(inner, id).await;
+                    if !matches!(e.kind(), ErrorKind::Timeout | ErrorKind::Unavailable) {
+                        revoke_quietly(inner, id).await;
+                    }
                 }
                 return Err(e);
             }
@@ -270,6 +277,13 @@ pub(crate) async fn open_watch(
     if start_rev > 0 {
         opts = opts.with_start_revision(start_rev);
     }
+    if !deletes_only {
+        // The server's timed progress notifications (no events, the header's revision) let a
+        // watch of a quiet prefix advance its resume point. Only the timed ones are used: a
+        // progress notification *requested* by the client can overtake events still queued on
+        // etcd before 3.4.24 / 3.5.8 (etcd issue 15220), and using it would skip them.
+        opts = opts.with_progress_notify();
+    }
     // Ok(Err(compact_revision)): the start revision was compacted.
     let opened = inner
         .call("watch", Some(shown), || {
@@ -281,7 +295,10 @@ pub(crate) async fn open_watch(
                     match stream.message().await? {
                         Some(resp) if resp.canceled() => {
                             if resp.compact_revision() > 0 {
-                                return Ok(Err(resp.compact_revision()));
+                                return Ok(Err(Refused::Compacted(resp.compact_revision())));
+                            }
+                            if is_denied(resp.cancel_reason()) {
+                                return Ok(Err(Refused::Denied(resp.cancel_reason().to_string())));
                             }
                             return Err(etcd_client::Error::WatchError(format!(
                                 "etcd canceled the watch at creation: {}",
@@ -303,7 +320,40 @@ pub(crate) async fn open_watch(
             }
         })
         .await?;
-    opened.map_err(|compacted| gap(shown, start_rev - 1, compacted))
+    opened.map_err(|refused| match refused {
+        Refused::Compacted(compacted) => gap(shown, start_rev - 1, compacted),
+        Refused::Denied(reason) => denied(shown, &reason),
+    })
+}
+
+/// Why etcd refused to create a watch, when that is final.
+enum Refused {
+    /// The start revision was compacted (up to this revision).
+    Compacted(i64),
+    /// The credentials do not allow reading the prefix.
+    Denied(String),
+}
+
+/// Whether a watch's cancel reason says that the credentials do not allow it.
+fn is_denied(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    r.contains("permission denied")
+        || r.contains("invalid auth token")
+        || r.contains("user name is empty")
+}
+
+fn denied(shown: &str, reason: &str) -> Error {
+    Error::new(
+        ErrorKind::PermissionDenied,
+        NAME,
+        format!("etcd refused the watch: {reason}"),
+    )
+    .with_key(shown)
+}
+
+/// Errors after which re-watching cannot help: the stream ends with them.
+fn is_final(kind: ErrorKind) -> bool {
+    matches!(kind, ErrorKind::WatchGap | ErrorKind::PermissionDenied)
 }
 
 /// One event of an etcd watch response, classified without `Event::event_type` (which panics
@@ -350,6 +400,10 @@ async fn pump(
                             .await;
                         return;
                     }
+                    if is_denied(resp.cancel_reason()) {
+                        let _ = tx.send(Err(denied(&shown, resp.cancel_reason()))).await;
+                        return;
+                    }
                     // Canceled for another reason (no leader, …): re-watch.
                 } else {
                     for ev in resp.events() {
@@ -381,13 +435,24 @@ async fn pump(
                     // the last event's revision is delivered.
                     if let Some(last) = resp.events().iter().filter_map(|e| e.kv()).next_back() {
                         delivered = delivered.max(last.mod_revision());
+                    } else if !resp.created() {
+                        // A timed progress notification: every event of this prefix up to the
+                        // header's revision has been sent (on the same stream, before it).
+                        if let Some(h) = resp.header() {
+                            delivered = delivered.max(h.revision());
+                        }
                     }
                     continue;
                 }
             }
             Ok(None) => {}
             Err(e) => {
-                tracing::debug!(prefix = %shown, error = %error::map(e, "watch"), "watch stream broke; resuming");
+                let e = error::map(e, "watch");
+                if is_final(e.kind()) {
+                    let _ = tx.send(Err(e.with_key(shown.clone()))).await;
+                    return;
+                }
+                tracing::debug!(prefix = %shown, error = %e, "watch stream broke; resuming");
             }
         }
         // Re-watch from the revision after the last delivered one, until it works, the user
@@ -401,7 +466,7 @@ async fn pump(
                     stream = s;
                     break;
                 }
-                Err(e) if e.kind() == ErrorKind::WatchGap => {
+                Err(e) if is_final(e.kind()) => {
                     let _ = tx.send(Err(e)).await;
                     return;
                 }

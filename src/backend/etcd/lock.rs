@@ -207,13 +207,16 @@ struct Cleanup {
     local: Option<OwnedMutexGuard<()>>,
 }
 
-/// Deletes a lock key in the background, on the store's runtime (also when called from a
-/// thread without one), retrying until the delete succeeds or the key's lease is gone. A key
+/// Deletes a lock key in the background, on the current runtime (or, from a thread without
+/// one, on the store's), retrying until the delete succeeds or the key's lease is gone. A key
 /// must never outlive its lock on a lease that is kept alive: if etcd refuses the delete for
 /// good, the lease is given up (revoked and no longer renewed), which removes the key.
 fn spawn_cleanup(inner: &Arc<Inner>, mut c: Cleanup) {
     let weak = Arc::downgrade(inner);
-    inner.rt.spawn(async move {
+    // The current runtime first: a caller that drops an attempt on a runtime of its own (the
+    // CLI, before it exits) waits for that runtime's tasks.
+    let rt = tokio::runtime::Handle::try_current().unwrap_or_else(|_| inner.rt.clone());
+    rt.spawn(async move {
         let mut backoff = Duration::from_millis(25);
         loop {
             let Some(inner) = weak.upgrade() else { return };

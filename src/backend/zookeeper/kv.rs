@@ -1,21 +1,41 @@
 //! [`KvStore`] on znodes.
 //!
-//! - A key is one persistent znode (a TTL znode when written with a TTL) whose data is the value,
-//!   unchanged (no header). Its parents are container znodes named `<segment>~` (see
-//!   [`super::path`]).
+//! - A key is one znode whose data is the value, unchanged (no header). Its parents are
+//!   container znodes named `<segment>~` (see [`super::path`]).
+//! - A permanent key is a persistent znode without children, or a znode (persistent or TTL)
+//!   with one child `~keep`.
+//! - A key with a TTL is a ZooKeeper TTL znode with one child `~ttl`, itself a TTL znode with the
+//!   same TTL, whose data is the TTL in milliseconds (decimal). Both are created in one `multi`
+//!   (so they share their `czxid`), and every write of the key writes both in one `multi`, so
+//!   they share their `mtime`. ZooKeeper hides a TTL znode's type from clients (the stat's
+//!   `ephemeralOwner` reads 0 for TTL and container znodes: `DataNode.copyStat`), so this child
+//!   is how every client reads a key's kind and TTL from the server. The server reaps `~ttl`
+//!   first (a znode with children is never reaped), then the key: a key znode that has had
+//!   children (`cversion` > 0) and has none is an expired TTL key whose `~ttl` was reaped.
+//! - Making a TTL key permanent is one `multi` on the same znode: write the value (with the data
+//!   version read as precondition), delete `~ttl`, create `~keep` (ZooKeeper never reaps a znode
+//!   with children); watchers see a put. Giving a key a TTL, or another TTL, is one `multi` too:
+//!   delete the key's child and the key (with the data version as precondition), create the
+//!   new key and its child. Readers never see the key missing; watchers see a delete, then a
+//!   put.
+//! - Expired keys are not returned: a TTL key expires at its `mtime` + TTL in the server's
+//!   clock, compared with a lower bound of the server's current time (the `mtime` of this
+//!   client's latest write, plus the local time elapsed since its answer came). Without a
+//!   recent write a read of a TTL key samples the clock by writing `<root>/kv/~clock`.
 //! - [`Version`] is the znode's `mzxid`: the zxid of the write that produced the value. It is
 //!   unique per write across the whole ensemble and never reused, also when a key is deleted and
 //!   created again, so a version read before a delete never matches the re-created key.
 //! - CAS on a version reads the znode's stat, compares its `mzxid`, and writes with the stat's
-//!   data version as ZooKeeper's own precondition (`setData`/`delete` with version).
-//! - A key made permanent after having a TTL gets a child `~keep`: ZooKeeper never reaps a TTL
-//!   znode that has children.
+//!   data version as ZooKeeper's own precondition (`setData`/`delete` with version). A CAS write
+//!   makes the key permanent, as on every backend.
+
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use zookeeper_client as zk;
 
 use super::error::err;
-use super::path::{self, PIN};
+use super::path::{self, CLOCK, PIN, TTL_MARK};
 use super::{e_zk, lock_std, Inner, ZkStore};
 use crate::caps::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
@@ -27,8 +47,8 @@ use crate::kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchS
 const RETRIES: usize = 32;
 /// The largest TTL a TTL znode can carry (40 bits of milliseconds).
 const TTL_MAX_MS: u128 = 0x00FF_FFFF_FFFF;
-/// Remembered TTL keys per client before the set is cleared (it is only a hint).
-const TTL_KEYS_MAX: usize = 100_000;
+/// How long a server-time sample is used before a read of a TTL key takes a new one.
+const CLOCK_MAX_AGE: Duration = Duration::from_secs(30);
 
 fn version_of(stat: &zk::Stat) -> Version {
     Version::from_raw(stat.mzxid as u64)
@@ -38,8 +58,77 @@ fn is(e: &Error, z: zk::Error) -> bool {
     e_zk(e) == Some(&z)
 }
 
+/// An error that means the key changed under a write: read it again and retry.
+fn raced(e: &Error) -> bool {
+    is(e, zk::Error::BadVersion) || is(e, zk::Error::NoNode) || is(e, zk::Error::NodeExists)
+}
+
 fn conflict(key: &str, msg: impl Into<String>) -> Error {
     err(ErrorKind::Conflict, key, msg)
+}
+
+/// A key znode's kind, as the server shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A persistent znode (maybe pinned with `~keep`).
+    Permanent,
+    /// A TTL key: its TTL, and its deadline in the server's clock (ms since the epoch).
+    Ttl { ttl_ms: u64, deadline_ms: i64 },
+    /// A TTL key whose `~ttl` child the server already reaped; the key goes next.
+    Reaped,
+}
+
+/// A key znode read with its `~ttl` child.
+struct Node {
+    stat: zk::Stat,
+    data: Vec<u8>,
+    kind: Kind,
+}
+
+impl Node {
+    /// Whether the key counts as absent at server time `now_ms`.
+    fn expired(&self, now_ms: i64) -> bool {
+        match self.kind {
+            Kind::Permanent => false,
+            Kind::Reaped => true,
+            Kind::Ttl { deadline_ms, .. } => now_ms >= deadline_ms,
+        }
+    }
+}
+
+fn mark_of(path: &str) -> String {
+    format!("{path}/{TTL_MARK}")
+}
+
+/// The kind of key znode `stat`, given the answer for its `~ttl` child.
+fn classify(stat: &zk::Stat, mark: std::result::Result<(Vec<u8>, zk::Stat), zk::Error>) -> Kind {
+    if let Ok((data, m)) = mark {
+        // Created with the key in one multi; a `~ttl` of another incarnation (the key was
+        // replaced between the two reads) does not count.
+        if m.czxid == stat.czxid {
+            if let Some(ttl_ms) = std::str::from_utf8(&data)
+                .ok()
+                .and_then(|t| t.parse::<u64>().ok())
+            {
+                return Kind::Ttl {
+                    ttl_ms,
+                    deadline_ms: m.mtime.saturating_add(ttl_ms as i64),
+                };
+            }
+        }
+    }
+    if stat.num_children == 0 && stat.cversion > 0 {
+        Kind::Reaped
+    } else {
+        Kind::Permanent
+    }
+}
+
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Inner {
@@ -67,36 +156,117 @@ impl Inner {
         self.bounded("sync", key, client.sync(at)).await
     }
 
-    /// Creates `path` (persistent, or TTL), creating parents as needed. `Ok(None)` if it exists.
+    /// Records a server-time sample: the `mtime` of a write whose answer just arrived.
+    fn clock_sample(&self, stat: &zk::Stat) {
+        *lock_std(&self.server_clock) = Some((stat.mtime, Instant::now()));
+    }
+
+    /// A lower bound of the server's current time (ms): the latest write's `mtime` plus the
+    /// time elapsed here since its answer. Without a sample younger than [`CLOCK_MAX_AGE`],
+    /// writes `<root>/kv/~clock` to take one; if that fails (no write permission), falls back
+    /// to this machine's wall clock.
+    async fn server_now_ms(&self, client: &zk::Client, key: &str) -> i64 {
+        if let Some((ms, at)) = *lock_std(&self.server_clock) {
+            if at.elapsed() < CLOCK_MAX_AGE {
+                return ms.saturating_add(at.elapsed().as_millis() as i64);
+            }
+        }
+        let probe = format!("{}/kv/{CLOCK}", self.root);
+        let opts = zk::CreateMode::Persistent.with_acls(self.acls());
+        let mut sampled = self
+            .bounded("clock", key, client.set_data(&probe, b"", None))
+            .await;
+        if sampled.as_ref().is_err_and(|e| is(e, zk::Error::NoNode)) {
+            sampled = match self
+                .bounded("clock", key, client.create(&probe, b"", &opts))
+                .await
+            {
+                Ok((stat, _)) => Ok(stat),
+                Err(e) => Err(e),
+            };
+        }
+        match sampled {
+            Ok(stat) => {
+                self.clock_sample(&stat);
+                stat.mtime
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot sample the ZooKeeper server's clock; using the local clock");
+                wall_ms()
+            }
+        }
+    }
+
+    /// Reads key znode `path` and its `~ttl` child (pipelined: one round trip). `data`: read
+    /// the value too (otherwise only the stat).
+    async fn read_node(
+        &self,
+        client: &zk::Client,
+        key: &str,
+        path: &str,
+        data: bool,
+    ) -> Result<Option<Node>> {
+        let mark = mark_of(path);
+        let (node, mark) = if data {
+            let n = client.get_data(path);
+            let m = client.get_data(&mark);
+            let (n, m) = self
+                .bounded("get", key, async move { Ok(futures::join!(n, m)) })
+                .await?;
+            (n.map(|(d, s)| Some((d, s))), m)
+        } else {
+            let n = client.check_stat(path);
+            let m = client.get_data(&mark);
+            let (n, m) = self
+                .bounded("stat", key, async move { Ok(futures::join!(n, m)) })
+                .await?;
+            (n.map(|s| s.map(|s| (Vec::new(), s))), m)
+        };
+        match node {
+            Ok(Some((data, stat))) => Ok(Some(Node {
+                kind: classify(&stat, mark),
+                stat,
+                data,
+            })),
+            Ok(None) | Err(zk::Error::NoNode) => Ok(None),
+            Err(e) => Err(super::error::map(e, "get", key)),
+        }
+    }
+
+    /// Reads key znode `path` for a write: `None` if absent or expired.
+    async fn live_node(&self, client: &zk::Client, key: &str, path: &str) -> Result<Option<Node>> {
+        let Some(node) = self.read_node(client, key, path, false).await? else {
+            return Ok(None);
+        };
+        let expired = match node.kind {
+            Kind::Permanent => false,
+            Kind::Reaped => true,
+            Kind::Ttl { .. } => node.expired(self.server_now_ms(client, key).await),
+        };
+        Ok((!expired).then_some(node))
+    }
+
+    /// Creates a permanent key at `path`, creating parents as needed. `Ok(None)` if it exists.
     async fn create_key(
         &self,
         client: &zk::Client,
         key: &str,
         path: &str,
         value: &[u8],
-        ttl: Option<std::time::Duration>,
     ) -> Result<Option<zk::Stat>> {
-        let mut opts = zk::CreateMode::Persistent.with_acls(self.acls());
-        if let Some(t) = ttl {
-            opts = opts.with_ttl(t);
-        }
+        let opts = zk::CreateMode::Persistent.with_acls(self.acls());
         for _ in 0..RETRIES {
             match self
                 .bounded("create", key, client.create(path, value, &opts))
                 .await
             {
-                Ok((stat, _)) => return Ok(Some(stat)),
+                Ok((stat, _)) => {
+                    self.clock_sample(&stat);
+                    return Ok(Some(stat));
+                }
                 Err(e) if is(&e, zk::Error::NodeExists) => return Ok(None),
                 Err(e) if is(&e, zk::Error::NoNode) => {
                     self.ensure_parents(client, path, key).await?
-                }
-                Err(e) if is(&e, zk::Error::Unimplemented) && ttl.is_some() => {
-                    return Err(err(
-                        ErrorKind::Unsupported,
-                        key,
-                        "this ZooKeeper server does not allow TTL nodes \
-                         (start it with -Dzookeeper.extendedTypesEnabled=true)",
-                    ))
                 }
                 Err(e) => return Err(e),
             }
@@ -108,7 +278,118 @@ impl Inner {
         ))
     }
 
-    /// Deletes `path`, with its pin child if it has one. `expected` is the data version.
+    /// One `multi` that (if `old` is given) deletes the key znode `old` (its child first, with
+    /// its data version as precondition) and creates the key anew: a TTL znode with its `~ttl`
+    /// child, or (`ttl` None) a persistent znode pinned with `~keep`. The last op writes the
+    /// child again so that the answer carries a stat (ZooKeeper before 3.8.1 answers creates in
+    /// a multi without one), whose `mzxid` is the multi's zxid: the key's version.
+    async fn replace(
+        &self,
+        client: &zk::Client,
+        key: &str,
+        path: &str,
+        old: Option<&Node>,
+        value: &[u8],
+        ttl: Option<Duration>,
+    ) -> Result<zk::Stat> {
+        let map = |e| super::error::map(e, "put", key);
+        let mut w = client.new_multi_writer();
+        if let Some(old) = old {
+            if old.stat.num_children > 0 {
+                let child = match old.kind {
+                    Kind::Ttl { .. } => mark_of(path),
+                    _ => format!("{path}/{PIN}"),
+                };
+                w.add_delete(&child, None).map_err(map)?;
+            }
+            w.add_delete(path, Some(old.stat.version)).map_err(map)?;
+        }
+        let persistent = zk::CreateMode::Persistent.with_acls(self.acls());
+        let (child, child_data, opts) = match ttl {
+            Some(t) => (
+                mark_of(path),
+                t.as_millis().to_string().into_bytes(),
+                persistent.with_ttl(t),
+            ),
+            None => (format!("{path}/{PIN}"), Vec::new(), persistent),
+        };
+        w.add_create(path, value, &opts).map_err(map)?;
+        w.add_create(&child, &child_data, &opts).map_err(map)?;
+        w.add_set_data(&child, &child_data, None).map_err(map)?;
+        let commit = w.commit();
+        let results = self
+            .bounded(
+                "put",
+                key,
+                async move { commit.await.map_err(zk::Error::from) },
+            )
+            .await;
+        let results = match results {
+            Err(e) if is(&e, zk::Error::Unimplemented) && ttl.is_some() => {
+                return Err(err(
+                    ErrorKind::Unsupported,
+                    key,
+                    "this ZooKeeper server does not allow TTL nodes \
+                     (start it with -Dzookeeper.extendedTypesEnabled=true)",
+                ))
+            }
+            other => other?,
+        };
+        match results.last() {
+            Some(zk::MultiWriteResult::SetData { stat }) => {
+                self.clock_sample(stat);
+                Ok(*stat)
+            }
+            _ => Err(err(
+                ErrorKind::Backend,
+                key,
+                "the server's answer to a multi lacks its last result",
+            )),
+        }
+    }
+
+    /// Makes the TTL key `node` permanent in place, in one `multi`: writes `value` (with the
+    /// node's data version as precondition), deletes `~ttl` and creates `~keep` (ZooKeeper
+    /// never reaps a znode with children). The znode stays, so watchers see a put only.
+    async fn pin_write(
+        &self,
+        client: &zk::Client,
+        key: &str,
+        path: &str,
+        node: &Node,
+        value: &[u8],
+    ) -> Result<zk::Stat> {
+        let map = |e| super::error::map(e, "put", key);
+        let opts = zk::CreateMode::Persistent.with_acls(self.acls());
+        let mut w = client.new_multi_writer();
+        w.add_set_data(path, value, Some(node.stat.version))
+            .map_err(map)?;
+        w.add_delete(&mark_of(path), None).map_err(map)?;
+        w.add_create(&format!("{path}/{PIN}"), b"", &opts)
+            .map_err(map)?;
+        let commit = w.commit();
+        let results = self
+            .bounded(
+                "put",
+                key,
+                async move { commit.await.map_err(zk::Error::from) },
+            )
+            .await?;
+        match results.first() {
+            Some(zk::MultiWriteResult::SetData { stat }) => {
+                self.clock_sample(stat);
+                Ok(*stat)
+            }
+            _ => Err(err(
+                ErrorKind::Backend,
+                key,
+                "the server's answer to a multi lacks its first result",
+            )),
+        }
+    }
+
+    /// Deletes `path`, with its child (`~ttl` or `~keep`) if it has one. `expected` is the
+    /// data version.
     async fn delete_node(
         &self,
         client: &zk::Client,
@@ -123,10 +404,15 @@ impl Inner {
             Err(e) if is(&e, zk::Error::NotEmpty) => {}
             other => return other,
         }
-        let pin = format!("{path}/{PIN}");
+        let children = self
+            .bounded("delete", key, client.list_children(path))
+            .await?;
         let mut w = client.new_multi_writer();
-        w.add_delete(&pin, None)
-            .and_then(|_| w.add_delete(path, expected))
+        for c in &children {
+            w.add_delete(&format!("{path}/{c}"), None)
+                .map_err(|e| super::error::map(e, "delete", key))?;
+        }
+        w.add_delete(path, expected)
             .map_err(|e| super::error::map(e, "delete", key))?;
         let commit = w.commit();
         self.bounded("delete", key, async move {
@@ -136,49 +422,56 @@ impl Inner {
         .map(|_| ())
     }
 
-    async fn pin(&self, client: &zk::Client, key: &str, path: &str) -> Result<()> {
-        let pin = format!("{path}/{PIN}");
-        let opts = zk::CreateMode::Persistent.with_acls(self.acls());
-        match self
-            .bounded("pin", key, client.create(&pin, b"", &opts))
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if is(&e, zk::Error::NodeExists) || is(&e, zk::Error::NoNode) => Ok(()),
-            Err(e) => Err(e),
-        }
-    }
-
     async fn put_permanent(&self, key: &str, value: &[u8]) -> Result<Version> {
         let client = self.client().await?;
         let path = path::key_path(&self.root, key);
-        let was_ttl = lock_std(&self.ttl_keys).remove(key).is_some();
-        if was_ttl {
-            // This client wrote the key with a TTL (ZooKeeper does not tell clients whether a
-            // znode is a TTL node: its stat shows ephemeralOwner 0). If it still exists and is
-            // not pinned, pin it first, then write, so that it is never reaped from now on.
-            let stat = self.bounded("stat", key, client.check_stat(&path)).await?;
-            if stat.is_some_and(|s| s.num_children == 0) {
-                self.pin(&client, key, &path).await?;
-            }
-        }
         for _ in 0..RETRIES {
-            match self
-                .bounded("put", key, client.set_data(&path, value, None))
-                .await
-            {
-                Ok(stat) => return Ok(version_of(&stat)),
-                Err(e) if is(&e, zk::Error::NoNode) => {}
+            let node = self.read_node(&client, key, &path, false).await?;
+            let r = match &node {
+                None => match self.create_key(&client, key, &path, value).await? {
+                    Some(stat) => return Ok(version_of(&stat)),
+                    None => continue,
+                },
+                Some(n) if n.kind == Kind::Permanent => {
+                    match self
+                        .bounded(
+                            "put",
+                            key,
+                            client.set_data(&path, value, Some(n.stat.version)),
+                        )
+                        .await
+                    {
+                        // The same znode (not one that replaced it with an equal data
+                        // version between the read and the write).
+                        Ok(stat) if stat.czxid == n.stat.czxid => {
+                            self.clock_sample(&stat);
+                            return Ok(version_of(&stat));
+                        }
+                        Ok(_) => continue,
+                        Err(e) => Err(e),
+                    }
+                }
+                // A TTL key: pin it in place, in one multi.
+                Some(n) if matches!(n.kind, Kind::Ttl { .. }) => self
+                    .pin_write(&client, key, &path, n, value)
+                    .await
+                    .map(|s| version_of(&s)),
+                // Expired and half reaped: create it anew (delete and create in one multi).
+                Some(n) => self
+                    .replace(&client, key, &path, Some(n), value, None)
+                    .await
+                    .map(|s| version_of(&s)),
+            };
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if raced(&e) => continue,
                 Err(e) => return Err(e),
-            }
-            if let Some(stat) = self.create_key(&client, key, &path, value, None).await? {
-                return Ok(version_of(&stat));
             }
         }
         Err(err(ErrorKind::Unavailable, key, "the key kept changing"))
     }
 
-    async fn put_ttl(&self, key: &str, value: &[u8], ttl: std::time::Duration) -> Result<Version> {
+    async fn put_ttl(&self, key: &str, value: &[u8], ttl: Duration) -> Result<Version> {
         let caps = self.capabilities();
         if ttl < caps.min_ttl || ttl.as_millis() > TTL_MAX_MS {
             return Err(err(
@@ -191,49 +484,65 @@ impl Inner {
                 ),
             ));
         }
+        // Whole milliseconds: what ZooKeeper stores and what `~ttl` records.
+        let ttl = Duration::from_millis(ttl.as_millis() as u64);
+        let ttl_ms = ttl.as_millis() as u64;
         let client = self.client().await?;
         let path = path::key_path(&self.root, key);
-        let ttl_ms = ttl.as_millis() as u64;
         for _ in 0..RETRIES {
-            if let Some(stat) = self
-                .create_key(&client, key, &path, value, Some(ttl))
-                .await?
-            {
-                let mut keys = lock_std(&self.ttl_keys);
-                if keys.len() >= TTL_KEYS_MAX {
-                    keys.clear();
-                }
-                keys.insert(key.to_string(), ttl_ms);
-                return Ok(version_of(&stat));
-            }
-            let Some(stat) = self.bounded("stat", key, client.check_stat(&path)).await? else {
-                continue;
-            };
-            let known = lock_std(&self.ttl_keys).get(key).copied();
-            if known == Some(ttl_ms) && stat.num_children == 0 {
-                // Same TTL: a write restarts its clock.
-                match self
-                    .bounded(
-                        "put",
-                        key,
-                        client.set_data(&path, value, Some(stat.version)),
-                    )
-                    .await
-                {
-                    Ok(stat) => return Ok(version_of(&stat)),
-                    Err(e) if is(&e, zk::Error::BadVersion) || is(&e, zk::Error::NoNode) => {
-                        continue
+            let node = self.read_node(&client, key, &path, false).await?;
+            let r = match &node {
+                None => {
+                    match self
+                        .replace(&client, key, &path, None, value, Some(ttl))
+                        .await
+                    {
+                        Err(e) if is(&e, zk::Error::NoNode) => {
+                            self.ensure_parents(&client, &path, key).await?;
+                            continue;
+                        }
+                        other => other.map(|s| version_of(&s)),
                     }
-                    Err(e) => return Err(e),
                 }
-            }
-            // Another node type or TTL: replace the znode (watchers see a delete, then a put).
-            match self
-                .delete_node(&client, key, &path, Some(stat.version))
-                .await
-            {
-                Ok(()) => {}
-                Err(e) if is(&e, zk::Error::BadVersion) || is(&e, zk::Error::NoNode) => {}
+                Some(n) if matches!(n.kind, Kind::Ttl { ttl_ms: t, .. } if t == ttl_ms) => {
+                    // Same TTL: writing the key and its `~ttl` restarts both clocks.
+                    let map = |e| super::error::map(e, "put", key);
+                    let mark = mark_of(&path);
+                    let t = ttl_ms.to_string().into_bytes();
+                    let mut w = client.new_multi_writer();
+                    w.add_set_data(&path, value, Some(n.stat.version))
+                        .map_err(map)?;
+                    w.add_set_data(&mark, &t, None).map_err(map)?;
+                    let commit = w.commit();
+                    match self
+                        .bounded(
+                            "put",
+                            key,
+                            async move { commit.await.map_err(zk::Error::from) },
+                        )
+                        .await
+                    {
+                        Ok(results) => match results.first() {
+                            Some(zk::MultiWriteResult::SetData { stat })
+                                if stat.czxid == n.stat.czxid =>
+                            {
+                                self.clock_sample(stat);
+                                Ok(version_of(stat))
+                            }
+                            _ => continue,
+                        },
+                        Err(e) => Err(e),
+                    }
+                }
+                // Permanent, another TTL, or half reaped: replace it in one multi.
+                Some(n) => self
+                    .replace(&client, key, &path, Some(n), value, Some(ttl))
+                    .await
+                    .map(|s| version_of(&s)),
+            };
+            match r {
+                Ok(v) => return Ok(v),
+                Err(e) if raced(&e) => continue,
                 Err(e) => return Err(e),
             }
         }
@@ -246,15 +555,17 @@ impl Inner {
             self.sync(&client, key).await?;
         }
         let path = path::key_path(&self.root, key);
-        match self.bounded("get", key, client.get_data(&path)).await {
-            Ok((value, stat)) => Ok(Some(Entry {
-                key: key.to_string(),
-                value,
-                version: version_of(&stat),
-            })),
-            Err(e) if is(&e, zk::Error::NoNode) => Ok(None),
-            Err(e) => Err(e),
+        let Some(node) = self.read_node(&client, key, &path, true).await? else {
+            return Ok(None);
+        };
+        if node.kind != Kind::Permanent && node.expired(self.server_now_ms(&client, key).await) {
+            return Ok(None);
         }
+        Ok(Some(Entry {
+            key: key.to_string(),
+            version: version_of(&node.stat),
+            value: node.data,
+        }))
     }
 
     async fn list_keys(&self, prefix: &str, consistency: Consistency) -> Result<Vec<Entry>> {
@@ -292,24 +603,46 @@ impl Inner {
         keys.retain(|k| matches_prefix(k, prefix));
         keys.sort();
         let mut out = Vec::with_capacity(keys.len());
+        let mut now_ms = None;
         for chunk in keys.chunks(128) {
-            // Pipelined: the requests go out in order on the one connection.
+            // Pipelined: the requests go out in order on the one connection; each key is read
+            // with its `~ttl` child.
             let reads: Vec<_> = chunk
                 .iter()
-                .map(|k| client.get_data(&path::key_path(&self.root, k)))
+                .map(|k| {
+                    let p = path::key_path(&self.root, k);
+                    let m = mark_of(&p);
+                    futures::future::join(client.get_data(&p), client.get_data(&m))
+                })
                 .collect();
             let results = self
                 .bounded("list", prefix, async move {
                     Ok(futures::future::join_all(reads).await)
                 })
                 .await?;
-            for (k, r) in chunk.iter().zip(results) {
+            for (k, (r, mark)) in chunk.iter().zip(results) {
                 match r {
-                    Ok((value, stat)) => out.push(Entry {
-                        key: k.clone(),
-                        value,
-                        version: version_of(&stat),
-                    }),
+                    Ok((value, stat)) => {
+                        let node = Node {
+                            kind: classify(&stat, mark),
+                            stat,
+                            data: value,
+                        };
+                        if node.kind != Kind::Permanent {
+                            let now = match now_ms {
+                                Some(n) => n,
+                                None => *now_ms.insert(self.server_now_ms(&client, prefix).await),
+                            };
+                            if node.expired(now) {
+                                continue;
+                            }
+                        }
+                        out.push(Entry {
+                            key: k.clone(),
+                            version: version_of(&node.stat),
+                            value: node.data,
+                        })
+                    }
                     Err(zk::Error::NoNode) => {}
                     Err(e) => return Err(super::error::map(e, "list", prefix)),
                 }
@@ -326,62 +659,86 @@ impl Inner {
     ) -> Result<Option<Version>> {
         let client = self.client().await?;
         let path = path::key_path(&self.root, key);
-        match (expect, new) {
-            (Expect::Absent, Some(value)) => {
-                match self.create_key(&client, key, &path, &value, None).await? {
-                    Some(stat) => Ok(Some(version_of(&stat))),
-                    None => Err(conflict(key, "expected no key, found one")),
+        for _ in 0..RETRIES {
+            // An expired TTL key the server has not reaped yet counts as absent.
+            let node = self.live_node(&client, key, &path).await?;
+            let r = match (expect, &new, node) {
+                (Expect::Absent, Some(value), None) => {
+                    // Absent, or expired: its znode (if any) is replaced atomically.
+                    match self.read_node(&client, key, &path, false).await? {
+                        None => match self.create_key(&client, key, &path, value).await? {
+                            Some(stat) => return Ok(Some(version_of(&stat))),
+                            None => continue,
+                        },
+                        Some(dead) => self
+                            .replace(&client, key, &path, Some(&dead), value, None)
+                            .await
+                            .map(|s| Some(version_of(&s))),
+                    }
                 }
-            }
-            (Expect::Absent, None) => {
-                match self.bounded("stat", key, client.check_stat(&path)).await? {
-                    None => Ok(None),
-                    Some(_) => Err(conflict(key, "expected no key, found one")),
+                (Expect::Absent, None, None) => return Ok(None),
+                (Expect::Absent, _, Some(_)) => {
+                    return Err(conflict(key, "expected no key, found one"))
                 }
-            }
-            (Expect::Version(v), new) => {
-                let Some(stat) = self.bounded("stat", key, client.check_stat(&path)).await? else {
-                    return Err(conflict(key, format!("expected version {v}, found no key")));
-                };
-                if version_of(&stat) != v {
+                (Expect::Version(v), _, None) => {
+                    return Err(conflict(key, format!("expected version {v}, found no key")))
+                }
+                (Expect::Version(v), _, Some(n)) if version_of(&n.stat) != v => {
                     return Err(conflict(
                         key,
-                        format!("expected version {v}, found {}", version_of(&stat)),
-                    ));
+                        format!("expected version {v}, found {}", version_of(&n.stat)),
+                    ))
                 }
-                let r = match new {
-                    Some(value) => self
-                        .bounded(
-                            "cas",
+                (Expect::Version(v), new, Some(n)) => {
+                    let r = match new {
+                        Some(value) if n.kind == Kind::Permanent => self
+                            .bounded(
+                                "cas",
+                                key,
+                                client.set_data(&path, value, Some(n.stat.version)),
+                            )
+                            .await
+                            .map(|s| {
+                                self.clock_sample(&s);
+                                Some(version_of(&s))
+                            }),
+                        // A CAS write makes the key permanent (as a put without TTL does).
+                        Some(value) => self
+                            .pin_write(&client, key, &path, &n, value)
+                            .await
+                            .map(|s| Some(version_of(&s))),
+                        None => self
+                            .delete_node(&client, key, &path, Some(n.stat.version))
+                            .await
+                            .map(|_| None),
+                    };
+                    return match r {
+                        Err(e) if raced(&e) => Err(conflict(
                             key,
-                            client.set_data(&path, &value, Some(stat.version)),
-                        )
-                        .await
-                        .map(|s| Some(version_of(&s))),
-                    None => self
-                        .delete_node(&client, key, &path, Some(stat.version))
-                        .await
-                        .map(|_| None),
-                };
-                match r {
-                    Err(e) if is(&e, zk::Error::BadVersion) || is(&e, zk::Error::NoNode) => Err(
-                        conflict(key, format!("version {v} changed during the swap")),
-                    ),
-                    other => other,
+                            format!("version {v} changed during the swap"),
+                        )),
+                        other => other,
+                    };
                 }
+            };
+            match r {
+                Ok(v) => return Ok(v),
+                // The dead znode changed under the create-if-absent: look again.
+                Err(e) if raced(&e) => continue,
+                Err(e) => return Err(e),
             }
         }
+        Err(err(ErrorKind::Unavailable, key, "the key kept changing"))
     }
 
     async fn remove(&self, key: &str) -> Result<()> {
         let client = self.client().await?;
         let path = path::key_path(&self.root, key);
-        lock_std(&self.ttl_keys).remove(key);
         for _ in 0..RETRIES {
             match self.delete_node(&client, key, &path, None).await {
                 Ok(()) => return Ok(()),
-                Err(e) if is(&e, zk::Error::NoNode) => {
-                    // Gone already, or the pin vanished under us: check again.
+                Err(e) if is(&e, zk::Error::NoNode) || is(&e, zk::Error::NotEmpty) => {
+                    // Gone already, or a child vanished or appeared under us: check again.
                     if self
                         .bounded("stat", key, client.check_stat(&path))
                         .await?

@@ -309,10 +309,9 @@ pub(crate) struct Inner {
     reconnecting: tokio::sync::Mutex<()>,
     /// Idle lock sessions by requested timeout (ms).
     pool: Mutex<HashMap<u64, Vec<zk::Client>>>,
-    /// Keys this client wrote with a TTL (and has not made permanent since), with the TTL in
-    /// ms. ZooKeeper does not show clients whether a znode is a TTL node, so this is how a put
-    /// without TTL knows to pin the TTL node, and a put with the same TTL that a write suffices.
-    ttl_keys: Mutex<HashMap<String, u64>>,
+    /// The latest server-time sample: a write's `mtime` (the leader's wall clock, ms) and when
+    /// its answer arrived here. Used to tell expired TTL keys (see `kv.rs`).
+    server_clock: Mutex<Option<(i64, std::time::Instant)>>,
 }
 
 impl fmt::Debug for ZkStore {
@@ -399,7 +398,7 @@ impl ZkStore {
             client: Mutex::new(client),
             reconnecting: tokio::sync::Mutex::new(()),
             pool: Mutex::new(HashMap::new()),
-            ttl_keys: Mutex::new(Default::default()),
+            server_clock: Mutex::new(None),
         });
         let store = ZkStore { inner };
         if !store.inner.root.is_empty() {

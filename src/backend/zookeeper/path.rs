@@ -8,8 +8,8 @@
 //! - `e(s)` escapes every byte outside `[A-Za-z0-9_.-]` as `%XX`, and a whole segment `.` or `..`
 //!   as `%2E` / `%2E%2E`. Keys that follow the portable grammar contain no such bytes, so for
 //!   them `e(s) = s`; the escaping keeps the mapping total and reversible anyway.
-//! - Names starting with `~` are internal (the `~keep` child that pins a TTL key, see `kv.rs`) and
-//!   never map to a key.
+//! - Names starting with `~` are internal (the `~keep` and `~ttl` children of a key znode, the
+//!   `~clock` znode, see `kv.rs`) and never map to a key.
 //! - lock `n1/…/nk` ↦ `<root>/locks/n1/…/nk`, the directory whose children are the lock's
 //!   contender nodes (Apache Curator's `InterProcessMutex` layout, so Curator's
 //!   `InterProcessMutex(client, "/locks/NAME")` contends for the same lock).
@@ -22,6 +22,10 @@
 pub const DIR_SUFFIX: char = '~';
 /// The name of the child that pins a key that was made permanent after having a TTL.
 pub const PIN: &str = "~keep";
+/// The name of the child that marks a TTL key and holds its TTL (see `kv.rs`).
+pub const TTL_MARK: &str = "~ttl";
+/// The znode under `<root>/kv` whose writes sample the server's clock (see `kv.rs`).
+pub const CLOCK: &str = "~clock";
 
 fn plain(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')

@@ -16,14 +16,17 @@ Durations: 500ms, 10s, 2m, 1h, 1m30s.
 
 Exit codes:
   0    success
-  1    the operation failed (backend unreachable, timeout, permission, conflict, ...)
+  1    the operation failed (backend unreachable, timeout, permission, conflict, ...);
+       lock: also when the backend did not answer while the lock was being acquired
   2    usage or configuration error (bad option, missing --, bad URL or config, bad key)
   3    get: the key does not exist
-  124  lock: not acquired within --wait
-  125  lock: lost while CMD ran (CMD was sent SIGTERM)
+  124  lock: not acquired within --wait (the wait ran out)
+  125  lock: lost while CMD ran (CMD's process group was sent SIGTERM), or lost before
+       CMD could start (CMD was not run)
   126  lock: CMD could not be executed
   127  lock: CMD not found
-  128+N  lock: CMD was killed by signal N
+  128+N  lock: CMD was killed by signal N; or coordkit got signal N while waiting for
+       the lock (130 SIGINT, 143 SIGTERM: the wait is abandoned, CMD is not run)
   any other: lock: CMD's own exit status";
 
 /// coordkit: key-value storage and fenced distributed locks over etcd, ZooKeeper, Consul and
@@ -110,12 +113,17 @@ pub enum Command {
         long_about = "Run CMD while holding the lock NAME.\n\n\
         CMD gets the lock's fencing token in the environment variable COORDKIT_FENCING_TOKEN \
         (and the name in COORDKIT_LOCK_NAME): pass it with every write to the resource the \
-        lock protects, which must reject tokens lower than the highest it has seen. \
-        CMD runs in its own process group; signals sent to coordkit (INT, TERM, HUP, QUIT) \
-        are forwarded to it. If the lock is lost while CMD runs, CMD's process group gets \
-        SIGTERM (SIGKILL after --kill-after) and coordkit exits 125; if coordkit itself dies, \
-        CMD gets SIGTERM. Otherwise coordkit releases the lock and exits with CMD's status \
-        (see 'coordkit --help' for every exit code).",
+        lock protects, which must reject tokens lower than the highest it has seen.\n\n\
+        CMD runs in its own process group, and the lock covers the whole group: when CMD \
+        exits, processes it left running in the group get SIGTERM (SIGKILL after \
+        --kill-after), and the lock is released only once none of them runs any more. \
+        Signals sent to coordkit (INT, TERM, HUP, QUIT) are forwarded to the group. If the \
+        lock is lost while CMD runs, the group gets SIGTERM (SIGKILL after --kill-after) and \
+        coordkit exits 125 once the group is gone; if coordkit itself dies, CMD gets SIGTERM. \
+        A signal that comes while coordkit still waits for the lock abandons the wait \
+        (the queued attempt is withdrawn) and coordkit exits 128+N without running CMD. \
+        Otherwise coordkit releases the lock and exits with CMD's status (see \
+        'coordkit --help' for every exit code).",
         after_help = "Example:\n  coordkit --url etcd://127.0.0.1:2379 lock jobs/nightly --ttl 30s --wait 1m -- ./nightly.sh"
     )]
     Lock(LockArgs),
@@ -129,10 +137,12 @@ pub struct LockArgs {
     /// Lease TTL: how long a crashed holder keeps others out
     #[arg(long, value_name = "D", default_value = "15s", value_parser = duration)]
     pub ttl: Duration,
-    /// Give up (exit 124) if the lock is not acquired within this long [default: wait forever]
+    /// Give up (exit 124) if the lock is not acquired within this long; 0s tries once
+    /// [default: wait forever]
     #[arg(long, value_name = "D", value_parser = duration)]
     pub wait: Option<Duration>,
-    /// After the lock is lost, how long CMD has to exit after SIGTERM before SIGKILL
+    /// How long CMD's process group has between SIGTERM and SIGKILL: after the lock is lost,
+    /// or for processes still running when CMD exits
     #[arg(long, value_name = "D", default_value = "10s", value_parser = duration)]
     pub kill_after: Duration,
     /// The command to run, after '--'

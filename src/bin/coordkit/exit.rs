@@ -14,22 +14,27 @@ pub(crate) use note;
 /// Success.
 pub const OK: i32 = 0;
 /// The operation failed: backend unreachable, request timeout, permission denied, conflict,
-/// value too large, watch gap, or any other backend error.
+/// value too large, watch gap, or any other backend error. For `lock`, this includes a backend
+/// that did not answer a request while the lock was being acquired, before `--wait` ran out
+/// (the message says so): that is not [`LOCK_TIMEOUT`].
 pub const FAILED: i32 = 1;
 /// Usage or configuration error: unknown subcommand or option, missing `--`, malformed
 /// duration, malformed or unknown URL, invalid configuration file, invalid key.
 pub const USAGE: i32 = 2;
 /// `get`: the key does not exist.
 pub const NOT_FOUND: i32 = 3;
-/// `lock`: the lock was not acquired within `--wait`.
+/// `lock`: the lock was not acquired within `--wait`: the wait itself ran out.
 pub const LOCK_TIMEOUT: i32 = 124;
-/// `lock`: the lock was lost while the command ran (the command was sent SIGTERM).
+/// `lock`: the lock was lost while the command ran (its process group was sent SIGTERM, then
+/// SIGKILL after `--kill-after`; coordkit exits once the group is gone), or was lost before the
+/// command could start (the command was not run).
 pub const LOCK_LOST: i32 = 125;
 /// `lock`: the command was found but could not be executed.
 pub const CANNOT_EXECUTE: i32 = 126;
 /// `lock`: the command was not found.
 pub const NOT_FOUND_CMD: i32 = 127;
-/// `lock`: the command was killed by signal N: the exit code is 128 + N.
+/// `lock`: the command was killed by signal N, or coordkit received signal N while it waited
+/// for the lock (the attempt is withdrawn and the command not run): the exit code is 128 + N.
 pub const SIGNAL_BASE: i32 = 128;
 
 /// A failure that ends the command: one line on stderr and an exit code.

@@ -1,15 +1,24 @@
 //! `coordkit lock NAME -- CMD`: run a command while holding a lock.
+//!
+//! CMD runs in a process group of its own, and the lock covers that whole group: when CMD
+//! exits, the processes it left behind in the group get `SIGTERM` (then `SIGKILL` after
+//! `--kill-after`), and the lock is released only once no process of the group runs any more.
+//! The same happens when the lock is lost, and on every other way out of `coordkit` while CMD
+//! runs (a failure, or an unwinding panic, which sends `SIGKILL`).
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use coordkit::config_file::format_duration;
+use coordkit::lease::deadline_after;
 use coordkit::{Backend, ErrorKind, LockGuard, LockOptions};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::exit::{CliError, CANNOT_EXECUTE, LOCK_LOST, LOCK_TIMEOUT, NOT_FOUND_CMD, SIGNAL_BASE};
+use crate::exit::{
+    CliError, CANNOT_EXECUTE, FAILED, LOCK_LOST, LOCK_TIMEOUT, NOT_FOUND_CMD, SIGNAL_BASE,
+};
 
 /// The environment variable holding the fencing token for CMD.
 pub const TOKEN_ENV: &str = "COORDKIT_FENCING_TOKEN";
@@ -20,6 +29,17 @@ pub const NAME_ENV: &str = "COORDKIT_LOCK_NAME";
 const WAIT_GRACE: Duration = Duration::from_secs(5);
 /// Bound on releasing the lock after CMD exits.
 const RELEASE_BOUND: Duration = Duration::from_secs(10);
+/// Bound on the background withdrawal of an abandoned lock attempt (one backend request, with
+/// its retries).
+const WITHDRAW_BOUND: Duration = Duration::from_secs(10);
+/// How long the runtime running a withdrawal must stay idle (its worker parked, nothing waking
+/// it) for the withdrawal to count as done although tasks remain (see [`abandon`]).
+const WITHDRAW_QUIET: Duration = Duration::from_millis(500);
+/// How often CMD's process group is checked for members once CMD itself has exited.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+/// How long members of CMD's group may survive `SIGKILL` (stuck in the kernel, where they run
+/// no more of their own code) before coordkit stops waiting for them.
+const KILLED_BOUND: Duration = Duration::from_secs(10);
 
 /// What `lock` runs.
 #[derive(Debug, Clone)]
@@ -28,9 +48,11 @@ pub struct LockJob {
     pub name: String,
     /// Lease TTL.
     pub ttl: Duration,
-    /// Bound on waiting for the lock; `None` waits forever; zero only tries once.
+    /// Bound on waiting for the lock; `None` waits forever; zero only tries once. A wait too
+    /// large to represent as a deadline also waits forever.
     pub wait: Option<Duration>,
-    /// Grace between SIGTERM and SIGKILL after the lock is lost.
+    /// Grace between SIGTERM and SIGKILL for CMD's process group (after the lock is lost, or
+    /// for the processes left behind when CMD exits). Too large to represent: never SIGKILL.
     pub kill_after: Duration,
     /// CMD and its arguments.
     pub command: Vec<String>,
@@ -45,7 +67,113 @@ pub fn status_code(status: ExitStatus) -> i32 {
     }
 }
 
-/// Acquires the lock, honouring `--wait`. A wait that runs out is exit 124.
+/// The name of a signal coordkit handles, for messages.
+fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGQUIT => "SIGQUIT".into(),
+        other => format!("signal {other}"),
+    }
+}
+
+/// The error for a signal that ended `lock` before CMD started: exit 128 + the signal.
+fn interrupted(sig: i32, name: &str, what: &str) -> CliError {
+    CliError::new(
+        SIGNAL_BASE + sig,
+        "interrupted",
+        format!("interrupted by {} {what} lock {name:?}", signal_name(sig)),
+    )
+}
+
+/// Drops an unfinished lock attempt, which withdraws it (the backends delete a queued key or
+/// node in background tasks they spawn when the attempt's future is dropped), and waits,
+/// bounded, until that withdrawal has finished, so that coordkit does not end its runtime (and
+/// the withdrawal with it) half way. A signal received meanwhile stops waiting.
+///
+/// The attempt is dropped inside a runtime of its own, so that the tasks its drop spawns, and
+/// only those, run there: the withdrawal is over when that runtime has no task left.
+async fn abandon<F>(attempt: F, signals: Option<&mut mpsc::UnboundedReceiver<i32>>) {
+    let side = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("coordkit-withdraw")
+        .enable_all()
+        .build();
+    let side = match side {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::debug!(error = %e, "no runtime for the withdrawal; giving it a moment");
+            drop(attempt);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return;
+        }
+    };
+    {
+        let _in_side = side.enter();
+        drop(attempt);
+    }
+    let metrics = side.metrics();
+    // Over when no task is left there; or when the side runtime's one worker has been parked,
+    // with nothing waking it, for a while: what remains then waits on nothing that comes soon,
+    // such as a pooled HTTP connection that the withdrawal opened (it would linger for the
+    // pool's idle timeout), or a server that does not answer.
+    let settled = async {
+        let mut last = None;
+        let mut still_since = Instant::now();
+        loop {
+            if metrics.num_alive_tasks() == 0 {
+                return;
+            }
+            let now = parked_count(&metrics);
+            if now != last {
+                last = now;
+                still_since = Instant::now();
+            } else if now.is_some_and(|n| n % 2 == 1) && still_since.elapsed() >= WITHDRAW_QUIET {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    let again = async {
+        match signals {
+            Some(s) => {
+                s.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        r = coordkit::lease::until(deadline_after(Some(WITHDRAW_BOUND)), settled) => {
+            if r.is_none() {
+                crate::exit::note!(
+                    "coordkit: warning: withdrawing the lock attempt did not finish within {}; \
+                     the backend drops it when its lease expires",
+                    format_duration(WITHDRAW_BOUND)
+                );
+            }
+        }
+        _ = again => {}
+    }
+    side.shutdown_background();
+}
+
+/// The park/unpark count of the runtime's first worker: odd while it is parked. `None` where
+/// the count is not kept.
+#[cfg(target_has_atomic = "64")]
+fn parked_count(metrics: &tokio::runtime::RuntimeMetrics) -> Option<u64> {
+    (metrics.num_workers() > 0).then(|| metrics.worker_park_unpark_count(0))
+}
+
+#[cfg(not(target_has_atomic = "64"))]
+fn parked_count(_metrics: &tokio::runtime::RuntimeMetrics) -> Option<u64> {
+    None
+}
+
+/// Acquires the lock, honouring `--wait`.
+///
+/// Exit 124 only when the wait really ran out; a backend request that got no answer before
+/// that (a `Timeout` error while time was left) is exit 1 with a message saying so.
 pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<LockGuard, CliError> {
     let opts = LockOptions::new().ttl(job.ttl);
     let timed_out = |w: Duration| {
@@ -59,24 +187,77 @@ pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<LockGuard, CliErr
             ),
         )
     };
-    let result = match job.wait {
-        Some(w) if w.is_zero() => b
-            .try_lock(&job.name, &opts)
-            .await
-            .map_err(CliError::from)
-            .and_then(|g| g.ok_or_else(|| timed_out(w))),
-        Some(w) => {
+    let started = Instant::now();
+    let no_answer = |e: coordkit::Error| {
+        let e = CliError::from(e);
+        CliError::new(
+            FAILED,
+            "timeout",
+            format!(
+                "the backend did not answer while acquiring lock {:?} (after {}): {}",
+                job.name,
+                format_duration(started.elapsed()),
+                e.message
+            ),
+        )
+    };
+    match job.wait {
+        Some(w) if w.is_zero() => match b.try_lock(&job.name, &opts).await {
+            Ok(Some(g)) => Ok(g),
+            Ok(None) => Err(timed_out(w)),
+            Err(e) if e.is(ErrorKind::Timeout) => Err(no_answer(e)),
+            Err(e) => Err(e.into()),
+        },
+        // A wait too large to represent as a deadline waits without bound.
+        Some(w) if deadline_after(Some(w)).is_some() => {
             let opts = opts.wait(w);
-            let attempt = b.lock(&job.name, &opts);
-            match tokio::time::timeout(w + WAIT_GRACE, attempt).await {
-                Err(_) => Err(timed_out(w)),
-                Ok(Err(e)) if e.is(ErrorKind::Timeout) => Err(timed_out(w)),
-                Ok(r) => r.map_err(CliError::from),
+            let mut attempt = Box::pin(b.lock(&job.name, &opts));
+            let bound = deadline_after(w.checked_add(WAIT_GRACE));
+            let result = coordkit::lease::until(bound, &mut attempt).await;
+            match result {
+                None => {
+                    abandon(attempt, None).await;
+                    Err(timed_out(w))
+                }
+                Some(Err(e)) if e.is(ErrorKind::Timeout) => {
+                    if started.elapsed() >= w {
+                        Err(timed_out(w))
+                    } else {
+                        Err(no_answer(e))
+                    }
+                }
+                Some(r) => r.map_err(CliError::from),
             }
         }
-        None => b.lock(&job.name, &opts).await.map_err(CliError::from),
+        _ => match b.lock(&job.name, &opts).await {
+            Ok(g) => Ok(g),
+            Err(e) if e.is(ErrorKind::Timeout) => Err(no_answer(e)),
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+/// [`acquire`], abandoned when coordkit receives a signal: the attempt is withdrawn and the
+/// result is exit 128 + the signal (130 for SIGINT, 143 for SIGTERM).
+pub async fn acquire_interruptible(
+    b: &dyn Backend,
+    job: &LockJob,
+    signals: &mut mpsc::UnboundedReceiver<i32>,
+) -> Result<LockGuard, CliError> {
+    let mut attempt = Box::pin(acquire(b, job));
+    let sig = tokio::select! {
+        biased;
+        r = &mut attempt => return r,
+        sig = signals.recv() => sig,
     };
-    result
+    match sig {
+        // No signal handlers any more: nothing can interrupt the wait.
+        None => attempt.await,
+        Some(sig) => {
+            abandon(attempt, Some(signals)).await;
+            Err(interrupted(sig, &job.name, "while waiting for"))
+        }
+    }
 }
 
 /// Makes the kernel send CMD SIGTERM if coordkit dies first (even by SIGKILL), so that CMD
@@ -105,26 +286,152 @@ fn die_with_parent(cmd: &mut tokio::process::Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_cmd: &mut tokio::process::Command) {}
 
-fn signal_group(pgid: Option<u32>, sig: i32) {
-    if let Some(pid) = pgid.and_then(|p| i32::try_from(p).ok()) {
-        // SAFETY: kill(2) with a negative pid signals the process group of a child this process
-        // started in its own group; it has no memory-safety preconditions.
-        unsafe {
-            libc::kill(-pid, sig);
+/// CMD's process group. Dropped while still armed (an early return or a panic while CMD may
+/// still run), it sends the group SIGKILL and waits a moment for it to go.
+struct Group {
+    pgid: Option<i32>,
+    armed: bool,
+}
+
+impl Group {
+    fn new(pgid: Option<u32>) -> Self {
+        Group {
+            pgid: pgid.and_then(|p| i32::try_from(p).ok()).filter(|p| *p > 1),
+            armed: true,
         }
+    }
+
+    fn signal(&self, sig: i32) {
+        if let Some(pgid) = self.pgid {
+            // SAFETY: kill(2) with a negative pid signals the process group of the child this
+            // process started in its own group; it has no memory-safety preconditions.
+            unsafe {
+                libc::kill(-pgid, sig);
+            }
+        }
+    }
+
+    /// Whether any process of the group may still run. Zombies (exited, not yet reaped by
+    /// their parent or by init) do not count: they run no code.
+    fn alive(&self) -> bool {
+        let Some(pgid) = self.pgid else {
+            return false;
+        };
+        // SAFETY: as in `signal`; signal 0 only checks that the group has members.
+        if unsafe { libc::kill(-pgid, 0) } != 0 {
+            return std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+        }
+        running_member(pgid).unwrap_or(true)
+    }
+
+    fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if !self.armed || !self.alive() {
+            return;
+        }
+        self.signal(libc::SIGKILL);
+        let give_up = std::time::Instant::now() + Duration::from_secs(2);
+        while self.alive() && std::time::Instant::now() < give_up {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Whether a process of group `pgid` runs (is not a zombie), from `/proc`; `None` where that
+/// cannot be told.
+#[cfg(target_os = "linux")]
+fn running_member(pgid: i32) -> Option<bool> {
+    // The fields after the command name in /proc/PID/stat: state, ppid, pgrp, ...
+    fn fields(stat: &str) -> Option<(char, i32)> {
+        let (_, rest) = stat.rsplit_once(')')?;
+        let mut f = rest.split_whitespace();
+        let state = f.next()?.chars().next()?;
+        let _ppid = f.next()?;
+        Some((state, f.next()?.parse().ok()?))
+    }
+    let dead = |state: char| matches!(state, 'Z' | 'X' | 'x');
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Some((state, pgrp)) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .as_deref()
+            .and_then(fields)
+        else {
+            continue;
+        };
+        if pgrp != pgid {
+            continue;
+        }
+        if !dead(state) {
+            return Some(true);
+        }
+        // A zombie main thread whose other threads still run.
+        let threads = std::fs::read_dir(format!("/proc/{pid}/task")).ok();
+        for t in threads.into_iter().flatten().flatten() {
+            let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+            if fields(&stat).is_some_and(|(s, _)| !dead(s)) {
+                return Some(true);
+            }
+        }
+    }
+    Some(false)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn running_member(_pgid: i32) -> Option<bool> {
+    None
+}
+
+/// Sleeps until `at`, or forever.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
 /// Runs CMD under the held `guard`; forwards the signals received on `signals` to CMD's
 /// process group. Returns CMD's exit code, or exit 125 if the lock was lost.
+///
+/// The lock is released only once CMD's whole process group is gone: processes CMD left
+/// behind get SIGTERM when CMD exits, and SIGKILL `kill_after` later.
 pub async fn run_under(
     guard: LockGuard,
     job: &LockJob,
     mut signals: mpsc::UnboundedReceiver<i32>,
 ) -> Result<i32, CliError> {
     let Some((program, args)) = job.command.split_first() else {
+        release(guard).await;
         return Err(CliError::usage("lock: no command given after '--'"));
     };
+    // A signal that came while the lock was being granted: do not start CMD.
+    if let Ok(sig) = signals.try_recv() {
+        release(guard).await;
+        return Err(interrupted(sig, &job.name, "after acquiring"));
+    }
+    // The lock may have been lost since it was granted: never start CMD without it.
+    if guard.is_lost() {
+        release(guard).await;
+        return Err(CliError::new(
+            LOCK_LOST,
+            "lock lost",
+            format!(
+                "lock {:?} was lost before the command started; the command was not run",
+                job.name
+            ),
+        ));
+    }
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .env(TOKEN_ENV, guard.token().to_string())
@@ -147,47 +454,100 @@ pub async fn run_under(
             ));
         }
     };
-    let pgid = child.id();
+    let mut group = Group::new(child.id());
     let lost = guard.lost();
     tokio::pin!(lost);
     let mut lost_seen = false;
+    let mut status: Option<std::io::Result<ExitStatus>> = None;
+    // Set once coordkit has sent the group SIGTERM (on loss, or when CMD exited).
+    let mut terminating = false;
     let mut kill_at: Option<Instant> = None;
-    let far = Instant::now() + Duration::from_secs(86400 * 365);
+    let mut killed_at: Option<Instant> = None;
     let mut signals_open = true;
-    let status = loop {
+    let mut poll = tokio::time::interval(GROUP_POLL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let terminate = |kill_at: &mut Option<Instant>| {
+        group.signal(libc::SIGTERM);
+        // Stopped members act on SIGTERM only once continued.
+        group.signal(libc::SIGCONT);
+        *kill_at = deadline_after(Some(job.kill_after));
+    };
+    loop {
         tokio::select! {
             biased;
-            status = child.wait() => break status,
+            r = child.wait(), if status.is_none() => {
+                if r.is_err() {
+                    // CMD's fate is unknown: end the group.
+                    group.signal(libc::SIGKILL);
+                    killed_at = Some(Instant::now());
+                    kill_at = None;
+                }
+                status = Some(r);
+                if !group.alive() {
+                    break;
+                }
+                if !terminating {
+                    crate::exit::note!(
+                        "coordkit: the command exited, but processes it started still run in its \
+                         process group; sending them SIGTERM (the lock is released once they are gone)"
+                    );
+                    terminating = true;
+                    terminate(&mut kill_at);
+                }
+            }
             _ = &mut lost, if !lost_seen => {
                 lost_seen = true;
                 crate::exit::note!(
-                    "coordkit: lock {:?} lost while the command ran; sending SIGTERM to it",
+                    "coordkit: lock {:?} lost while the command ran; sending SIGTERM to its process group",
                     job.name
                 );
-                signal_group(pgid, libc::SIGTERM);
-                kill_at = Some(Instant::now() + job.kill_after);
+                if !terminating {
+                    terminating = true;
+                    terminate(&mut kill_at);
+                }
             }
-            _ = tokio::time::sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+            _ = sleep_until(kill_at), if kill_at.is_some() => {
                 crate::exit::note!(
-                    "coordkit: the command did not exit within {} of SIGTERM; sending SIGKILL",
+                    "coordkit: the command's process group did not exit within {} of SIGTERM; \
+                     sending SIGKILL",
                     format_duration(job.kill_after)
                 );
-                signal_group(pgid, libc::SIGKILL);
+                group.signal(libc::SIGKILL);
                 kill_at = None;
+                killed_at = Some(Instant::now());
             }
             sig = signals.recv(), if signals_open => match sig {
-                Some(sig) => signal_group(pgid, sig),
+                Some(sig) => group.signal(sig),
                 None => signals_open = false,
             },
+            _ = poll.tick(), if status.is_some() => {
+                if !group.alive() {
+                    break;
+                }
+                if killed_at.is_some_and(|k| k.elapsed() >= KILLED_BOUND) {
+                    crate::exit::note!(
+                        "coordkit: warning: processes of the command's group still exist {} after \
+                         SIGKILL (stuck in the kernel); releasing the lock",
+                        format_duration(KILLED_BOUND)
+                    );
+                    break;
+                }
+            }
+        }
+    }
+    group.disarm();
+    // The loop ends only once the command was waited for.
+    let status = match status.unwrap_or_else(|| Err(std::io::Error::other("not waited for"))) {
+        Ok(s) => s,
+        Err(e) => {
+            release(guard).await;
+            return Err(CliError::new(
+                FAILED,
+                "command",
+                format!("waiting for the command failed: {e}"),
+            ));
         }
     };
-    let status = status.map_err(|e| {
-        CliError::new(
-            crate::exit::FAILED,
-            "command",
-            format!("waiting for the command failed: {e}"),
-        )
-    })?;
     let code = status_code(status);
     if lost_seen || guard.is_lost() {
         release(guard).await;
@@ -206,8 +566,10 @@ pub async fn run_under(
 
 async fn release(guard: LockGuard) {
     let name = guard.name().to_string();
+    let was_lost = guard.is_lost();
     match tokio::time::timeout(RELEASE_BOUND, guard.release()).await {
         Ok(Ok(())) => {}
+        Ok(Err(e)) if was_lost && e.is(ErrorKind::LockLost) => {}
         Ok(Err(e)) => crate::exit::note!("coordkit: warning: releasing lock {name:?}: {e}"),
         Err(_) => crate::exit::note!(
             "coordkit: warning: releasing lock {name:?} timed out; its lease will expire by itself"
@@ -219,9 +581,9 @@ async fn release(guard: LockGuard) {
 pub async fn run(
     b: &dyn Backend,
     job: &LockJob,
-    signals: mpsc::UnboundedReceiver<i32>,
+    mut signals: mpsc::UnboundedReceiver<i32>,
 ) -> Result<i32, CliError> {
-    let guard = acquire(b, job).await?;
+    let guard = acquire_interruptible(b, job, &mut signals).await?;
     tracing::info!(lock = %job.name, token = guard.token().get(), "lock acquired");
     run_under(guard, job, signals).await
 }
@@ -230,6 +592,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use coordkit::MemoryStore;
+    use std::path::{Path, PathBuf};
     use std::sync::Arc;
 
     fn job(name: &str, cmd: &[&str]) -> LockJob {
@@ -246,11 +609,52 @@ mod tests {
         mpsc::unbounded_channel().1
     }
 
+    fn temp_dir(what: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("coordkit-lockcmd-{}-{what}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// Whether process `pid` runs: exists and is not a zombie.
+    fn running(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| {
+                !s.rsplit_once(')')
+                    .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+            })
+            .unwrap_or(false)
+    }
+
+    async fn read_pid(path: &Path) -> i32 {
+        for _ in 0..500 {
+            if let Some(pid) = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                return pid;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no pid in {}", path.display());
+    }
+
+    /// A shell command that starts a grandchild ignoring SIGTERM (its pid in `pidfile`), then
+    /// runs `then`.
+    fn stubborn_grandchild(pidfile: &Path, then: &str) -> String {
+        // The pid file appears only once the grandchild ignores SIGTERM, and `then` runs only
+        // after that.
+        format!(
+            "sh -c 'trap \"\" TERM; echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 300 </dev/null >/dev/null 2>&1' & \
+             while [ ! -s {p} ]; do sleep 0.05; done; {then}",
+            p = pidfile.display()
+        )
+    }
+
     #[tokio::test]
     async fn passes_token_and_exit_status() {
         let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
-        let dir = std::env::temp_dir().join(format!("coordkit-lockcmd-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = temp_dir("token");
         let out = dir.join("token");
         let script = format!(
             "echo \"$COORDKIT_FENCING_TOKEN $COORDKIT_LOCK_NAME\" > {}; exit 7",
@@ -270,7 +674,7 @@ mod tests {
             .await
             .unwrap()
             .is_some());
-        std::fs::remove_dir_all(&dir).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -289,11 +693,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(code, SIGNAL_BASE + 9);
-        // Forwarded signals reach the command.
+        // Signals that come once CMD runs are forwarded to it.
         let (tx, rx) = mpsc::unbounded_channel();
-        tx.send(libc::SIGTERM).unwrap();
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tx.send(libc::SIGTERM).unwrap();
+            tx
+        });
         let code = run(&*b, &job("j/d", &["sleep", "30"]), rx).await.unwrap();
         assert_eq!(code, SIGNAL_BASE + libc::SIGTERM);
+        drop(sender.await.unwrap());
     }
 
     #[tokio::test]
@@ -323,5 +732,234 @@ mod tests {
         assert_eq!(e.code, LOCK_LOST, "{e:?}");
         assert!(e.message.contains("143"), "{}", e.message);
         assert!(started.elapsed() < Duration::from_secs(10));
+    }
+
+    /// CMD exits, leaving a process that ignores SIGTERM in its group: the lock is not released
+    /// until that process is gone (SIGKILL after `kill_after`), and CMD's status is kept.
+    #[tokio::test]
+    async fn lock_covers_processes_left_behind() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let dir = temp_dir("left");
+        let pidfile = dir.join("pid");
+        let script = stubborn_grandchild(&pidfile, "exit 4");
+        let mut j = job("j/g", &["sh", "-c", &script]);
+        j.kill_after = Duration::from_millis(500);
+        let started = Instant::now();
+        let runner = {
+            let (b, j) = (b.clone(), j.clone());
+            tokio::spawn(async move { run(&*b, &j, no_signals()).await })
+        };
+        let gpid = read_pid(&pidfile).await;
+        // The next holder gets the lock only once the grandchild is gone.
+        let next = b.lock("j/g", &LockOptions::new()).await.unwrap();
+        let grandchild_ran = running(gpid);
+        let waited = started.elapsed();
+        assert_eq!(runner.await.unwrap().unwrap(), 4);
+        assert!(
+            !grandchild_ran,
+            "the lock was released while pid {gpid} ran"
+        );
+        assert!(waited >= Duration::from_millis(500), "{waited:?}");
+        drop(next);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The lock is lost; CMD dies of the SIGTERM, but a process it started ignores SIGTERM:
+    /// coordkit returns (exit 125) only once that process is gone too.
+    #[tokio::test]
+    async fn lost_lock_ends_the_whole_group() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let dir = temp_dir("lost");
+        let pidfile = dir.join("pid");
+        let script = stubborn_grandchild(&pidfile, "wait");
+        let mut j = job("j/h", &["sh", "-c", &script]);
+        j.ttl = Duration::from_millis(300);
+        j.kill_after = Duration::from_millis(300);
+        let guard = acquire(&*b, &j).await.unwrap();
+        // The holder stops renewing: the lock is lost once the TTL runs out.
+        guard.suspend_keep_alive();
+        let runner = {
+            let j = j.clone();
+            tokio::spawn(async move { run_under(guard, &j, no_signals()).await })
+        };
+        let gpid = read_pid(&pidfile).await;
+        assert!(running(gpid));
+        let e = tokio::time::timeout(Duration::from_secs(20), runner)
+            .await
+            .expect("run_under returns")
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(e.code, LOCK_LOST, "{e:?}");
+        assert!(!running(gpid), "pid {gpid} survived the lost lock");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A lock lost between its grant and the start of CMD: CMD is not run, exit 125.
+    #[tokio::test]
+    async fn lost_before_start_does_not_run_the_command() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let dir = temp_dir("early");
+        let marker = dir.join("ran");
+        let script = format!("touch {}", marker.display());
+        let mut j = job("j/i", &["sh", "-c", &script]);
+        j.ttl = Duration::from_millis(200);
+        let guard = acquire(&*b, &j).await.unwrap();
+        guard.suspend_keep_alive();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let e = run_under(guard, &j, no_signals()).await.unwrap_err();
+        assert_eq!(e.code, LOCK_LOST, "{e:?}");
+        assert!(e.message.contains("not run"), "{}", e.message);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!marker.exists(), "the command ran without the lock");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A signal while waiting for the lock ends the wait at once with 128 + the signal, and
+    /// withdraws the attempt; it is not delivered to CMD later.
+    #[tokio::test]
+    async fn signal_while_waiting_withdraws() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let held = b.lock("j/k", &LockOptions::new()).await.unwrap();
+        for (sig, code, wait) in [
+            (libc::SIGTERM, 143, None),
+            (libc::SIGINT, 130, Some(Duration::from_secs(60))),
+        ] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut j = job("j/k", &["true"]);
+            j.wait = wait;
+            let runner = {
+                let (b, j) = (b.clone(), j.clone());
+                tokio::spawn(async move { run(&*b, &j, rx).await })
+            };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            tx.send(sig).unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(5), runner)
+                .await
+                .expect("the wait ends on the signal")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(e.code, code, "{e:?}");
+            assert!(e.message.contains("while waiting"), "{}", e.message);
+        }
+        drop(held);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // No waiter is left behind: the lock is free at once (memory's try_lock returns None
+        // while others are queued).
+        assert!(b
+            .try_lock("j/k", &LockOptions::new())
+            .await
+            .unwrap()
+            .is_some());
+    }
+
+    /// Durations too large for the clock mean "unbounded": no panic.
+    #[tokio::test]
+    async fn huge_durations_do_not_overflow() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let mut j = job("j/l", &["sh", "-c", "sleep 0.2 & exit 0"]);
+        j.wait = Some(Duration::MAX);
+        j.kill_after = Duration::MAX;
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+        j.wait = Some(Duration::from_secs(3_000_000_000_000_000 * 3600));
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+    }
+
+    /// A backend whose `lock` fails with `Timeout` after `after` (a request that got no
+    /// answer); everything else is the memory store's.
+    #[derive(Debug)]
+    struct Unanswered {
+        mem: MemoryStore,
+        after: Duration,
+    }
+
+    #[async_trait::async_trait]
+    impl coordkit::KvStore for Unanswered {
+        async fn get(
+            &self,
+            key: &str,
+            c: coordkit::Consistency,
+        ) -> coordkit::Result<Option<coordkit::Entry>> {
+            self.mem.get(key, c).await
+        }
+        async fn put(
+            &self,
+            key: &str,
+            value: Vec<u8>,
+            opts: coordkit::PutOptions,
+        ) -> coordkit::Result<coordkit::Version> {
+            self.mem.put(key, value, opts).await
+        }
+        async fn delete(&self, key: &str) -> coordkit::Result<()> {
+            self.mem.delete(key).await
+        }
+        async fn compare_and_swap(
+            &self,
+            key: &str,
+            expect: coordkit::Expect,
+            new: Option<Vec<u8>>,
+        ) -> coordkit::Result<Option<coordkit::Version>> {
+            self.mem.compare_and_swap(key, expect, new).await
+        }
+        async fn list(
+            &self,
+            prefix: &str,
+            c: coordkit::Consistency,
+        ) -> coordkit::Result<Vec<coordkit::Entry>> {
+            self.mem.list(prefix, c).await
+        }
+        async fn watch(&self, prefix: &str) -> coordkit::Result<coordkit::WatchStream> {
+            self.mem.watch(prefix).await
+        }
+        fn capabilities(&self) -> coordkit::Capabilities {
+            self.mem.capabilities()
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl coordkit::DistLock for Unanswered {
+        async fn lock(&self, _name: &str, _opts: &LockOptions) -> coordkit::Result<LockGuard> {
+            tokio::time::sleep(self.after).await;
+            Err(coordkit::Error::new(
+                ErrorKind::Timeout,
+                "fake",
+                "no answer within the request timeout",
+            ))
+        }
+        async fn try_lock(
+            &self,
+            _name: &str,
+            _opts: &LockOptions,
+        ) -> coordkit::Result<Option<LockGuard>> {
+            Err(coordkit::Error::new(
+                ErrorKind::Timeout,
+                "fake",
+                "no answer within the request timeout",
+            ))
+        }
+    }
+
+    /// A request timeout while acquiring is not "not acquired within --wait" (124): it is exit
+    /// 1, saying the backend did not answer. 124 only when the wait ran out.
+    #[tokio::test]
+    async fn request_timeout_is_not_a_wait_timeout() {
+        let b = Unanswered {
+            mem: MemoryStore::new(),
+            after: Duration::from_millis(100),
+        };
+        let mut j = job("j/m", &["true"]);
+        for wait in [Some(Duration::from_secs(60)), None, Some(Duration::ZERO)] {
+            j.wait = wait;
+            let e = run(&b, &j, no_signals()).await.unwrap_err();
+            assert_eq!(e.code, FAILED, "{wait:?}: {e:?}");
+            assert!(e.message.contains("did not answer"), "{}", e.message);
+        }
+        // The same error once the wait has run out: 124.
+        let b = Unanswered {
+            mem: MemoryStore::new(),
+            after: Duration::from_millis(300),
+        };
+        j.wait = Some(Duration::from_millis(200));
+        let e = run(&b, &j, no_signals()).await.unwrap_err();
+        assert_eq!(e.code, LOCK_TIMEOUT, "{e:?}");
     }
 }

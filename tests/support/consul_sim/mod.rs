@@ -66,6 +66,12 @@ struct App {
     state: Mutex<State>,
     changes: watch::Sender<u64>,
     acl_token: Option<String>,
+    /// Fault hook: requests whose path starts with a prefix wait this long before they are
+    /// handled (a slow or stalled server).
+    delays: Mutex<Vec<(String, Duration)>>,
+    /// A write another client makes right after the next successful `PUT /v1/kv/<key>` of
+    /// this key, before that PUT is answered (see [`ConsulSim::overwrite_after_next_put`]).
+    overwrite: Mutex<Option<(String, Vec<u8>)>>,
 }
 
 impl App {
@@ -75,6 +81,14 @@ impl App {
 
     fn notify(&self) {
         self.changes.send_modify(|n| *n += 1);
+    }
+
+    fn delay_for(&self, path: &str) -> Option<Duration> {
+        let d = self.delays.lock().unwrap_or_else(|p| p.into_inner());
+        d.iter()
+            .filter(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .map(|(_, d)| *d)
+            .max()
     }
 }
 
@@ -108,8 +122,10 @@ impl ConsulSim {
         let (changes, _) = watch::channel(0u64);
         let app = Arc::new(App {
             state: Mutex::new(State::new()),
+            overwrite: Mutex::new(None),
             changes,
             acl_token: opts.acl_token.clone(),
+            delays: Mutex::new(Vec::new()),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -185,6 +201,14 @@ impl ConsulSim {
         format!("consul://{}", self.addr)
     }
 
+    /// Right after the next successful plain `PUT /v1/kv/<key>` of `key` (`key` as stored,
+    /// with any prefix), another client's write of `value` (flags 0) is applied before the PUT is
+    /// answered: a concurrent writer that wins the race to the key's next write.
+    pub fn overwrite_after_next_put(&self, key: &str, value: &[u8]) {
+        *self.app.overwrite.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((key.to_string(), value.to_vec()));
+    }
+
     /// Reaps every KV tombstone now (Consul does it later, by itself).
     pub fn reap_tombstones(&self) {
         self.app.lock().reap_tombstones();
@@ -198,6 +222,35 @@ impl ConsulSim {
     /// How many sessions exist.
     pub fn session_count(&self) -> usize {
         self.app.lock().sessions.len()
+    }
+
+    /// Fault hook: every request whose path starts with `path_prefix` (such as
+    /// `/v1/session/create` or `/v1/txn`) is held this long before it is handled;
+    /// `Duration::MAX` stalls it (until the client gives up). `None` removes the delay.
+    pub fn set_delay(&self, path_prefix: &str, delay: Option<Duration>) {
+        let mut d = self.app.delays.lock().unwrap_or_else(|p| p.into_inner());
+        d.retain(|(p, _)| p != path_prefix);
+        if let Some(delay) = delay {
+            d.push((path_prefix.to_string(), delay));
+        }
+    }
+
+    /// Fault hook: the node check `check` (such as `serfHealth`) goes critical, which
+    /// invalidates every session that lists it in its `NodeChecks` (A3), with the usual
+    /// release and lock-delay. Returns how many sessions were invalidated.
+    pub fn fail_node_check(&self, check: &str) -> usize {
+        let n = self.app.lock().fail_node_check(check, Instant::now());
+        if n > 0 {
+            self.app.notify();
+        }
+        n
+    }
+
+    /// Fault hook: from now on, a renew raises the session's TTL to `ttl` (if larger) and
+    /// reports it, as a loaded Consul server may (A3: clients should adopt it). The session is
+    /// then invalidated no earlier than that TTL after each renew.
+    pub fn raise_ttl_on_renew(&self, ttl: Option<Duration>) {
+        self.app.lock().renew_ttl = ttl;
     }
 
     /// Every KV key, for checks.
@@ -399,6 +452,9 @@ async fn handle(
             Some(t) if &t != want => return text(StatusCode::FORBIDDEN, "ACL not found"),
             Some(_) => {}
         }
+    }
+    if let Some(d) = app.delay_for(&path) {
+        tokio::time::sleep(d).await;
     }
     if let Some(dc) = q_get(&q, "dc") {
         if !dc.is_empty() && dc != DATACENTER {
@@ -671,15 +727,25 @@ fn kv_put(app: &App, key: &str, q: &Query, body: Vec<u8>) -> Response {
         Ok(c) => c,
         Err(r) => return r,
     };
-    let result = app.lock().kv_put(
-        key,
-        body,
-        flags,
-        cas,
-        q_get(q, "acquire"),
-        q_get(q, "release"),
-        Instant::now(),
-    );
+    let result = {
+        let mut st = app.lock();
+        let r = st.kv_put(
+            key,
+            body,
+            flags,
+            cas,
+            q_get(q, "acquire"),
+            q_get(q, "release"),
+            Instant::now(),
+        );
+        let mut pending = app.overwrite.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(r, Ok(true)) && pending.as_ref().is_some_and(|(k, _)| k == key) {
+            if let Some((k, v)) = pending.take() {
+                let _ = st.kv_put(&k, v, 0, None, None, None, Instant::now());
+            }
+        }
+        r
+    };
     match result {
         Ok(done) => {
             if done {
@@ -918,7 +984,8 @@ fn session_json(s: &state::Session) -> SessionJson {
         node: s.node.clone(),
         lock_delay: s.lock_delay.as_nanos() as u64,
         behavior: s.behavior.as_str(),
-        ttl: s.ttl.map(state::format_go_duration).unwrap_or_default(),
+        // Stored as the create request spelled it, and returned so (also by renew).
+        ttl: s.ttl_text.clone(),
         node_checks: s.node_checks.clone(),
         service_checks: if s.service_checks.is_empty() {
             None
@@ -1004,15 +1071,49 @@ fn session_create(app: &App, body: &[u8]) -> Response {
             )
         }
     };
-    // Checks (deprecated) or NodeChecks replace the default serfHealth (A3).
-    let node_checks = match field(&obj, "NodeChecks").or_else(|| field(&obj, "Checks")) {
-        Some(Json::Array(a)) => a
-            .iter()
-            .filter_map(|v| v.as_str().map(str::to_string))
-            .collect(),
-        Some(Json::Null) | None => vec!["serfHealth".to_string()],
-        Some(_) => vec![],
+    // Checks (deprecated) and NodeChecks both default to serfHealth; a key that is present
+    // replaces its default (A3). Then Consul's `fixupEmptySessionChecks` (1.7+): an empty
+    // `Checks` empties `NodeChecks` too (how older clients ask for no checks); a `Checks` left
+    // at the default defers to `NodeChecks`; otherwise both lists count.
+    let serf = || vec!["serfHealth".to_string()];
+    let list = |name: &str| -> Result<Option<Vec<String>>, Response> {
+        match field(&obj, name) {
+            None => Ok(None),
+            Some(Json::Null) => Ok(Some(Vec::new())),
+            Some(Json::Array(a)) => a
+                .iter()
+                .map(|v| v.as_str().map(str::to_string))
+                .collect::<Option<Vec<_>>>()
+                .map(Some)
+                .ok_or_else(|| {
+                    text(
+                        StatusCode::BAD_REQUEST,
+                        format!("Request decode failed: {name} must be a list of check IDs"),
+                    )
+                }),
+            Some(other) => Err(text(
+                StatusCode::BAD_REQUEST,
+                format!("Request decode failed: {name} {other}"),
+            )),
+        }
     };
+    let checks = match list("Checks") {
+        Ok(c) => c.unwrap_or_else(serf),
+        Err(r) => return r,
+    };
+    let mut node_checks = match list("NodeChecks") {
+        Ok(c) => c.unwrap_or_else(serf),
+        Err(r) => return r,
+    };
+    if checks.is_empty() {
+        node_checks.clear();
+    } else if checks != serf() && !node_checks.is_empty() {
+        for c in checks {
+            if !node_checks.contains(&c) {
+                node_checks.push(c);
+            }
+        }
+    }
     let service_checks = match field(&obj, "ServiceChecks") {
         Some(Json::Array(a)) => a.clone(),
         _ => vec![],
@@ -1022,6 +1123,7 @@ fn session_create(app: &App, body: &[u8]) -> Response {
         name,
         behavior,
         ttl,
+        get_str("TTL").to_string(),
         lock_delay,
         node_checks,
         service_checks,

@@ -63,6 +63,9 @@ pub struct Session {
     pub lock_delay: Duration,
     pub behavior: Behavior,
     pub ttl: Option<Duration>,
+    /// The TTL exactly as the create request spelled it: Consul stores and returns the string
+    /// (`"10s"`, `"10000ms"`), it does not normalise it.
+    pub ttl_text: String,
     pub node_checks: Vec<String>,
     pub service_checks: Vec<serde_json::Value>,
     pub create_index: u64,
@@ -86,6 +89,8 @@ pub struct State {
     /// Per-key lock-delay expiry (A3).
     pub lock_delays: HashMap<String, Instant>,
     pub uuid_counter: u64,
+    /// Fault hook: renewals raise a session's TTL to this (a loaded server, A3).
+    pub renew_ttl: Option<Duration>,
 }
 
 /// A transaction KV op (A4).
@@ -432,6 +437,7 @@ impl State {
             sessions_index: self.sessions_index,
             lock_delays: self.lock_delays.clone(),
             uuid_counter: self.uuid_counter,
+            renew_ttl: self.renew_ttl,
         };
         let mut results = Vec::new();
         let mut errors = Vec::new();
@@ -579,6 +585,7 @@ impl State {
         name: String,
         behavior: Behavior,
         ttl: Option<Duration>,
+        ttl_text: String,
         lock_delay: Duration,
         node_checks: Vec<String>,
         service_checks: Vec<serde_json::Value>,
@@ -593,6 +600,7 @@ impl State {
             lock_delay: lock_delay.min(MAX_LOCK_DELAY),
             behavior,
             ttl,
+            ttl_text,
             node_checks,
             service_checks,
             create_index: idx,
@@ -606,7 +614,16 @@ impl State {
 
     /// Renew: resets the leader's timer to TTL × 2 (A3). Renewal is not a Raft write.
     pub fn renew_session(&mut self, id: &str, now: Instant) -> Option<Session> {
+        let raise = self.renew_ttl;
         let s = self.sessions.get_mut(id)?;
+        if let (Some(t), Some(old)) = (raise, s.ttl) {
+            // A loaded server asks for fewer renewals by raising the TTL (A3); its timer then
+            // honours the raised TTL.
+            if t > old {
+                s.ttl = Some(t);
+                s.ttl_text = format_go_duration(t);
+            }
+        }
         if let Some(ttl) = s.ttl {
             s.expires = Some(now + ttl * SESSION_TTL_MULTIPLIER);
         }
@@ -645,6 +662,21 @@ impl State {
         true
     }
 
+    /// A node check went critical (A3: a critical check invalidates every session that lists
+    /// it): invalidates the sessions whose `NodeChecks` contain `check`. Returns how many.
+    pub fn fail_node_check(&mut self, check: &str, now: Instant) -> usize {
+        let hit: Vec<String> = self
+            .sessions
+            .values()
+            .filter(|s| s.node_checks.iter().any(|c| c == check))
+            .map(|s| s.id.clone())
+            .collect();
+        for id in &hit {
+            self.invalidate_session(id, now);
+        }
+        hit.len()
+    }
+
     /// Invalidates every session whose TTL timer fired; whether anything changed.
     pub fn expire_sessions(&mut self, now: Instant) -> bool {
         let due: Vec<String> = self
@@ -669,7 +701,8 @@ fn plain(entry: DirEntry) -> TxnResult {
 }
 
 /// Parses a Go duration string (`"1h2m3.5s"`, `"150ms"`, `"0"`): what `time.ParseDuration`
-/// accepts, without the sign.
+/// accepts, without the sign. A duration beyond Go's range (an i64 of nanoseconds, about 292
+/// years) is `None`, as Go's parser rejects it, never a panic.
 pub fn parse_go_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if s == "0" {
@@ -705,7 +738,10 @@ pub fn parse_go_duration(s: &str) -> Option<Duration> {
         };
         total += n * scale;
     }
-    Some(Duration::from_secs_f64(total))
+    // Go's time.Duration is an i64 of nanoseconds: longer spans are a parse error.
+    Duration::try_from_secs_f64(total)
+        .ok()
+        .filter(|d| d.as_nanos() <= i64::MAX as u128)
 }
 
 /// Formats a duration like Go's `time.Duration.String()` for the values sessions use.
