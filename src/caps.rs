@@ -27,6 +27,13 @@ pub struct Capabilities {
     pub max_value_size: usize,
     /// Whether [`crate::KvStore::watch`] is supported.
     pub watch: bool,
+    /// Whether a watch may merge several consecutive changes of one key into one event
+    /// (marked by [`crate::WatchEvent::Coalesced`]) and deliver events of different keys out of
+    /// their commit order, or drop a key created and deleted between two observations (see
+    /// [`crate::KvStore::watch`]). `false` means every change is delivered once, in commit
+    /// order. [`Capabilities::new`] says `true`, the weaker promise; exact backends (memory,
+    /// etcd) set `false`.
+    pub watch_coalesces: bool,
     /// Whether [`crate::Consistency::Strong`] reads are linearizable (ZooKeeper's `sync` + read
     /// is not strictly so).
     pub linearizable_reads: bool,
@@ -46,7 +53,8 @@ pub enum FencingScope {
 }
 
 impl Capabilities {
-    /// Capabilities with every feature on and no limits; backends adjust the fields.
+    /// Capabilities with every feature on and no limits, and the weaker watch promise
+    /// ([`watch_coalesces`](Self::watch_coalesces) `true`); backends adjust the fields.
     pub fn new(backend: &'static str) -> Self {
         Capabilities {
             backend,
@@ -56,6 +64,7 @@ impl Capabilities {
             lease_expiry_factor: 1,
             max_value_size: usize::MAX,
             watch: true,
+            watch_coalesces: true,
             linearizable_reads: true,
             fencing_scope: FencingScope::Cluster,
         }

@@ -97,6 +97,16 @@ pub enum WatchEvent {
         /// The deleted key.
         key: String,
     },
+    /// A mark, not a change: the *next* event of `key` on this stream stands for several
+    /// changes of it merged into one. The changes of `key` between its previous event (or the
+    /// start of the watch) and that next event were not delivered one by one; that next event
+    /// carries the latest state. Only backends declaring
+    /// [`Capabilities::watch_coalesces`] send it (see [`KvStore::watch`]); a consumer that only
+    /// rebuilds state can ignore it.
+    Coalesced {
+        /// The key whose next event merges several changes.
+        key: String,
+    },
 }
 
 impl WatchEvent {
@@ -104,7 +114,7 @@ impl WatchEvent {
     pub fn key(&self) -> &str {
         match self {
             WatchEvent::Put(e) => &e.key,
-            WatchEvent::Delete { key } => key,
+            WatchEvent::Delete { key } | WatchEvent::Coalesced { key } => key,
         }
     }
 }
@@ -188,11 +198,25 @@ pub trait KvStore: Send + Sync + fmt::Debug {
     ///
     /// # Contract
     /// - The watch is established when this returns: every change committed after the call
-    ///   returns is delivered, and none from before it.
-    /// - Events arrive in the order the backend applied them, each exactly once.
-    /// - If the backend cannot guarantee that (history compacted, events missed across a
-    ///   reconnect), the stream yields one [`ErrorKind::WatchGap`](crate::ErrorKind::WatchGap)
-    ///   error and ends; it never skips silently.
+    ///   returns is reflected in the events, and none from before it is delivered.
+    /// - Every [`WatchEvent::Put`] and [`WatchEvent::Delete`] carries the state of its key at
+    ///   some moment after the previous event of that key: its value and version then (or its
+    ///   absence). Events of one key arrive in the order of its changes, and the last event of
+    ///   a key reflects its latest change: the state rebuilt from the events converges to
+    ///   [`list`](Self::list) once writes stop.
+    /// - **Exact backends** ([`Capabilities::watch_coalesces`] `false`: memory, etcd) deliver
+    ///   every change once, in the order the backend applied them, across all keys.
+    /// - **Coalescing backends** ([`Capabilities::watch_coalesces`] `true`: ZooKeeper, Consul)
+    ///   may merge consecutive changes of one key into one event carrying the latest state;
+    ///   each such event is preceded by [`WatchEvent::Coalesced`] naming the key (an unmarked
+    ///   event is exactly one change). Events of different keys may arrive out of their
+    ///   commit order. A key created and deleted again between two observations of the
+    ///   backend may produce no event at all (its state before and after is the same); each
+    ///   backend's documentation says when that can happen.
+    /// - If the backend cannot keep this contract (etcd: history compacted past the resume
+    ///   point), the stream yields one [`ErrorKind::WatchGap`](crate::ErrorKind::WatchGap)
+    ///   error and ends; it never skips silently. Permanent errors end the stream with that
+    ///   error. Disconnects and reconnects are otherwise handled inside the stream.
     /// - Dropping the stream cancels the watch.
     ///
     /// # Errors

@@ -445,72 +445,365 @@ async fn curator_interprocess_mutex_interoperates_both_ways() {
     g.release().await.expect("release");
 }
 
-/// Hammering one key from several writers: the watch may fall behind, but it never skips or
-/// repeats a value silently. Every delivered value was written, versions strictly increase, and
-/// if fewer events than writes arrived, the stream ended with `WatchGap`.
+/// The next watch event within 20 s, rendered as (kind, key, value); panics on an error or end.
+async fn next_ev(events: &mut coordkit::WatchStream) -> coordkit::WatchEvent {
+    use futures::StreamExt;
+    match tokio::time::timeout(Duration::from_secs(20), events.next()).await {
+        Ok(Some(Ok(ev))) => ev,
+        Ok(Some(Err(e))) => panic!("watch error: {e}"),
+        Ok(None) => panic!("watch ended"),
+        Err(_) => panic!("no watch event within 20 s"),
+    }
+}
+
+/// Applies an event to a rebuilt state; whether it was a coalesced mark.
+fn apply(state: &mut std::collections::BTreeMap<String, Vec<u8>>, ev: &coordkit::WatchEvent) {
+    match ev {
+        coordkit::WatchEvent::Put(e) => {
+            state.insert(e.key.clone(), e.value.clone());
+        }
+        coordkit::WatchEvent::Delete { key } => {
+            state.remove(key);
+        }
+        coordkit::WatchEvent::Coalesced { .. } => {}
+    }
+}
+
+/// Two other clients each pipeline 200 writes of one key (all sent at once on their
+/// connection) while a watch follows the prefix: the watch lives, every event is a value
+/// written, every event that skips writes is marked, and the last event is the final value.
+/// (Before the per-key cache, the watch ended with `WatchGap` at the first event.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn watch_never_skips_silently_under_fast_writes() {
+async fn watch_survives_two_pipelining_writers() {
     use futures::StreamExt;
     let s = store("").await;
     let ns = format!("{}/", unique("hammer"));
     let key = format!("{ns}hot");
     let mut events = s.watch(&ns).await.expect("watch");
-    const WRITERS: usize = 4;
-    const WRITES: usize = 50;
+    const WRITES: usize = 200;
+    let started = Instant::now();
     let mut tasks = Vec::new();
-    for w in 0..WRITERS {
+    for w in 0..2 {
         let key = key.clone();
         tasks.push(tokio::spawn(async move {
             let s = store("").await;
-            for i in 0..WRITES {
+            let puts = (0..WRITES).map(|i| {
                 s.put(
                     &key,
                     format!("w{w}-{i}").into_bytes(),
                     PutOptions::default(),
                 )
-                .await
-                .expect("put");
-            }
+            });
+            let versions: Vec<_> = futures::future::join_all(puts).await;
+            versions
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| (format!("w{w}-{i}"), v.expect("put")))
+                .collect::<Vec<_>>()
         }));
     }
+    let mut written = std::collections::HashMap::new();
     for t in tasks {
-        t.await.expect("writer");
+        written.extend(t.await.expect("writer"));
     }
-    let mut seen = std::collections::HashSet::new();
-    let mut last = None;
-    let mut gap = false;
-    let mut delivered = 0;
-    while delivered < WRITERS * WRITES {
-        match tokio::time::timeout(Duration::from_secs(10), events.next()).await {
-            Ok(Some(Ok(coordkit::WatchEvent::Put(e)))) => {
-                let v = String::from_utf8(e.value).expect("utf8");
-                assert!(v.starts_with('w'), "unknown value {v}");
-                assert!(seen.insert(v.clone()), "value {v} delivered twice");
-                if let Some(prev) = last {
-                    assert!(e.version.as_raw() > prev, "versions out of order");
+    let wrote = started.elapsed();
+    let last = s.get(&key, STRONG).await.expect("get").expect("key");
+    let (mut puts, mut marks, mut prev) = (0usize, 0usize, None::<u64>);
+    let mut marked = false;
+    let mut last_of: Option<(String, usize)> = None;
+    loop {
+        match next_ev(&mut events).await {
+            coordkit::WatchEvent::Coalesced { key: k } => {
+                assert_eq!(k, key);
+                marked = true;
+                marks += 1;
+            }
+            coordkit::WatchEvent::Put(e) => {
+                let v = String::from_utf8(e.value.clone()).expect("utf8");
+                assert_eq!(written.get(&v), Some(&e.version), "{v} was not written so");
+                // Versions are mzxids: they grow with every write of the key.
+                if let Some(p) = prev {
+                    assert!(e.version.as_raw() > p, "versions out of order");
                 }
-                last = Some(e.version.as_raw());
-                delivered += 1;
+                prev = Some(e.version.as_raw());
+                // An unmarked event after one of the same writer is that writer's next write.
+                let (w, i) = v[1..].split_once('-').expect("w<w>-<i>");
+                let now: (String, usize) = (w.to_string(), i.parse().expect("index"));
+                if let (false, Some((pw, pi))) = (std::mem::take(&mut marked), &last_of) {
+                    assert!(
+                        *pw != now.0 || now.1 == pi + 1,
+                        "unmarked event {v} hides writes after w{pw}-{pi}"
+                    );
+                }
+                last_of = Some(now);
+                puts += 1;
+                if e.version == last.version {
+                    assert_eq!(e.value, last.value);
+                    break;
+                }
             }
-            Ok(Some(Ok(other))) => panic!("unexpected event {other:?}"),
-            Ok(Some(Err(e))) => {
-                assert_eq!(e.kind(), ErrorKind::WatchGap, "{e}");
-                gap = true;
-                break;
-            }
-            Ok(None) => panic!("watch ended without an error"),
-            Err(_) => panic!(
-                "watch silent after {delivered} of {} events",
-                WRITERS * WRITES
-            ),
+            other => panic!("unexpected event {other:?}"),
         }
     }
+    let extra = tokio::time::timeout(Duration::from_millis(500), events.next()).await;
+    assert!(extra.is_err(), "event after the final value: {extra:?}");
     eprintln!(
-        "fast writes: {delivered} of {} events delivered exactly{}",
-        WRITERS * WRITES,
-        if gap { ", then a WatchGap" } else { "" }
+        "2 x {WRITES} pipelined writes in {wrote:?}: {puts} put events ({marks} marked \
+         coalesced), the last one the final value"
     );
-    assert!(gap || delivered == WRITERS * WRITES);
+    assert!(
+        marks > 0 || puts == 2 * WRITES,
+        "writes merged without a mark"
+    );
+}
+
+/// A burst of pipelined puts to distinct keys, then at once a rewrite of the first: the watch
+/// lives and reports the rewrite with its value (the old watch ended with `WatchGap` when the
+/// rewrite's notification was queued before the first key's re-read was answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_survives_burst_then_rewrite() {
+    let s = store("").await;
+    let ns = format!("{}/", unique("burst"));
+    let mut events = s.watch(&ns).await.expect("watch");
+    let writer = store("").await;
+    const N: usize = 500;
+    let keys: Vec<String> = (0..N).map(|i| format!("{ns}k{i:03}")).collect();
+    let puts = keys
+        .iter()
+        .map(|k| writer.put(k, b"1".to_vec(), PutOptions::default()));
+    let rewrite = writer.put(&keys[0], b"2".to_vec(), PutOptions::default());
+    // All sent before any answer: the rewrite is queued right behind the burst.
+    let (burst, rewritten) = tokio::join!(futures::future::join_all(puts), rewrite);
+    for r in burst {
+        r.expect("put");
+    }
+    let v2 = rewritten.expect("rewrite");
+    let mut state = std::collections::BTreeMap::new();
+    let mut n = 0;
+    while state.len() < N || state.get(&keys[0]).map(Vec::as_slice) != Some(b"2") {
+        let ev = next_ev(&mut events).await;
+        if let coordkit::WatchEvent::Put(e) = &ev {
+            if e.key == keys[0] && e.value == b"2" {
+                assert_eq!(e.version, v2);
+            }
+        }
+        apply(&mut state, &ev);
+        n += 1;
+    }
+    assert!(state.values().filter(|v| v.as_slice() == b"1").count() == N - 1);
+    eprintln!("burst of {N} puts + rewrite: state complete after {n} events");
+}
+
+/// A TCP proxy in front of a server whose connections can be cut (all of them dropped, new
+/// ones refused) and restored.
+mod proxy {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio::sync::watch;
+
+    pub struct Proxy {
+        pub port: u16,
+        cut: Arc<AtomicBool>,
+        generation: watch::Sender<u64>,
+    }
+
+    impl Proxy {
+        pub async fn start(upstream: u16) -> Proxy {
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let port = listener.local_addr().expect("addr").port();
+            let cut = Arc::new(AtomicBool::new(false));
+            let (generation, _) = watch::channel(0u64);
+            let gen_rx = generation.subscribe();
+            let is_cut = cut.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut down, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if is_cut.load(Ordering::SeqCst) {
+                        drop(down);
+                        continue;
+                    }
+                    let mut gen = gen_rx.clone();
+                    // Only a cut after this connection was accepted ends it.
+                    gen.borrow_and_update();
+                    tokio::spawn(async move {
+                        let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut down, &mut up) => {}
+                            _ = gen.changed() => {}
+                        }
+                    });
+                }
+            });
+            Proxy {
+                port,
+                cut,
+                generation,
+            }
+        }
+
+        /// Drops every connection and refuses new ones.
+        pub fn cut(&self) {
+            self.cut.store(true, Ordering::SeqCst);
+            self.generation.send_modify(|g| *g += 1);
+        }
+
+        pub fn restore(&self) {
+            self.cut.store(false, Ordering::SeqCst);
+        }
+    }
+}
+
+/// The watch survives a server restart (same data directory and port) and a session expiry,
+/// and reports the changes made while it was cut off. Two watches reach the server through a
+/// proxy: one with a 10 s session (it reconnects to the same session), one with a 2 s session
+/// (it expires while cut off: the watch opens a new session and registers a new watch). While
+/// the proxy is cut, the server is restarted and a direct client updates, deletes, creates,
+/// and creates-then-deletes keys. (Before, any disconnect ended the watch with `WatchGap`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_survives_server_restart_and_reports_missed_changes() {
+    let mut zk = support::zookeeper::ZkStandalone::start();
+    let proxy = proxy::Proxy::start(zk.port()).await;
+    let via_proxy = |session: &str| {
+        format!(
+            "zk://127.0.0.1:{}?{}&session_timeout={session}&request_timeout=2s",
+            proxy.port,
+            support::zookeeper::url_options()
+        )
+    };
+    let direct = ZkStore::connect(ZkConfig::from_url_str(&zk.url()).expect("url"))
+        .await
+        .expect("connect direct");
+    for k in ["r/keep", "r/gone", "r/same"] {
+        direct
+            .put(k, b"1".to_vec(), PutOptions::default())
+            .await
+            .expect("seed");
+    }
+    let mut watches = Vec::new();
+    for session in ["10s", "2s"] {
+        let s = ZkStore::connect(ZkConfig::from_url_str(&via_proxy(session)).expect("url"))
+            .await
+            .expect("connect via proxy");
+        let w = s.watch("r/").await.expect("watch");
+        watches.push((session, s, w));
+    }
+    direct
+        .put("r/live", b"1".to_vec(), PutOptions::default())
+        .await
+        .expect("put live");
+    for (session, _, w) in &mut watches {
+        match next_ev(w).await {
+            coordkit::WatchEvent::Put(e) if e.key == "r/live" => {}
+            other => panic!("[{session}] expected put r/live, got {other:?}"),
+        }
+    }
+    // Cut off; restart the server; change things behind the watches' backs.
+    proxy.cut();
+    let down = Instant::now();
+    zk.node().restart();
+    while zk.node().mode().as_deref() != Some("standalone") {
+        assert!(
+            down.elapsed() < Duration::from_secs(60),
+            "server did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let retry = |what: &'static str| {
+        move |r: coordkit::Result<()>| {
+            if let Err(e) = &r {
+                eprintln!("{what}: {e} (retrying)");
+            }
+            r.is_ok()
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    macro_rules! until_ok {
+        ($what:literal, $op:expr) => {
+            loop {
+                if retry($what)($op.await.map(|_| ())) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "{} kept failing", $what);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+    }
+    until_ok!(
+        "put keep",
+        direct.put("r/keep", b"2".to_vec(), PutOptions::default())
+    );
+    until_ok!("delete gone", direct.delete("r/gone"));
+    until_ok!(
+        "put new",
+        direct.put("r/new", b"1".to_vec(), PutOptions::default())
+    );
+    until_ok!(
+        "put flash",
+        direct.put("r/flash", b"1".to_vec(), PutOptions::default())
+    );
+    until_ok!("delete flash", direct.delete("r/flash"));
+    // Past the short session's expiry (1.4 x its timeout after the restart at the latest).
+    tokio::time::sleep(Duration::from_secs(4).saturating_sub(down.elapsed())).await;
+    let restored = Instant::now();
+    proxy.restore();
+    let want: std::collections::BTreeMap<String, Vec<u8>> = direct
+        .list("r/", STRONG)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|e| (e.key, e.value))
+        .collect();
+    for (session, _, w) in &mut watches {
+        let mut state: std::collections::BTreeMap<String, Vec<u8>> = [
+            ("r/keep", b"1"),
+            ("r/gone", b"1"),
+            ("r/same", b"1"),
+            ("r/live", b"1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_vec()))
+        .collect();
+        let mut got = Vec::new();
+        while state != want {
+            let ev = next_ev(w).await;
+            apply(&mut state, &ev);
+            got.push(ev);
+        }
+        assert!(
+            !got.iter()
+                .any(|e| e.key() == "r/same" || e.key() == "r/flash"),
+            "[{session}] events for unchanged keys: {got:?}"
+        );
+        eprintln!(
+            "[{session} session] after the restart: {} events within {:?} of reconnecting: {:?}",
+            got.len(),
+            restored.elapsed(),
+            got.iter()
+                .map(|e| match e {
+                    coordkit::WatchEvent::Put(e) => format!("put {}", e.key),
+                    coordkit::WatchEvent::Delete { key } => format!("delete {key}"),
+                    coordkit::WatchEvent::Coalesced { key } => format!("coalesced {key}"),
+                })
+                .collect::<Vec<_>>()
+        );
+    }
+    // Still alive: a later write is delivered, exactly.
+    direct
+        .put("r/after", b"1".to_vec(), PutOptions::default())
+        .await
+        .expect("put after");
+    for (session, _, w) in &mut watches {
+        match next_ev(w).await {
+            coordkit::WatchEvent::Put(e) if e.key == "r/after" => {}
+            other => panic!("[{session}] expected put r/after, got {other:?}"),
+        }
+    }
 }
 
 /// Deleting the holder's lock node (an operator, or another tool) fires `lost()` at once, and

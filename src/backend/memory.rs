@@ -408,6 +408,8 @@ impl KvStore for MemoryStore {
     fn capabilities(&self) -> Capabilities {
         let mut caps = Capabilities::new(NAME);
         caps.max_value_size = MAX_VALUE_SIZE;
+        // Every change is delivered once, in order (the store notifies under its lock).
+        caps.watch_coalesces = false;
         caps
     }
 }

@@ -1,5 +1,6 @@
 //! Key-value conformance tests.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -422,41 +423,413 @@ pub async fn watch_order_and_start(h: &Harness) {
     .unwrap_or_else(|| panic!("cas returned no version"));
     ok("delete k2", writer.delete(&k2)).await;
     ok("delete before", writer.delete(&format!("{dir}before"))).await;
-    let mut got = Vec::new();
-    for _ in 0..5 {
-        got.push(next_event(h, &mut events).await);
-    }
-    let want = [
-        ("put", k1.as_str(), Some((b"1".to_vec(), v1))),
-        ("put", k2.as_str(), Some((Vec::new(), v2))),
-        ("put", k1.as_str(), Some((b"2".to_vec(), v3))),
-        ("delete", k2.as_str(), None),
-        ("delete", &format!("{dir}before"), None),
+    let history: Vec<Change> = vec![
+        (k1.clone(), Some((b"1".to_vec(), v1))),
+        (k2.clone(), Some((Vec::new(), v2))),
+        (k1.clone(), Some((b"2".to_vec(), v3))),
+        (k2.clone(), None),
+        (format!("{dir}before"), None),
     ];
-    for (i, (ev, (kind, key, data))) in got.iter().zip(want.iter()).enumerate() {
-        match (ev, data) {
-            (WatchEvent::Put(e), Some((value, version))) => {
-                assert_eq!(
-                    (&e.key, &e.value, e.version),
-                    (&key.to_string(), value, *version),
-                    "[{}] event {i}",
-                    h.name()
-                );
-            }
-            (WatchEvent::Delete { key: k }, None) => {
-                assert_eq!(k, key, "[{}] event {i}", h.name())
-            }
-            _ => panic!(
-                "[{}] event {i}: expected {kind} {key}, got {ev:?}",
-                h.name()
-            ),
-        }
-    }
+    let got = collect_until_state(h, &mut events, &history).await;
+    check_history(h, &got, &history, store.capabilities().watch_coalesces);
     // Nothing else arrives (the pre-watch put and the outside key are not delivered).
     let extra = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
     assert!(
         extra.is_err(),
         "[{}] unexpected extra watch event: {extra:?}",
+        h.name()
+    );
+}
+
+/// One change of a key: its state after (`None`: deleted).
+type Change = (String, Option<(Vec<u8>, crate::Version)>);
+
+/// Reads events until the state they describe reaches the final state of `history` for every
+/// key it names, a deleted key counting only once its delete was seen (20 s at most per
+/// event). A key created and deleted after the watch started may have no event on a
+/// coalescing backend: once only such keys are missing, a quiet second ends the wait.
+async fn collect_until_state(
+    h: &Harness,
+    events: &mut WatchStream,
+    history: &[Change],
+) -> Vec<WatchEvent> {
+    let mut want: BTreeMap<&str, &Option<(Vec<u8>, crate::Version)>> = BTreeMap::new();
+    for (k, st) in history {
+        want.insert(k, st);
+    }
+    let mut state: BTreeMap<String, Option<(Vec<u8>, crate::Version)>> = BTreeMap::new();
+    let mut got = Vec::new();
+    loop {
+        let done = |lenient: bool| {
+            want.iter().all(|(k, st)| match state.get(*k) {
+                Some(now) => now == *st,
+                None => lenient && st.is_none(),
+            })
+        };
+        if done(false) {
+            return got;
+        }
+        if done(true) {
+            match tokio::time::timeout(Duration::from_secs(1), events.next()).await {
+                Err(_) => return got,
+                Ok(Some(Ok(ev))) => {
+                    apply(&mut state, &ev);
+                    got.push(ev);
+                    continue;
+                }
+                Ok(other) => panic!("[{}] watch ended or failed: {other:?}", h.name()),
+            }
+        }
+        let ev = next_event(h, events).await;
+        apply(&mut state, &ev);
+        got.push(ev);
+    }
+}
+
+fn apply(state: &mut BTreeMap<String, Option<(Vec<u8>, crate::Version)>>, ev: &WatchEvent) {
+    match ev {
+        WatchEvent::Put(e) => {
+            state.insert(e.key.clone(), Some((e.value.clone(), e.version)));
+        }
+        WatchEvent::Delete { key } => {
+            state.insert(key.clone(), None);
+        }
+        WatchEvent::Coalesced { .. } => {}
+    }
+}
+
+/// Checks `got` against the changes made (`history`, in commit order). Exact backends: every
+/// change once, in order, unmarked. Coalescing backends: per key, the events are a subsequence
+/// of its changes ending with the last one, and an event that skips changes is marked (a key
+/// whose changes end where it started, absent, may have no event).
+fn check_history(h: &Harness, got: &[WatchEvent], history: &[Change], coalesces: bool) {
+    let as_change = |ev: &WatchEvent| -> Option<Change> {
+        match ev {
+            WatchEvent::Put(e) => Some((e.key.clone(), Some((e.value.clone(), e.version)))),
+            WatchEvent::Delete { key } => Some((key.clone(), None)),
+            WatchEvent::Coalesced { .. } => None,
+        }
+    };
+    if !coalesces {
+        let seen: Vec<Change> = got
+            .iter()
+            .map(|ev| {
+                as_change(ev).unwrap_or_else(|| {
+                    panic!(
+                        "[{}] an exact backend sent a coalesced mark: {ev:?}",
+                        h.name()
+                    )
+                })
+            })
+            .collect();
+        assert_eq!(
+            seen,
+            history,
+            "[{}] events differ from the changes",
+            h.name()
+        );
+        return;
+    }
+    let mut keys: Vec<&String> = history.iter().map(|(k, _)| k).collect();
+    keys.sort();
+    keys.dedup();
+    for key in keys {
+        let changes: Vec<&Option<(Vec<u8>, crate::Version)>> = history
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, s)| s)
+            .collect();
+        // (marked, state) of each event of this key.
+        let mut evs = Vec::new();
+        let mut marked = false;
+        for ev in got.iter().filter(|e| e.key() == key.as_str()) {
+            match as_change(ev) {
+                None => marked = true,
+                Some((_, st)) => evs.push((std::mem::take(&mut marked), st)),
+            }
+        }
+        assert!(
+            !marked,
+            "[{}] {key}: a mark with no event after it",
+            h.name()
+        );
+        if evs.is_empty() {
+            assert!(
+                changes.last().is_some_and(|s| s.is_none()),
+                "[{}] {key}: no event at all",
+                h.name()
+            );
+            continue;
+        }
+        let mut at = 0; // index in `changes` of the next change not yet reported
+        for (m, st) in &evs {
+            let Some(found) = changes[at..].iter().position(|c| *c == st) else {
+                panic!(
+                    "[{}] {key}: event {st:?} is not a later state of the key (changes \
+                     {changes:?}, events {evs:?})",
+                    h.name()
+                );
+            };
+            assert!(
+                found == 0 || *m,
+                "[{}] {key}: event {st:?} skips {found} change(s) unmarked (changes \
+                 {changes:?}, events {evs:?})",
+                h.name()
+            );
+            at += found + 1;
+        }
+        assert_eq!(
+            at,
+            changes.len(),
+            "[{}] {key}: the last event is not the last change",
+            h.name()
+        );
+    }
+}
+
+/// Two writers put one key 100 times each, concurrently, while a third client watches: the
+/// watch lives, every event is a value written, in each writer's order, the last one is the
+/// final value; an exact backend delivers every write once, a coalescing one marks every
+/// event that merges writes.
+pub async fn watch_concurrent_writers(h: &Harness) {
+    let watcher = h.open().await;
+    if !watcher.capabilities().watch {
+        return;
+    }
+    let coalesces = watcher.capabilities().watch_coalesces;
+    let ns = h.scope("watchrace");
+    let key = format!("{ns}k");
+    let mut events = ok("watch", watcher.watch(&ns)).await;
+    const N: usize = 100;
+    let writers = [h.open().await, h.open().await];
+    let runs = writers.iter().enumerate().map(|(w, store)| {
+        let key = key.clone();
+        async move {
+            let mut versions = Vec::with_capacity(N);
+            for i in 0..N {
+                let v = ok(
+                    "put",
+                    store.put(&key, format!("{w}:{i}").into_bytes(), PutOptions::default()),
+                )
+                .await;
+                versions.push(v);
+            }
+            versions
+        }
+    });
+    let written = futures::future::join_all(runs).await;
+    let last = ok("get", watcher.get(&key, STRONG))
+        .await
+        .unwrap_or_else(|| panic!("[{}] the key is missing", h.name()));
+    // value -> (writer, index, version)
+    let mut by_value = std::collections::HashMap::new();
+    for (w, vs) in written.iter().enumerate() {
+        for (i, v) in vs.iter().enumerate() {
+            by_value.insert(format!("{w}:{i}").into_bytes(), (w, i, *v));
+        }
+    }
+    let mut puts = Vec::new(); // (marked, writer, index)
+    let mut marked = false;
+    loop {
+        match next_event(h, &mut events).await {
+            WatchEvent::Coalesced { key: k } => {
+                assert!(coalesces, "[{}] an exact backend sent a mark", h.name());
+                assert_eq!(k, key);
+                marked = true;
+            }
+            WatchEvent::Put(e) => {
+                assert_eq!(e.key, key);
+                let Some(&(w, i, v)) = by_value.get(&e.value) else {
+                    panic!("[{}] event with a value never written: {e:?}", h.name());
+                };
+                assert_eq!(e.version, v, "[{}] event version of {w}:{i}", h.name());
+                puts.push((std::mem::take(&mut marked), w, i));
+                if e.version == last.version {
+                    assert_eq!(e.value, last.value);
+                    break;
+                }
+            }
+            ev => panic!("[{}] unexpected event {ev:?}", h.name()),
+        }
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
+    assert!(
+        extra.is_err(),
+        "[{}] event after the final value: {extra:?}",
+        h.name()
+    );
+    // Each writer's values in its own order.
+    for w in 0..2 {
+        let idx: Vec<usize> = puts.iter().filter(|p| p.1 == w).map(|p| p.2).collect();
+        assert!(
+            idx.windows(2).all(|p| p[0] < p[1]),
+            "[{}] writer {w}'s values out of order: {idx:?}",
+            h.name()
+        );
+    }
+    if !coalesces {
+        assert_eq!(
+            puts.len(),
+            2 * N,
+            "[{}] an exact backend must deliver every write",
+            h.name()
+        );
+    } else {
+        // An unmarked event following one of the same writer must be its very next write.
+        for p in puts.windows(2) {
+            let ((_, w0, i0), (m1, w1, i1)) = (p[0], p[1]);
+            assert!(
+                m1 || w0 != w1 || i1 == i0 + 1,
+                "[{}] unmarked event {w1}:{i1} after {w0}:{i0} hides writes",
+                h.name()
+            );
+        }
+    }
+}
+
+/// 2,000 puts to distinct keys (sent concurrently), then a rewrite of the first: the watch is
+/// still alive and delivers the rewrite (and, on an exact backend, every put before it).
+pub async fn watch_survives_burst(h: &Harness) {
+    let watcher = h.open().await;
+    if !watcher.capabilities().watch {
+        return;
+    }
+    let coalesces = watcher.capabilities().watch_coalesces;
+    let ns = h.scope("watchburst");
+    let mut events = ok("watch", watcher.watch(&ns)).await;
+    const N: usize = 2000;
+    let writer = h.open().await;
+    let started = Instant::now();
+    futures::stream::iter(0..N)
+        .map(|i| {
+            let writer = writer.clone();
+            let key = format!("{ns}k{i:04}");
+            async move {
+                ok(
+                    "put",
+                    writer.put(&key, b"1".to_vec(), PutOptions::default()),
+                )
+                .await;
+            }
+        })
+        .buffer_unordered(64)
+        .collect::<Vec<()>>()
+        .await;
+    let first = format!("{ns}k0000");
+    let v = ok(
+        "rewrite",
+        writer.put(&first, b"2".to_vec(), PutOptions::default()),
+    )
+    .await;
+    let wrote = started.elapsed();
+    let mut keys = std::collections::HashSet::new();
+    let mut count = 0usize;
+    loop {
+        match next_event(h, &mut events).await {
+            WatchEvent::Put(e) if e.key == first && e.value == b"2" => {
+                assert_eq!(e.version, v);
+                break;
+            }
+            WatchEvent::Put(e) => {
+                count += 1;
+                keys.insert(e.key);
+            }
+            WatchEvent::Coalesced { .. } if coalesces => {}
+            ev => panic!("[{}] unexpected event {ev:?}", h.name()),
+        }
+    }
+    if !coalesces {
+        assert_eq!(
+            (count, keys.len()),
+            (N, N),
+            "[{}] an exact backend delivers every put before the rewrite",
+            h.name()
+        );
+    }
+    tracing::info!(backend = h.name(), ?wrote, events = count, "watch burst");
+}
+
+/// The state rebuilt from a watch's events equals `list()` after a mix of creates, updates,
+/// CAS, deletes and re-creates by two clients.
+pub async fn watch_state_matches_list(h: &Harness) {
+    let watcher = h.open().await;
+    if !watcher.capabilities().watch {
+        return;
+    }
+    let ns = h.scope("watchstate");
+    let mut events = ok("watch", watcher.watch(&ns)).await;
+    let writers = [h.open().await, h.open().await];
+    let runs = writers.iter().enumerate().map(|(w, store)| {
+        let ns = ns.clone();
+        async move {
+            for round in 0..10u8 {
+                for i in 0..8 {
+                    let key = format!("{ns}d{}/k{i}", i % 3);
+                    match (round + i as u8 + w as u8) % 5 {
+                        0 | 1 => {
+                            ok(
+                                "put",
+                                store.put(&key, vec![w as u8, round], PutOptions::default()),
+                            )
+                            .await;
+                        }
+                        2 => ok("delete", store.delete(&key)).await,
+                        3 => {
+                            // A CAS that may lose against the other writer: both outcomes are fine.
+                            let _ = bounded(
+                                "cas",
+                                store.compare_and_swap(&key, Expect::Absent, Some(vec![9])),
+                            )
+                            .await;
+                        }
+                        _ => {
+                            if let Some(e) = ok("get", store.get(&key, STRONG)).await {
+                                let _ = bounded(
+                                    "cas",
+                                    store.compare_and_swap(
+                                        &key,
+                                        Expect::Version(e.version),
+                                        Some(vec![7, round]),
+                                    ),
+                                )
+                                .await;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    futures::future::join_all(runs).await;
+    let want: BTreeMap<String, (Vec<u8>, crate::Version)> = ok("list", watcher.list(&ns, STRONG))
+        .await
+        .into_iter()
+        .map(|e| (e.key, (e.value, e.version)))
+        .collect();
+    let mut state: BTreeMap<String, (Vec<u8>, crate::Version)> = BTreeMap::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while state != want {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events.next()).await {
+            Ok(Some(Ok(WatchEvent::Put(e)))) => {
+                state.insert(e.key, (e.value, e.version));
+            }
+            Ok(Some(Ok(WatchEvent::Delete { key }))) => {
+                state.remove(&key);
+            }
+            Ok(Some(Ok(WatchEvent::Coalesced { .. }))) => {}
+            Ok(Some(Err(e))) => panic!("[{}] watch error: {e}", h.name()),
+            Ok(None) => panic!("[{}] watch stream ended", h.name()),
+            Err(_) => panic!(
+                "[{}] the state from the events never matched list():\n events: {state:?}\n list: {want:?}",
+                h.name()
+            ),
+        }
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
+    assert!(
+        extra.is_err(),
+        "[{}] event after the state matched list(): {extra:?}",
         h.name()
     );
 }

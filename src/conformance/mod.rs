@@ -126,6 +126,9 @@ pub const ALL: &[&str] = &[
     "list_by_prefix",
     "key_ttl_expiry",
     "watch_order_and_start",
+    "watch_concurrent_writers",
+    "watch_survives_burst",
+    "watch_state_matches_list",
     "invalid_keys_rejected",
     "oversized_value_rejected",
     "lock_mutual_exclusion",
@@ -149,7 +152,8 @@ macro_rules! conformance_tests {
     ($harness:expr) => {
         $crate::conformance_tests!(@each $harness;
             values_round_trip, cas_create_update_delete, list_by_prefix, key_ttl_expiry,
-            watch_order_and_start, invalid_keys_rejected, oversized_value_rejected,
+            watch_order_and_start, watch_concurrent_writers, watch_survives_burst,
+            watch_state_matches_list, invalid_keys_rejected, oversized_value_rejected,
             lock_mutual_exclusion, fencing_tokens_increase, try_lock_on_held_lock,
             lock_wait_times_out, lost_fires_when_lease_lapses, release_hands_over_promptly,
             dropped_guard_releases, run_locked_job, guard_dropped_off_runtime_releases,

@@ -364,11 +364,13 @@ struct Watcher {
     mark: u64,
 }
 
-/// What a writer waits for: the put of this version, or a delete.
+/// What a writer waits for: the put of this version, or a delete. `Merged` records a
+/// [`WatchEvent::Coalesced`] mark: the key's next event may stand for the awaited change.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Change {
     Put(Version),
     Delete,
+    Merged,
 }
 
 /// Waits (at most [`WATCH_SYNC_BOUND`] in all) until every watcher has received `change` of
@@ -405,6 +407,7 @@ fn on_shard(shard: &Shard) -> impl FnOnce(Error) -> Error + '_ {
 /// The most restrictive combination of the shards' capabilities.
 fn combine_caps(shards: &[Shard]) -> Capabilities {
     let mut caps = Capabilities::new(NAME);
+    caps.watch_coalesces = false;
     for s in shards {
         let c = s.backend.capabilities();
         caps.key_ttl &= c.key_ttl;
@@ -413,6 +416,7 @@ fn combine_caps(shards: &[Shard]) -> Capabilities {
         caps.lease_expiry_factor = caps.lease_expiry_factor.max(c.lease_expiry_factor);
         caps.max_value_size = caps.max_value_size.min(c.max_value_size);
         caps.watch &= c.watch;
+        caps.watch_coalesces |= c.watch_coalesces;
         caps.linearizable_reads &= c.linearizable_reads;
         if c.fencing_scope == FencingScope::PerLock {
             caps.fencing_scope = FencingScope::PerLock;
@@ -666,6 +670,7 @@ impl WatchShared {
                         let change = match &ev {
                             WatchEvent::Put(e) => Change::Put(e.version),
                             WatchEvent::Delete { .. } => Change::Delete,
+                            WatchEvent::Coalesced { .. } => Change::Merged,
                         };
                         if st.recent.len() == RECENT {
                             st.recent.pop_front();
@@ -716,13 +721,28 @@ impl WatchShared {
     /// `mark`, or the watch has ended (nothing more will come).
     fn seen(&self, index: usize, mark: u64, key: &str, change: Change) -> bool {
         let st = lock(&self.state);
-        st.tx.is_none()
-            || st
-                .recent
-                .iter()
-                .rev()
-                .take_while(|(seq, ..)| *seq > mark)
-                .any(|(_, i, k, c)| *i == index && k == key && *c == change)
+        if st.tx.is_none() {
+            return true;
+        }
+        // Oldest first: an event after a `Merged` mark of the key may stand for `change`.
+        let mut merged = false;
+        let after = st
+            .recent
+            .iter()
+            .rev()
+            .take_while(|(seq, ..)| *seq > mark)
+            .count();
+        for (_, i, k, c) in st.recent.iter().skip(st.recent.len() - after) {
+            if *i != index || k != key {
+                continue;
+            }
+            match c {
+                Change::Merged => merged = true,
+                c if *c == change || merged => return true,
+                _ => {}
+            }
+        }
+        false
     }
 
     fn pump(&self, cx: &mut Context<'_>) -> Poll<()> {

@@ -119,6 +119,13 @@ impl ZkNode {
         }
     }
 
+    /// Kills the process (SIGKILL, if it runs) and starts it again with the same data
+    /// directory and port; does not wait until it serves (see [`ZkNode::mode`]).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
     /// SIGSTOP: the server stops answering (connections stay open).
     pub fn pause(&self) {
         if let Some(p) = &self.proc {

@@ -346,35 +346,39 @@ impl ConsulStore {
                 .filter(|e| e.key.starts_with(&full))
                 .map(|e| (e.key.clone(), e))
                 .collect();
-            let (events, explained) = self.order_changes(&snapshot, &next, new_index).await;
-            // The index of a non-empty prefix is its newest change, tombstones included (A2).
-            // When no change seen explains it, a change was missed (a key created and deleted
-            // between two polls): say so rather than skip it silently.
-            if let Some(explained) = explained {
-                if !reset && !next.is_empty() && new_index > index.max(explained) {
-                    let _ = tx.send(Err(Error::new(
-                        ErrorKind::WatchGap,
-                        NAME,
-                        format!(
-                            "a change at index {new_index} under the prefix was not observed (created and deleted between two polls); start a new watch and re-read"
-                        ),
-                    )
-                    .with_key(full.strip_prefix(&self.inner.kv_prefix).unwrap_or(&full).to_string())));
+            // Exactness can only be shown from indexes that did not go backwards.
+            let base = (!reset && new_index >= index).then_some(index);
+            let events = self.order_changes(&snapshot, &next, new_index, base).await;
+            // A key created and deleted between two answers leaves no trace in them (only its
+            // tombstone may raise the prefix index): the contract lets a coalescing backend
+            // miss it, and the state rebuilt from the events is still right.
+            let changed = !events.is_empty();
+            for (ev, exact) in events {
+                let key = |k: &str| {
+                    k.strip_prefix(&self.inner.kv_prefix)
+                        .unwrap_or(k)
+                        .to_string()
+                };
+                let ev = match ev {
+                    Diff::Put(e) => match self.to_entry(&e) {
+                        Ok(entry) => WatchEvent::Put(entry),
+                        Err(err) => {
+                            let _ = tx.send(Err(err));
+                            return;
+                        }
+                    },
+                    Diff::Delete(k) => WatchEvent::Delete { key: key(&k) },
+                };
+                if !exact
+                    && tx
+                        .send(Ok(WatchEvent::Coalesced {
+                            key: ev.key().to_string(),
+                        }))
+                        .is_err()
+                {
                     return;
                 }
-            }
-            let changed = !events.is_empty();
-            for ev in events {
-                let ev = match ev {
-                    Diff::Put(e) => self.to_entry(&e).map(WatchEvent::Put),
-                    Diff::Delete(k) => Ok(WatchEvent::Delete {
-                        key: k
-                            .strip_prefix(&self.inner.kv_prefix)
-                            .unwrap_or(&k)
-                            .to_string(),
-                    }),
-                };
-                if tx.send(ev).is_err() {
+                if tx.send(Ok(ev)).is_err() {
                     return;
                 }
             }
@@ -401,36 +405,47 @@ enum Diff {
 
 impl ConsulStore {
     /// The changes from `old` to `new`, in the order they were applied as far as Consul lets
-    /// that be known: writes by ModifyIndex; a key whose CreateIndex is newer than the version
-    /// seen last was deleted and created again in between (a delete just before its write);
-    /// a deleted key's position comes from its tombstone, read as the index of a `?recurse`
-    /// query on the key itself (A2: that index counts tombstones), when that is unambiguous,
-    /// and otherwise after the writes.
+    /// that be known, each with whether it is provably one write (else it is reported as
+    /// coalesced). Writes are ordered by ModifyIndex; a deleted key's position comes from its
+    /// tombstone, read as the index of a `?recurse` query on the key itself (A2: that index
+    /// counts tombstones), when that is unambiguous, and otherwise after the writes.
+    ///
+    /// Raft indexes are unique per write, so a change is exactly one write when no index lies
+    /// between it and the state seen last: an update at `ModifyIndex == previous + 1` of the
+    /// same incarnation, a delete whose tombstone index is `previous + 1`, a create at
+    /// `index + 1` (`index`: the previous answer's, `base`; `None` after it went backwards).
+    /// A key deleted and created again in between is one coalesced put.
     async fn order_changes(
         &self,
         old: &BTreeMap<String, DirEntry>,
         new: &BTreeMap<String, DirEntry>,
         header_index: u64,
-    ) -> (Vec<Diff>, Option<u64>) {
-        // (position, tie-break, change)
-        let mut out: Vec<(u64, u8, Diff)> = Vec::new();
+        base: Option<u64>,
+    ) -> Vec<(Diff, bool)> {
+        // (position, tie-break, change, exact)
+        let mut out: Vec<(u64, u8, Diff, bool)> = Vec::new();
         for e in new.values() {
-            match old.get(&e.key) {
+            let exact = match old.get(&e.key) {
                 Some(o) if o.modify_index == e.modify_index => continue,
-                Some(o) if e.create_index > o.modify_index => {
-                    out.push((e.create_index, 0, Diff::Delete(e.key.clone())));
+                Some(o) => {
+                    base.is_some()
+                        && o.create_index == e.create_index
+                        && e.modify_index == o.modify_index + 1
                 }
-                _ => {}
-            }
-            out.push((e.modify_index, 1, Diff::Put(e.clone())));
+                None => {
+                    base.is_some_and(|b| e.create_index == b + 1)
+                        && e.create_index == e.modify_index
+                }
+            };
+            out.push((e.modify_index, 1, Diff::Put(e.clone()), exact));
         }
         let deleted: Vec<&String> = old.keys().filter(|k| !new.contains_key(*k)).collect();
-        let max_put = out.iter().map(|(i, _, _)| *i).max().unwrap_or(0);
-        // The newest index the changes account for; None when a delete's index is a guess.
-        let mut explained = Some(max_put);
+        let max_put = out.iter().map(|(i, ..)| *i).max().unwrap_or(0);
+        let was = |k: &String| old.get(k).map_or(0, |o| o.modify_index);
         if deleted.len() == 1 && out.is_empty() {
-            out.push((header_index, 2, Diff::Delete(deleted[0].clone())));
-            explained = None;
+            // The only change: the prefix index is its tombstone's.
+            let exact = base.is_some() && header_index == was(deleted[0]) + 1;
+            out.push((header_index, 2, Diff::Delete(deleted[0].clone()), exact));
         } else {
             for k in deleted {
                 let at = match self.inner.client.kv_get(k, true, Mode::Default, None).await {
@@ -440,18 +455,16 @@ impl ConsulStore {
                     }
                     Err(_) => None,
                 };
-                match at {
-                    Some(i) => explained = explained.map(|e| e.max(i)),
-                    None => explained = None,
-                }
+                let exact = base.is_some() && at == Some(was(k) + 1);
                 out.push((
                     at.unwrap_or(max_put.max(header_index)),
                     2,
                     Diff::Delete(k.clone()),
+                    exact,
                 ));
             }
         }
-        out.sort_by_key(|(i, t, _)| (*i, *t));
-        (out.into_iter().map(|(_, _, d)| d).collect(), explained)
+        out.sort_by_key(|(i, t, ..)| (*i, *t));
+        out.into_iter().map(|(_, _, d, x)| (d, x)).collect()
     }
 }

@@ -286,6 +286,8 @@ impl ConsulStore {
         caps.lease_expiry_factor = 2;
         caps.max_value_size = MAX_VALUE_SIZE;
         caps.watch = true;
+        // Blocking queries see states, not changes: writes between two answers merge.
+        caps.watch_coalesces = true;
         caps.linearizable_reads = true;
         caps.fencing_scope = FencingScope::Cluster;
         caps

@@ -183,6 +183,8 @@ impl EtcdStore {
         c.lease_expiry_factor = 1;
         c.max_value_size = self.inner.max_value_size();
         c.watch = true;
+        // Revision-ordered events, each change once; a compacted resume point is a WatchGap.
+        c.watch_coalesces = false;
         c.linearizable_reads = true;
         c.fencing_scope = FencingScope::Cluster;
         c

@@ -29,23 +29,18 @@
 //!   data version as ZooKeeper's own precondition (`setData`/`delete` with version). A CAS write
 //!   makes the key permanent, as on every backend.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use futures::FutureExt;
-use tokio::sync::mpsc;
 use zookeeper_client as zk;
 
-use super::error::{err, NAME};
+use super::error::err;
 use super::path::{self, CLOCK, PIN, TTL_MARK};
 use super::{e_zk, lock_std, Inner, ZkStore};
 use crate::caps::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{matches_prefix, validate_key, validate_prefix};
-use crate::kv::{
-    Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream,
-};
+use crate::kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchStream};
 
 /// How often a write retries after racing with a concurrent create/delete of the same znode
 /// or of a parent container.
@@ -822,166 +817,10 @@ impl KvStore for ZkStore {
 
     async fn watch(&self, prefix: &str) -> Result<WatchStream> {
         validate_prefix(prefix)?;
-        let client = self.inner.client().await?;
-        let (dir, _) = path::split_prefix(prefix);
-        let zdir = path::dir_path(&self.inner.root, dir);
-        let watcher = self
-            .inner
-            .bounded(
-                "watch",
-                prefix,
-                client.watch(&zdir, zk::AddWatchMode::PersistentRecursive),
-            )
-            .await?;
-        let (tx, rx) = mpsc::unbounded_channel();
-        let task = WatchTask {
-            inner: self.inner.clone(),
-            client,
-            prefix: prefix.to_string(),
-            watcher,
-            pending: VecDeque::new(),
-            tx,
-        };
-        tokio::spawn(task.run());
-        Ok(Box::pin(WatchRx {
-            rx,
-            ended: false,
-            prefix: prefix.to_string(),
-        }))
+        super::watch::start(self.inner.clone(), prefix).await
     }
 
     fn capabilities(&self) -> Capabilities {
         self.inner.capabilities()
-    }
-}
-
-/// The receiving end: turns an unexpected end of the task into one `WatchGap` error.
-struct WatchRx {
-    rx: mpsc::UnboundedReceiver<Result<WatchEvent>>,
-    ended: bool,
-    prefix: String,
-}
-
-impl futures::Stream for WatchRx {
-    type Item = Result<WatchEvent>;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Self::Item>> {
-        if self.ended {
-            return std::task::Poll::Ready(None);
-        }
-        match self.rx.poll_recv(cx) {
-            std::task::Poll::Ready(Some(Err(e))) => {
-                self.ended = true;
-                std::task::Poll::Ready(Some(Err(e)))
-            }
-            std::task::Poll::Ready(None) => {
-                self.ended = true;
-                std::task::Poll::Ready(Some(Err(gap(&self.prefix, "the watch ended"))))
-            }
-            other => other,
-        }
-    }
-}
-
-fn gap(prefix: &str, why: &str) -> Error {
-    Error::new(
-        ErrorKind::WatchGap,
-        NAME,
-        format!("{why}; events may have been missed: start a new watch and re-read"),
-    )
-    .with_key(prefix)
-}
-
-struct WatchTask {
-    inner: std::sync::Arc<Inner>,
-    client: zk::Client,
-    prefix: String,
-    watcher: zk::PersistentWatcher,
-    pending: VecDeque<zk::WatchedEvent>,
-    tx: mpsc::UnboundedSender<Result<WatchEvent>>,
-}
-
-impl WatchTask {
-    async fn next(&mut self) -> Option<zk::WatchedEvent> {
-        if let Some(ev) = self.pending.pop_front() {
-            return Some(ev);
-        }
-        tokio::select! {
-            ev = self.watcher.changed() => Some(ev),
-            _ = self.tx.closed() => None,
-        }
-    }
-
-    /// Moves every event already delivered into `pending`.
-    fn drain(&mut self) {
-        while let Some(ev) = self.watcher.changed().now_or_never() {
-            let terminal = ev.event_type == zk::EventType::Session;
-            self.pending.push_back(ev);
-            if terminal {
-                break;
-            }
-        }
-    }
-
-    async fn run(mut self) {
-        let end = loop {
-            let Some(ev) = self.next().await else {
-                return; // the stream was dropped
-            };
-            match ev.event_type {
-                zk::EventType::Session => {
-                    if ev.session_state != zk::SessionState::SyncConnected {
-                        break format!("the ZooKeeper session is {}", ev.session_state);
-                    }
-                }
-                zk::EventType::NodeDeleted => {
-                    if let Some(key) = self.key_of(&ev.path) {
-                        if self.tx.send(Ok(WatchEvent::Delete { key })).is_err() {
-                            return;
-                        }
-                    }
-                }
-                zk::EventType::NodeCreated | zk::EventType::NodeDataChanged => {
-                    let Some(key) = self.key_of(&ev.path) else {
-                        continue;
-                    };
-                    let read = self
-                        .inner
-                        .bounded("watch read", &key, self.client.get_data(&ev.path))
-                        .await;
-                    // Every change applied before the read was answered has been notified by
-                    // now: if one of them touched this znode, the value read is not the value
-                    // of this event, which is lost.
-                    self.drain();
-                    let later = self.pending.iter().any(|p| p.path == ev.path);
-                    match read {
-                        Ok((value, stat)) if !later => {
-                            let e = Entry {
-                                key,
-                                value,
-                                version: version_of(&stat),
-                            };
-                            if self.tx.send(Ok(WatchEvent::Put(e))).is_err() {
-                                return;
-                            }
-                        }
-                        Ok(_) | Err(_) => {
-                            break format!(
-                                "key {key} changed again before its new value could be read"
-                            )
-                        }
-                    }
-                }
-                zk::EventType::NodeChildrenChanged => {}
-            }
-        };
-        let _ = self.tx.send(Err(gap(&self.prefix, &end)));
-    }
-
-    fn key_of(&self, zpath: &str) -> Option<String> {
-        path::path_to_key(&self.inner.root, zpath).filter(|k| matches_prefix(k, &self.prefix))
     }
 }

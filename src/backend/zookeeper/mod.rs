@@ -18,6 +18,7 @@ mod error;
 mod kv;
 mod lock;
 pub mod path;
+mod watch;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -527,6 +528,8 @@ impl Inner {
         caps.lease_expiry_factor = 2;
         caps.max_value_size = MAX_VALUE_SIZE;
         caps.watch = true;
+        // Notifications are re-read: writes landing before the re-read merge (see watch.rs).
+        caps.watch_coalesces = true;
         caps.linearizable_reads = false;
         caps.fencing_scope = FencingScope::Cluster;
         caps

@@ -114,6 +114,7 @@ pub fn event_line(ev: &WatchEvent) -> String {
             String::from_utf8_lossy(&e.value).escape_debug()
         ),
         WatchEvent::Delete { key } => format!("DELETE {key}"),
+        WatchEvent::Coalesced { key } => format!("COALESCED {key}"),
     }
 }
 
@@ -126,6 +127,7 @@ pub fn event_json(ev: &WatchEvent) -> Value {
             v
         }
         WatchEvent::Delete { key } => json!({ "event": "delete", "key": key }),
+        WatchEvent::Coalesced { key } => json!({ "event": "coalesced", "key": key }),
     }
 }
 
