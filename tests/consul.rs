@@ -960,3 +960,48 @@ async fn large_put_overwritten_before_its_version_is_read_still_succeeds() {
     assert_eq!(after.value, b"again");
     assert_ne!(v2, after.version);
 }
+
+/// A watch whose ACL token is revoked ends with `PermissionDenied` instead of retrying for ever
+/// while its consumer waits for events that never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ends_when_its_token_is_revoked() {
+    use futures::StreamExt;
+    let sim = ConsulSim::start_with(SimOptions {
+        acl_token: Some("old-token".into()),
+        ..SimOptions::default()
+    })
+    .unwrap();
+    let store = coordkit::connect(&format!("{}?token=old-token", sim.url()))
+        .await
+        .unwrap();
+    let mut w = store.watch("revoked/").await.unwrap();
+    store
+        .put("revoked/a", b"1".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(10), w.next())
+        .await
+        .expect("an event");
+    assert!(matches!(first, Some(Ok(_))), "{first:?}");
+    sim.set_acl_token(Some("new-token"));
+    // The next write (with the new token) ends the running blocking query.
+    let writer = coordkit::connect(&format!("{}?token=new-token", sim.url()))
+        .await
+        .unwrap();
+    writer
+        .put("revoked/b", b"2".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    let end = loop {
+        match tokio::time::timeout(Duration::from_secs(15), w.next()).await {
+            Ok(Some(Ok(_))) => continue,
+            other => break other,
+        }
+    };
+    match end {
+        Ok(Some(Err(e))) => assert_eq!(e.kind(), ErrorKind::PermissionDenied, "{e}"),
+        other => panic!("expected PermissionDenied, got {other:?}"),
+    }
+    let after = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
+    assert!(matches!(after, Ok(None)), "the stream must end: {after:?}");
+}

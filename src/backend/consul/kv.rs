@@ -331,6 +331,11 @@ impl ConsulStore {
                     backoff = Duration::from_millis(100);
                     a
                 }
+                Err(e) if e.kind() == ErrorKind::PermissionDenied => {
+                    // A revoked or rotated token: retrying cannot help.
+                    let _ = tx.send(Err(e));
+                    return;
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "consul watch poll failed; retrying");
                     tokio::select! {

@@ -65,7 +65,7 @@ impl Default for SimOptions {
 struct App {
     state: Mutex<State>,
     changes: watch::Sender<u64>,
-    acl_token: Option<String>,
+    acl_token: Mutex<Option<String>>,
     /// Fault hook: requests whose path starts with a prefix wait this long before they are
     /// handled (a slow or stalled server).
     delays: Mutex<Vec<(String, Duration)>>,
@@ -124,7 +124,7 @@ impl ConsulSim {
             state: Mutex::new(State::new()),
             overwrite: Mutex::new(None),
             changes,
-            acl_token: opts.acl_token.clone(),
+            acl_token: Mutex::new(opts.acl_token.clone()),
             delays: Mutex::new(Vec::new()),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -228,6 +228,16 @@ impl ConsulSim {
     /// `/v1/session/create` or `/v1/txn`) is held this long before it is handled;
     /// `Duration::MAX` stalls it (until the client gives up). `None` removes the delay.
     pub fn set_delay(&self, path_prefix: &str, delay: Option<Duration>) {
+        self.set_delay_inner(path_prefix, delay);
+    }
+
+    /// Fault hook: from now on only `token` is accepted (a revoked or rotated ACL token:
+    /// requests with the old one get 403 "ACL not found"); `None` turns ACLs off.
+    pub fn set_acl_token(&self, token: Option<&str>) {
+        *self.app.acl_token.lock().unwrap_or_else(|p| p.into_inner()) = token.map(str::to_string);
+    }
+
+    fn set_delay_inner(&self, path_prefix: &str, delay: Option<Duration>) {
         let mut d = self.app.delays.lock().unwrap_or_else(|p| p.into_inner());
         d.retain(|(p, _)| p != path_prefix);
         if let Some(delay) = delay {
@@ -446,7 +456,12 @@ async fn handle(
     let path = percent_decode(req.uri().path(), false);
     let q = parse_query(req.uri().query());
     let headers = req.headers().clone();
-    if let Some(want) = &app.acl_token {
+    let acl = app
+        .acl_token
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    if let Some(want) = &acl {
         match token_of(&headers, &q) {
             None => return text(StatusCode::FORBIDDEN, "Permission denied"),
             Some(t) if &t != want => return text(StatusCode::FORBIDDEN, "ACL not found"),
