@@ -26,238 +26,29 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::config::registry::{self, BackendConfig};
+use crate::config::{redact, BackendUrl};
 use crate::error::{Error, Result};
 use crate::Backend;
 
-/// Query options whose values are secret: hidden by [`redact_url`].
-const SECRET_OPTIONS: &[&str] = &["password", "token", "acl_token", "auth", "digest"];
+pub use crate::config::duration::{format as format_duration, parse as parse_duration};
 
-/// The backend tables a configuration file may hold, with the feature each needs.
-pub const TABLES: &[(&str, &str)] = &[
-    ("memory", "always built"),
-    ("etcd", "feature `etcd`"),
-    ("zookeeper", "feature `zookeeper`"),
-    ("consul", "feature `consul`"),
-    ("sharded", "always built"),
-];
-
-/// Parses a duration such as `500ms`, `10s`, `2m`, `1h`, `1m30s` or `1.5s`.
-///
-/// Units: `ms`, `s`, `m`, `h`. A number without a unit is rejected, because it is ambiguous.
-///
-/// # Errors
-/// [`ErrorKind::InvalidConfig`](crate::ErrorKind::InvalidConfig) naming the input and the
-/// accepted forms.
-pub fn parse_duration(input: &str) -> Result<Duration> {
-    let bad = |why: &str| {
-        Error::config(format!(
-            "invalid duration {input:?}: {why}; use a number with a unit, e.g. 500ms, 10s, 2m, 1h"
-        ))
-    };
-    let s = input.trim();
-    if s.is_empty() {
-        return Err(bad("it is empty"));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if num_len == 0 {
-            return Err(bad("expected a number"));
-        }
-        let number: f64 = rest[..num_len]
-            .parse()
-            .map_err(|_| bad("the number is malformed"))?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| !c.is_ascii_alphabetic())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let seconds = match unit {
-            "ms" => number / 1000.0,
-            "s" => number,
-            "m" => number * 60.0,
-            "h" => number * 3600.0,
-            "" => return Err(bad("a unit is missing")),
-            _ => return Err(bad(&format!("unknown unit {unit:?}"))),
-        };
-        let part = Duration::try_from_secs_f64(seconds).map_err(|_| bad("out of range"))?;
-        total = total.checked_add(part).ok_or_else(|| bad("out of range"))?;
-    }
-    Ok(total)
-}
-
-/// Formats a duration the way [`parse_duration`] reads it (`1500ms`, `10s`, `2m`).
-pub fn format_duration(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms % 60_000 == 0 && ms > 0 {
-        format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
-}
-
-/// `url` with its password and secret query options (`token`, …) replaced by `***`.
-pub fn redact_url(url: &str) -> String {
-    match RawUrl::parse(url) {
-        Ok(mut u) => {
-            if let Some((_, pass)) = &mut u.userinfo {
-                if pass.is_some() {
-                    *pass = Some("***".to_string());
-                }
-            }
-            for (k, v) in &mut u.query {
-                if SECRET_OPTIONS.contains(&k.as_str()) {
-                    *v = "***".to_string();
-                }
-            }
-            u.to_url_string()
-        }
-        Err(_) => crate::config::redact(url),
-    }
-}
-
-/// A backend URL taken apart without the `url` crate's host rules, which reject the
-/// comma-separated host lists of `etcd://` and `zk://`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct RawUrl {
-    scheme: String,
-    /// Decoded user name and password.
-    userinfo: Option<(String, Option<String>)>,
-    hosts: String,
-    path: String,
-    /// Decoded query pairs.
-    query: Vec<(String, String)>,
-}
-
-fn pct_decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
-}
-
-fn pct_encode_userinfo(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-impl RawUrl {
-    fn parse(input: &str) -> Result<Self> {
-        let input = input.trim();
-        let bad = |why: &str| {
-            Error::config(format!(
-                "malformed backend URL {:?}: {why}",
-                crate::config::redact(input)
-            ))
-        };
-        let (scheme, rest) = input
-            .split_once("://")
-            .ok_or_else(|| bad("expected SCHEME://…"))?;
-        if scheme.is_empty()
-            || !scheme
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
-        {
-            return Err(bad("the scheme is malformed"));
-        }
-        if rest.contains('#') || rest.chars().any(|c| c.is_whitespace()) {
-            return Err(bad("it contains '#' or whitespace"));
-        }
-        let (before_query, query) = match rest.split_once('?') {
-            Some((b, q)) => (b, Some(q)),
-            None => (rest, None),
-        };
-        let (authority, path) = match before_query.find('/') {
-            Some(i) => (&before_query[..i], &before_query[i..]),
-            None => (before_query, ""),
-        };
-        let (userinfo, hosts) = match authority.rsplit_once('@') {
-            Some((u, h)) => {
-                let (user, pass) = match u.split_once(':') {
-                    Some((user, pass)) => (pct_decode(user), Some(pct_decode(pass))),
-                    None => (pct_decode(u), None),
-                };
-                (Some((user, pass)), h)
-            }
-            None => (None, authority),
-        };
-        let query = query
-            .map(|q| {
-                url::form_urlencoded::parse(q.as_bytes())
-                    .map(|(k, v)| (k.into_owned(), v.into_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(RawUrl {
-            scheme: scheme.to_ascii_lowercase(),
-            userinfo,
-            hosts: hosts.to_string(),
-            path: path.to_string(),
-            query,
-        })
-    }
-
-    fn to_url_string(&self) -> String {
-        let mut s = format!("{}://", self.scheme);
-        if let Some((user, pass)) = &self.userinfo {
-            s.push_str(&pct_encode_userinfo(user));
-            if let Some(p) = pass {
-                s.push(':');
-                if p == "***" {
-                    s.push_str(p);
-                } else {
-                    s.push_str(&pct_encode_userinfo(p));
-                }
-            }
-            s.push('@');
-        }
-        s.push_str(&self.hosts);
-        s.push_str(&self.path);
-        if !self.query.is_empty() {
-            let enc =
-                |x: &str| url::form_urlencoded::byte_serialize(x.as_bytes()).collect::<String>();
-            let q: Vec<String> = self
-                .query
-                .iter()
-                .map(|(k, v)| {
-                    let v = if v == "***" { v.clone() } else { enc(v) };
-                    format!("{}={v}", enc(k))
-                })
-                .collect();
-            s.push('?');
-            s.push_str(&q.join("&"));
-        }
-        s
-    }
-}
+/// The top-level settings a configuration file may hold besides the backend tables.
+const TOP_LEVEL: &[&str] = &["url", "url_env", "password_env"];
 
 /// A parsed configuration file. Build it with [`ConfigFile::parse`] or [`ConfigFile::load`],
 /// then [`resolve`](ConfigFile::resolve) it and [`connect`](Resolved::connect), or call
 /// [`connect_config`].
 ///
 /// # Contract
-/// Exactly one of `url`, `[memory]`, `[etcd]`, `[zookeeper]`, `[consul]`, `[sharded]` is given
-/// (or `COORDKIT_URL` is set). Unknown settings are errors, so a misspelt setting is never
-/// silently ignored.
-#[derive(Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// Exactly one of `url` (or `url_env`) and the backend tables of
+/// [`REGISTRY`](crate::backend::REGISTRY) (`[memory]`, `[etcd]`, `[zookeeper]`, `[consul]`,
+/// `[sharded]`) is given, or `COORDKIT_URL` is set. Unknown settings and tables are errors, so
+/// a misspelt setting is never silently ignored.
+#[derive(Clone, Default, PartialEq)]
 #[non_exhaustive]
 pub struct ConfigFile {
     /// The backend URL, as for [`connect`](crate::connect).
@@ -267,32 +58,30 @@ pub struct ConfigFile {
     /// With `url`: the environment variable holding the password to put into the URL's user
     /// information (`etcd://user@host` becomes `etcd://user:<password>@host`).
     pub password_env: Option<String>,
-    /// The in-memory backend (an empty table).
-    pub memory: Option<toml::Table>,
-    /// An etcd cluster: the fields of `EtcdConfig`.
-    pub etcd: Option<toml::Table>,
-    /// A ZooKeeper ensemble: the fields of `ZkConfig`.
-    pub zookeeper: Option<toml::Table>,
-    /// A Consul agent: the fields of `ConsulConfig`.
-    pub consul: Option<toml::Table>,
-    /// Several backends with client-side sharding: the fields of
-    /// [`ShardedConfig`](crate::shard::ShardedConfig).
-    pub sharded: Option<toml::Table>,
+    /// The backend tables, by name (`etcd` holds the fields of `EtcdConfig`, and so on: each
+    /// registry entry names its table).
+    pub tables: BTreeMap<String, toml::Table>,
+}
+
+impl<'de> Deserialize<'de> for ConfigFile {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let table = toml::Table::deserialize(d)?;
+        ConfigFile::from_toml(table).map_err(|e| serde::de::Error::custom(e.message()))
+    }
 }
 
 impl fmt::Debug for ConfigFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let table =
-            |t: &Option<toml::Table>| t.as_ref().map(|t| t.keys().cloned().collect::<Vec<_>>());
+        let tables: BTreeMap<&str, Vec<&String>> = self
+            .tables
+            .iter()
+            .map(|(k, t)| (k.as_str(), t.keys().collect()))
+            .collect();
         f.debug_struct("ConfigFile")
-            .field("url", &self.url.as_deref().map(redact_url))
+            .field("url", &self.url.as_deref().map(redact))
             .field("url_env", &self.url_env)
             .field("password_env", &self.password_env)
-            .field("memory", &table(&self.memory))
-            .field("etcd", &table(&self.etcd))
-            .field("zookeeper", &table(&self.zookeeper))
-            .field("consul", &table(&self.consul))
-            .field("sharded", &table(&self.sharded))
+            .field("tables", &tables)
             .finish()
     }
 }
@@ -304,19 +93,8 @@ impl fmt::Debug for ConfigFile {
 pub enum Resolved {
     /// A backend URL (from `url`, `url_env` or `COORDKIT_URL`).
     Url(RedactedUrl),
-    /// `[memory]`.
-    Memory,
-    /// `[etcd]`.
-    #[cfg(feature = "etcd")]
-    Etcd(crate::backend::etcd::EtcdConfig),
-    /// `[zookeeper]`.
-    #[cfg(feature = "zookeeper")]
-    Zookeeper(crate::backend::zookeeper::ZkConfig),
-    /// `[consul]`.
-    #[cfg(feature = "consul")]
-    Consul(crate::backend::consul::ConsulConfig),
-    /// `[sharded]`.
-    Sharded(crate::shard::ShardedConfig),
+    /// A backend table, as the backend's configuration type (see [`Resolved::config`]).
+    Config(Arc<dyn BackendConfig>),
 }
 
 /// A URL that may carry secrets: `Debug` and `Display` hide them; [`expose`](Self::expose)
@@ -338,13 +116,13 @@ impl RedactedUrl {
 
 impl fmt::Debug for RedactedUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:?}", redact_url(&self.0))
+        write!(f, "{:?}", redact(&self.0))
     }
 }
 
 impl fmt::Display for RedactedUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_url(&self.0))
+        f.write_str(&redact(&self.0))
     }
 }
 
@@ -355,24 +133,19 @@ impl Resolved {
     /// # Errors
     /// What the backend's connect returns.
     pub async fn connect(&self) -> Result<Arc<dyn Backend>> {
-        let backend: Arc<dyn Backend> = match self {
-            Resolved::Url(u) => return crate::config::connect(u.expose()).await,
-            Resolved::Memory => Arc::new(crate::MemoryStore::new()),
-            #[cfg(feature = "etcd")]
-            Resolved::Etcd(c) => {
-                Arc::new(crate::backend::etcd::EtcdStore::connect(c.clone()).await?)
-            }
-            #[cfg(feature = "zookeeper")]
-            Resolved::Zookeeper(c) => {
-                Arc::new(crate::backend::zookeeper::ZkStore::connect(c.clone()).await?)
-            }
-            #[cfg(feature = "consul")]
-            Resolved::Consul(c) => {
-                Arc::new(crate::backend::consul::ConsulStore::connect(c.clone()).await?)
-            }
-            Resolved::Sharded(c) => Arc::new(c.connect().await?),
-        };
-        Ok(crate::trace::traced(backend))
+        match self {
+            Resolved::Url(u) => crate::config::connect(u.expose()).await,
+            Resolved::Config(c) => Ok(crate::trace::traced(c.connect().await?)),
+        }
+    }
+
+    /// The backend table's configuration as its type (`EtcdConfig`, `ZkConfig`,
+    /// `MemoryConfig`, …); `None` for a URL or another type.
+    pub fn config<T: std::any::Any>(&self) -> Option<&T> {
+        match self {
+            Resolved::Config(c) => c.downcast_ref(),
+            Resolved::Url(_) => None,
+        }
     }
 }
 
@@ -492,16 +265,36 @@ fn apply_overrides(table_name: &str, table: &mut toml::Table, env: &Env) -> Resu
     Ok(())
 }
 
-fn typed<T: serde::de::DeserializeOwned>(name: &str, table: toml::Table) -> Result<T> {
-    T::deserialize(toml::Value::Table(table)).map_err(|e| {
-        Error::config(format!(
-            "[{name}]: {}",
-            e.to_string().trim().replace('\n', " ")
-        ))
-    })
-}
-
 impl ConfigFile {
+    fn from_toml(table: toml::Table) -> Result<Self> {
+        let mut cfg = ConfigFile::default();
+        for (key, value) in table {
+            let string = |v: toml::Value| match v {
+                toml::Value::String(s) => Ok(Some(s)),
+                _ => Err(Error::config(format!("{key} must be a string"))),
+            };
+            match key.as_str() {
+                "url" => cfg.url = string(value)?,
+                "url_env" => cfg.url_env = string(value)?,
+                "password_env" => cfg.password_env = string(value)?,
+                name if registry::by_table(name).is_some() => match value {
+                    toml::Value::Table(t) => {
+                        cfg.tables.insert(key, t);
+                    }
+                    _ => return Err(Error::config(format!("{name} must be a table, [{name}]"))),
+                },
+                _ => {
+                    return Err(Error::config(format!(
+                        "unknown field `{key}`, expected one of {}, or a table {}",
+                        TOP_LEVEL.join(", "),
+                        registry::known_tables()
+                    )))
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
     /// Parses a configuration from TOML text.
     ///
     /// # Errors
@@ -541,16 +334,8 @@ impl ConfigFile {
     /// feature this build lacks, an `X_env` variable is unset, or a setting is given both
     /// directly and as `X_env`.
     pub fn resolve(&self, env: &Env) -> Result<Resolved> {
-        let tables: Vec<(&str, &toml::Table)> = [
-            ("memory", &self.memory),
-            ("etcd", &self.etcd),
-            ("zookeeper", &self.zookeeper),
-            ("consul", &self.consul),
-            ("sharded", &self.sharded),
-        ]
-        .into_iter()
-        .filter_map(|(n, t)| t.as_ref().map(|t| (n, t)))
-        .collect();
+        let tables: Vec<(&str, &toml::Table)> =
+            self.tables.iter().map(|(n, t)| (n.as_str(), t)).collect();
         let url_given = self.url.is_some() || self.url_env.is_some();
         let mut names: Vec<&str> = tables.iter().map(|(n, _)| *n).collect();
         if url_given {
@@ -600,64 +385,18 @@ impl ConfigFile {
             return Ok(Resolved::Url(RedactedUrl(url)));
         }
         let Some((name, table)) = tables.first() else {
-            return Err(Error::config(
-                "the configuration names no backend: set `url`, or add one of the tables \
-                 [memory], [etcd], [zookeeper], [consul], [sharded], or set COORDKIT_URL",
-            ));
+            return Err(Error::config(format!(
+                "the configuration names no backend: set `url`, or add one of the tables {}, or \
+                 set COORDKIT_URL",
+                registry::known_tables()
+            )));
         };
+        let entry = registry::by_table(name)
+            .ok_or_else(|| Error::config(format!("unknown table [{name}]")))?;
         let mut table = (*table).clone();
         expand_env_refs(&mut table, env, name)?;
         apply_overrides(name, &mut table, env)?;
-        #[allow(unused_variables)] // used only when a backend feature is off
-        let feature_missing = |feature: &str| {
-            Error::config(format!(
-                "the [{name}] table needs the {feature}, which this build lacks"
-            ))
-        };
-        match *name {
-            "memory" => {
-                if let Some(k) = table.keys().next() {
-                    return Err(Error::config(format!(
-                        "[memory] takes no settings (found {k:?})"
-                    )));
-                }
-                Ok(Resolved::Memory)
-            }
-            "etcd" => {
-                #[cfg(feature = "etcd")]
-                {
-                    let c: crate::backend::etcd::EtcdConfig = typed(name, table)?;
-                    c.validate()?;
-                    Ok(Resolved::Etcd(c))
-                }
-                #[cfg(not(feature = "etcd"))]
-                Err(feature_missing("feature `etcd`"))
-            }
-            "zookeeper" => {
-                #[cfg(feature = "zookeeper")]
-                {
-                    let c: crate::backend::zookeeper::ZkConfig = typed(name, table)?;
-                    c.validate()?;
-                    Ok(Resolved::Zookeeper(c))
-                }
-                #[cfg(not(feature = "zookeeper"))]
-                Err(feature_missing("feature `zookeeper`"))
-            }
-            "consul" => {
-                #[cfg(feature = "consul")]
-                {
-                    let c: crate::backend::consul::ConsulConfig = typed(name, table)?;
-                    Ok(Resolved::Consul(c))
-                }
-                #[cfg(not(feature = "consul"))]
-                Err(feature_missing("feature `consul`"))
-            }
-            _ => {
-                let c: crate::shard::ShardedConfig = typed(name, table)?;
-                c.validate()?;
-                Ok(Resolved::Sharded(c))
-            }
-        }
+        Ok(Resolved::Config(entry.config_from_table(table)?))
     }
 
     /// [`resolve`](Self::resolve) with the process environment.
@@ -671,22 +410,18 @@ impl ConfigFile {
 
 /// `url` with `password` set in its user information.
 fn with_password(url: &str, password: &str) -> Result<String> {
-    let mut u = RawUrl::parse(url)?;
-    match &mut u.userinfo {
-        Some((user, pass)) if !user.is_empty() => {
-            if pass.is_some() {
-                return Err(Error::config(
-                    "the url already holds a password; remove it or password_env",
-                ));
-            }
-            *pass = Some(password.to_string());
-        }
-        _ => {
-            return Err(Error::config(
-                "password_env needs a user name in the url (scheme://user@host…)",
-            ))
-        }
+    let mut u = BackendUrl::parse(url)?;
+    if u.user().is_none() {
+        return Err(Error::config(
+            "password_env needs a user name in the url (scheme://user@host…)",
+        ));
     }
+    if u.password().is_some() {
+        return Err(Error::config(
+            "the url already holds a password; remove it or password_env",
+        ));
+    }
+    u.set_password(password);
     Ok(u.to_url_string())
 }
 
@@ -714,6 +449,7 @@ pub async fn connect_config(path: impl AsRef<Path>) -> Result<Arc<dyn Backend>> 
 mod tests {
     use super::*;
     use crate::ErrorKind;
+    use std::time::Duration;
 
     fn env_of(pairs: &[(&str, &str)]) -> Env {
         pairs
@@ -727,32 +463,13 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+    fn durations_are_the_one_grammar() {
         assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
-        assert_eq!(parse_duration(" 0s ").unwrap(), Duration::ZERO);
-        for bad in [
-            "",
-            "10",
-            "s",
-            "10x",
-            "-1s",
-            "1..2s",
-            "10 s",
-            "99999999999999999999h",
-        ] {
+        for bad in ["10", "", "1e300", "99999999999999999999h"] {
             let e = parse_duration(bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{bad}");
-            assert!(e.message().contains("500ms"), "{e}");
         }
-        for d in [1500, 10_000, 120_000, 0, 1] {
-            let d = Duration::from_millis(d);
-            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d);
-        }
+        assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
     }
 
     #[test]
@@ -765,10 +482,11 @@ mod tests {
         let Resolved::Url(u) = &r else {
             panic!("{r:?}")
         };
-        let raw = RawUrl::parse(u.expose()).unwrap();
-        assert_eq!(raw.userinfo, Some(("app".into(), Some("p@ss:w/rd".into()))));
-        assert_eq!(raw.hosts, "10.0.0.1:2379,10.0.0.2:2379");
-        assert_eq!(raw.query, vec![("namespace".into(), "myapp/".into())]);
+        let raw = BackendUrl::parse(u.expose()).unwrap();
+        assert_eq!(raw.user(), Some("app"));
+        assert_eq!(raw.password(), Some("p@ss:w/rd"));
+        assert_eq!(raw.host_list(), "10.0.0.1:2379,10.0.0.2:2379");
+        assert_eq!(raw.query(), [("namespace".into(), "myapp/".into())]);
         assert!(!format!("{r:?}").contains("p@ss"), "{r:?}");
         assert!(u
             .to_string()
@@ -821,13 +539,14 @@ mod tests {
 
     #[test]
     fn memory_and_sharded_tables() {
-        assert!(matches!(resolve("[memory]\n", &[]), Ok(Resolved::Memory)));
+        let r = resolve("[memory]\n", &[]).unwrap();
+        assert!(r.config::<crate::backend::memory::MemoryConfig>().is_some());
         let r = resolve(
             "[sharded]\nstrategy = \"ring\"\n[[sharded.shards]]\nurl = \"memory://\"\nname = \"a\"\n[[sharded.shards]]\nurl_env = \"B\"\nname = \"b\"\n",
             &[("B", "memory://?b")],
         )
         .unwrap();
-        let Resolved::Sharded(c) = r else { panic!() };
+        let c: &crate::shard::ShardedConfig = r.config().unwrap();
         assert_eq!(c.shards.len(), 2);
         assert_eq!(c.shards[1].url, "memory://?b");
     }
@@ -886,9 +605,7 @@ mod tests {
             &[("PW", "hunter2")],
         )
         .unwrap();
-        let Resolved::Etcd(c) = &r else {
-            panic!("{r:?}")
-        };
+        let c: &crate::backend::etcd::EtcdConfig = r.config().unwrap();
         assert_eq!(c.endpoints, vec!["10.0.0.1:2379".to_string()]);
         assert_eq!(c.request_timeout, Duration::from_secs(3));
         assert_eq!(c.password.as_deref(), Some("hunter2"));
@@ -908,7 +625,7 @@ mod tests {
             &[("COORDKIT_ZOOKEEPER_SESSION_TIMEOUT", "20s")],
         )
         .unwrap();
-        let Resolved::Zookeeper(c) = r else { panic!() };
+        let c: &crate::backend::zookeeper::ZkConfig = r.config().unwrap();
         assert_eq!(c.servers.len(), 2);
         assert_eq!(c.session_timeout, Duration::from_secs(20));
     }
@@ -922,7 +639,7 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{r:?}").contains("tok-123"), "{r:?}");
-        let Resolved::Consul(c) = r else { panic!() };
+        let c: &crate::backend::consul::ConsulConfig = r.config().unwrap();
         assert_eq!(c.token.as_deref(), Some("tok-123"));
     }
 

@@ -145,7 +145,7 @@ async fn eventually(what: &str, bound: Duration, mut f: impl FnMut() -> bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_session_lapse_then_lock_delay_then_larger_token() {
     let sim = ConsulSim::start();
-    let a = store_on(&sim, |c| c.lock_delay_ms = 3000).await;
+    let a = store_on(&sim, |c| c.lock_delay = Duration::from_secs(3)).await;
     let b = store_on(&sim, |_| {}).await;
     let ttl = Duration::from_secs(10);
     let guard = a.lock("job", &LockOptions::new().ttl(ttl)).await.unwrap();
@@ -235,7 +235,7 @@ async fn fault_unreachable_server_gives_unavailable_or_timeout_in_bounded_time()
     );
 
     let sim = ConsulSim::start();
-    let store = store_on(&sim, |c| c.timeout_ms = 1500).await;
+    let store = store_on(&sim, |c| c.timeout = Duration::from_millis(1500)).await;
     store
         .put("k", b"v".to_vec(), PutOptions::default())
         .await
@@ -877,7 +877,7 @@ async fn lease_adopts_the_ttl_of_the_renew_answer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lost_fires_at_the_deadline_while_renewals_hang() {
     let sim = ConsulSim::start();
-    let a = store_on(&sim, |c| c.timeout_ms = 25_000).await;
+    let a = store_on(&sim, |c| c.timeout = Duration::from_secs(25)).await;
     let b = store_on(&sim, |_| {}).await;
     let ttl = Duration::from_secs(10);
     let t = Instant::now();

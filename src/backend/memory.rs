@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use crate::caps::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::{matches_prefix, validate_key, validate_lock_name, validate_prefix};
+use crate::key::{matches_prefix, validate_key, validate_prefix};
 use crate::kv::{
     Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream,
 };
@@ -30,6 +30,40 @@ const NAME: &str = "memory";
 /// The largest value the memory backend accepts (16 MiB), so that oversized input is an error
 /// here as on every other backend.
 pub const MAX_VALUE_SIZE: usize = 16 * 1024 * 1024;
+
+/// The configuration of the in-memory backend: there is nothing to configure. `memory://`
+/// (any host, path or query is ignored) and an empty `[memory]` table give it; each connect
+/// gives a new, empty store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct MemoryConfig {}
+
+#[async_trait]
+impl crate::config::BackendConfig for MemoryConfig {
+    async fn connect(&self) -> Result<Arc<dyn crate::Backend>> {
+        Ok(Arc::new(MemoryStore::new()))
+    }
+}
+
+impl crate::config::Configurable for MemoryConfig {
+    fn from_backend_url(_url: &crate::config::BackendUrl) -> Result<Self> {
+        Ok(MemoryConfig {})
+    }
+
+    fn validate(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn from_table(table_name: &str, table: toml::Table) -> Result<Self> {
+        match table.keys().next() {
+            Some(k) => Err(Error::config(format!(
+                "[{table_name}] takes no settings (found {k:?})"
+            ))),
+            None => Ok(MemoryConfig {}),
+        }
+    }
+}
 
 /// An in-memory store. Cloning gives another handle on the same data and locks.
 #[derive(Clone, Default)]
@@ -236,19 +270,22 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn check_value(key: &str, value: &[u8]) -> Result<()> {
-        if value.len() > MAX_VALUE_SIZE {
-            return Err(Error::new(
-                ErrorKind::ValueTooLarge,
-                NAME,
-                format!(
-                    "{} bytes exceeds the limit of {MAX_VALUE_SIZE} bytes",
-                    value.len()
-                ),
-            )
-            .with_key(key));
-        }
-        Ok(())
+    /// What the store supports; every argument check goes through these limits.
+    fn caps() -> Capabilities {
+        let mut caps = Capabilities::new(NAME);
+        caps.key_ttl = true;
+        caps.min_ttl = Duration::from_millis(1);
+        caps.max_ttl = crate::config::duration::MAX;
+        caps.min_lock_ttl = Duration::from_millis(1);
+        caps.max_lock_ttl = crate::config::duration::MAX;
+        caps.lease_expiry_factor = 1;
+        caps.max_value_size = MAX_VALUE_SIZE;
+        caps.watch = true;
+        // Every change is delivered once, in order (the store notifies under its lock).
+        caps.watch_coalesces = false;
+        caps.linearizable_reads = true;
+        caps.fencing_scope = crate::caps::FencingScope::Cluster;
+        caps
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -292,20 +329,6 @@ impl MemoryStore {
         )
         .with_lease(&lease)
     }
-
-    fn check_lock_args(name: &str, opts: &LockOptions) -> Result<()> {
-        validate_lock_name(name)?;
-        let min_ttl = Capabilities::new(NAME).min_lock_ttl;
-        if opts.ttl < min_ttl {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                NAME,
-                format!("lock TTL must be at least {min_ttl:?}"),
-            )
-            .with_key(name));
-        }
-        Ok(())
-    }
 }
 
 #[async_trait]
@@ -321,17 +344,7 @@ impl KvStore for MemoryStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
-        validate_key(key)?;
-        Self::check_value(key, &value)?;
-        let min_ttl = Capabilities::new(NAME).min_ttl;
-        if opts.ttl.is_some_and(|t| t < min_ttl) {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                NAME,
-                format!("TTL must be at least {min_ttl:?}"),
-            )
-            .with_key(key));
-        }
+        Self::caps().check_put(key, &value, &opts)?;
         let (version, expires) = self.state().write(key, value, opts.ttl);
         if let Some(at) = expires {
             self.schedule_expiry(at);
@@ -353,7 +366,7 @@ impl KvStore for MemoryStore {
     ) -> Result<Option<Version>> {
         validate_key(key)?;
         if let Some(v) = &new {
-            Self::check_value(key, v)?;
+            Self::caps().check_value(key, v)?;
         }
         let mut state = self.state();
         let current = state.data.get(key).map(|i| i.version);
@@ -406,11 +419,7 @@ impl KvStore for MemoryStore {
     }
 
     fn capabilities(&self) -> Capabilities {
-        let mut caps = Capabilities::new(NAME);
-        caps.max_value_size = MAX_VALUE_SIZE;
-        // Every change is delivered once, in order (the store notifies under its lock).
-        caps.watch_coalesces = false;
-        caps
+        Self::caps()
     }
 }
 
@@ -454,7 +463,7 @@ impl Drop for Ticket {
 #[async_trait]
 impl DistLock for MemoryStore {
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
-        Self::check_lock_args(name, opts)?;
+        Self::caps().check_lock(name, opts)?;
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut state = self.state();
@@ -517,7 +526,7 @@ impl DistLock for MemoryStore {
     }
 
     async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
-        Self::check_lock_args(name, opts)?;
+        Self::caps().check_lock(name, opts)?;
         let (tx, mut rx) = oneshot::channel();
         let id = {
             let mut state = self.state();

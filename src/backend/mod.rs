@@ -1,4 +1,4 @@
-//! The backends: one module (or folder) each.
+//! The backends: one module (or folder) each, and [`REGISTRY`], the one list of them.
 //!
 //! | backend | module | feature | URL scheme |
 //! |---|---|---|---|
@@ -15,3 +15,16 @@ pub mod consul;
 pub mod etcd;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;
+
+crate::config::registry::registry! {
+    memory: "memory", schemes ["memory"], table "memory", feature always,
+        memory::MemoryConfig;
+    etcd: "etcd", schemes ["etcd"], table "etcd", feature "etcd",
+        etcd::EtcdConfig;
+    zookeeper: "zookeeper", schemes ["zk"], table "zookeeper", feature "zookeeper",
+        zookeeper::ZkConfig;
+    consul: "consul", schemes ["consul", "consul+https"], table "consul", feature "consul",
+        consul::ConsulConfig;
+    sharded: "sharded", schemes ["sharded", "sharded+<strategy>"], table "sharded",
+        feature always, crate::shard::ShardedConfig;
+}

@@ -10,7 +10,7 @@ use url::Url;
 
 use super::store::{Shard, ShardedStore};
 use super::strategy::{ShardSpec, StrategyKind};
-use crate::config::redact;
+use crate::config::{redact, BackendConfig, BackendUrl, Configurable};
 use crate::error::{Error, Result};
 use crate::Backend;
 
@@ -98,7 +98,8 @@ impl ShardConfig {
         self
     }
 
-    /// The name the strategy uses: `name`, or the URL with any password hidden.
+    /// The name the strategy uses: `name`, or the URL [`redact`]ed (its password and secret
+    /// query options replaced by `***`), so that changing a credential moves no key.
     pub fn effective_name(&self) -> String {
         match &self.name {
             Some(n) => n.clone(),
@@ -169,6 +170,20 @@ impl ShardedConfig {
     /// weight or name list of the wrong length, an unparsable number, or what
     /// [`validate`](Self::validate) rejects.
     pub fn from_url(url: &Url) -> Result<Self> {
+        Self::from_url_str(url.as_str())
+    }
+
+    /// [`from_url`](Self::from_url) from a string.
+    ///
+    /// # Errors
+    /// As [`from_url`](Self::from_url).
+    pub fn from_url_str(url: &str) -> Result<Self> {
+        let cfg = Self::from_backend_url(&BackendUrl::parse(url)?)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn parse_url(url: &BackendUrl) -> Result<Self> {
         let scheme = url.scheme();
         let mut strategy = match scheme.strip_prefix("sharded") {
             Some("") => None,
@@ -183,7 +198,11 @@ impl ShardedConfig {
                 "{scheme}:// is not a sharded URL; use sharded+<strategy>://?shard=<url>&…"
             )));
         }
-        if url.host_str().is_some_and(|h| !h.is_empty()) || !matches!(url.path(), "" | "/") {
+        if !url.host_list().is_empty()
+            || url.user().is_some()
+            || url.password().is_some()
+            || !matches!(url.path(), "" | "/")
+        {
             return Err(Error::config(
                 "a sharded URL has no host or path: sharded+<strategy>://?shard=<url>&shard=<url>",
             ));
@@ -192,9 +211,9 @@ impl ShardedConfig {
         let mut vnodes = None;
         let mut weights: Option<Vec<u32>> = None;
         let mut names: Option<Vec<String>> = None;
-        for (k, v) in url.query_pairs() {
-            match k.as_ref() {
-                "shard" => urls.push(v.into_owned()),
+        for (k, v) in url.query() {
+            match k.as_str() {
+                "shard" => urls.push(v.clone()),
                 "strategy" => {
                     let s = v.parse::<StrategyKind>()?;
                     if strategy.is_some_and(|old| old != s) {
@@ -253,13 +272,11 @@ impl ShardedConfig {
                 name: names.as_ref().map(|n| n[i].clone()),
             })
             .collect();
-        let cfg = ShardedConfig {
+        Ok(ShardedConfig {
             strategy: strategy.unwrap_or_else(default_strategy),
             vnodes,
             shards,
-        };
-        cfg.validate()?;
-        Ok(cfg)
+        })
     }
 
     /// The strategy's view of the shards.
@@ -286,25 +303,11 @@ impl ShardedConfig {
             if url.is_empty() {
                 return Err(Error::config("a shard has an empty URL"));
             }
-            // Backends parse their own URLs (etcd and zk ones may list several hosts, which a
-            // generic URL parser rejects); here only the `scheme://` form is checked.
-            let scheme = match url.split_once("://") {
-                Some((scheme, _))
-                    if !scheme.is_empty()
-                        && scheme
-                            .chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) =>
-                {
-                    scheme
-                }
-                _ => {
-                    return Err(Error::config(format!(
-                        "shard URL {:?} is malformed: expected <scheme>://…",
-                        redact(url)
-                    )))
-                }
-            };
-            if scheme.starts_with("sharded") {
+            // The backend checks the rest of its URL when it connects.
+            let parsed = BackendUrl::parse(url).map_err(|e| {
+                Error::config(format!("shard URL {:?}: {}", redact(url), e.message()))
+            })?;
+            if parsed.scheme().starts_with("sharded") {
                 return Err(Error::config(format!(
                     "shard {:?} is itself sharded; list its shards directly",
                     s.effective_name()
@@ -349,6 +352,23 @@ impl ShardedConfig {
             shards.push(shard);
         }
         ShardedStore::new(self.strategy, self.vnodes, shards)
+    }
+}
+
+#[async_trait::async_trait]
+impl BackendConfig for ShardedConfig {
+    async fn connect(&self) -> Result<Arc<dyn Backend>> {
+        Ok(Arc::new(ShardedConfig::connect(self).await?))
+    }
+}
+
+impl Configurable for ShardedConfig {
+    fn from_backend_url(url: &BackendUrl) -> Result<Self> {
+        Self::parse_url(url)
+    }
+
+    fn validate(&self) -> Result<()> {
+        ShardedConfig::validate(self)
     }
 }
 

@@ -13,9 +13,9 @@ use futures::Stream;
 use tokio::sync::{mpsc, Notify};
 
 use super::strategy::{HashStrategy, ShardSpec, StrategyKind};
-use crate::caps::{Capabilities, FencingScope};
+use crate::caps::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::{matches_prefix, validate_key, validate_lock_name, validate_prefix};
+use crate::key::{matches_prefix, validate_key, validate_prefix};
 use crate::kv::{
     Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream,
 };
@@ -273,66 +273,6 @@ impl ShardedStore {
         (i, &self.inner.shards[i])
     }
 
-    fn check_value(&self, key: &str, value: &[u8]) -> Result<()> {
-        let max = self.inner.caps.max_value_size;
-        if value.len() > max {
-            return Err(Error::new(
-                ErrorKind::ValueTooLarge,
-                NAME,
-                format!(
-                    "{} bytes exceeds the limit of {max} bytes (the smallest of the shards')",
-                    value.len()
-                ),
-            )
-            .with_key(key));
-        }
-        Ok(())
-    }
-
-    fn check_ttl(&self, key: &str, opts: &PutOptions) -> Result<()> {
-        let Some(ttl) = opts.ttl else {
-            return Ok(());
-        };
-        let caps = &self.inner.caps;
-        if !caps.key_ttl {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                NAME,
-                "key TTLs are not supported by every shard",
-            )
-            .with_key(key));
-        }
-        if ttl < caps.min_ttl || ttl.is_zero() {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                NAME,
-                format!(
-                    "TTL {ttl:?} is below the minimum {:?} (the largest of the shards')",
-                    caps.min_ttl
-                ),
-            )
-            .with_key(key));
-        }
-        Ok(())
-    }
-
-    fn check_lock(&self, name: &str, opts: &LockOptions) -> Result<()> {
-        validate_lock_name(name)?;
-        let min = self.inner.caps.min_lock_ttl;
-        if opts.ttl < min || opts.ttl.is_zero() {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                NAME,
-                format!(
-                    "lock TTL {:?} is below the minimum {min:?} (the largest of the shards')",
-                    opts.ttl
-                ),
-            )
-            .with_key(name));
-        }
-        Ok(())
-    }
-
     /// The merged watches of this process that cover `key` on the cluster of shard `shard`,
     /// each with that shard's index in the watch and its current event count.
     fn watchers(&self, shard: usize, key: &str) -> Vec<Watcher> {
@@ -406,26 +346,8 @@ fn on_shard(shard: &Shard) -> impl FnOnce(Error) -> Error + '_ {
 
 /// The most restrictive combination of the shards' capabilities.
 fn combine_caps(shards: &[Shard]) -> Capabilities {
-    let mut caps = Capabilities::new(NAME);
-    caps.watch_coalesces = false;
-    for s in shards {
-        let c = s.backend.capabilities();
-        caps.key_ttl &= c.key_ttl;
-        caps.min_ttl = caps.min_ttl.max(c.min_ttl);
-        caps.min_lock_ttl = caps.min_lock_ttl.max(c.min_lock_ttl);
-        caps.lease_expiry_factor = caps.lease_expiry_factor.max(c.lease_expiry_factor);
-        caps.max_value_size = caps.max_value_size.min(c.max_value_size);
-        caps.watch &= c.watch;
-        caps.watch_coalesces |= c.watch_coalesces;
-        caps.linearizable_reads &= c.linearizable_reads;
-        if c.fencing_scope == FencingScope::PerLock {
-            caps.fencing_scope = FencingScope::PerLock;
-        }
-    }
-    if shards.len() > 1 {
-        caps.fencing_scope = FencingScope::PerLock;
-    }
-    caps
+    let all: Vec<Capabilities> = shards.iter().map(|s| s.backend.capabilities()).collect();
+    Capabilities::intersection(NAME, &all)
 }
 
 #[async_trait]
@@ -441,9 +363,7 @@ impl KvStore for ShardedStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
-        validate_key(key)?;
-        self.check_value(key, &value)?;
-        self.check_ttl(key, &opts)?;
+        self.inner.caps.check_put(key, &value, &opts)?;
         let (i, shard) = self.owner(key);
         let watchers = self.watchers(i, key);
         let version = shard
@@ -487,7 +407,7 @@ impl KvStore for ShardedStore {
     ) -> Result<Option<Version>> {
         validate_key(key)?;
         if let Some(v) = &new {
-            self.check_value(key, v)?;
+            self.inner.caps.check_value(key, v)?;
         }
         let (i, shard) = self.owner(key);
         let watchers = self.watchers(i, key);
@@ -593,7 +513,7 @@ impl KvStore for ShardedStore {
 #[async_trait]
 impl DistLock for ShardedStore {
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
-        self.check_lock(name, opts)?;
+        self.inner.caps.check_lock(name, opts)?;
         let (_, shard) = self.owner(name);
         shard
             .backend
@@ -603,7 +523,7 @@ impl DistLock for ShardedStore {
     }
 
     async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
-        self.check_lock(name, opts)?;
+        self.inner.caps.check_lock(name, opts)?;
         let (_, shard) = self.owner(name);
         shard
             .backend

@@ -11,6 +11,7 @@ use reqwest::{Method, StatusCode};
 use serde::Deserialize;
 
 use super::{ConsulConfig, NAME};
+use crate::config::url::{percent_encode as encode_query, percent_encode_path as encode_path};
 use crate::error::{Error, ErrorKind, Result};
 
 /// The Consul KV entry (`/v1/kv` and `/v1/txn` results).
@@ -155,32 +156,6 @@ impl std::fmt::Debug for Client {
             .field("dc", &self.dc)
             .finish()
     }
-}
-
-/// Percent-encodes a key for a URL path: everything but unreserved characters and `/`.
-pub(crate) fn encode_path(key: &str) -> String {
-    let mut out = String::with_capacity(key.len());
-    for b in key.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~' | b'/') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Percent-encodes a query value.
-fn encode_query(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 impl Client {
@@ -525,9 +500,11 @@ impl Client {
             StatusCode::NOT_FOUND => Ok(None),
             StatusCode::OK => {
                 let list: Vec<SessionInfo> = self.parse("session renew", &a, key)?;
-                Ok(list
-                    .first()
-                    .map(|s| parse_duration(&s.ttl).filter(|t| !t.is_zero())))
+                Ok(list.first().map(|s| {
+                    crate::config::duration::parse(&s.ttl)
+                        .ok()
+                        .filter(|t| !t.is_zero())
+                }))
             }
             _ => Err(self.unexpected("session renew", &a, key)),
         }
@@ -555,66 +532,17 @@ pub(crate) fn go_duration(d: Duration) -> String {
     }
 }
 
-/// Parses a duration: Go syntax (`"1m30s"`, `"250ms"`, `"15s"`), or a bare number of seconds.
-/// `None` for anything else, including a duration too large to represent (never a panic).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    if s.is_empty() {
-        return None;
-    }
-    if let Ok(secs) = s.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).ok();
-    }
-    let mut total = 0f64;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let n_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        if n_end == 0 {
-            return None;
-        }
-        let n: f64 = rest[..n_end].parse().ok()?;
-        rest = &rest[n_end..];
-        let u_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..u_end] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[u_end..];
-        total += n * scale;
-    }
-    Duration::try_from_secs_f64(total).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration("15s"), Some(Duration::from_secs(15)));
-        assert_eq!(parse_duration("1m30s"), Some(Duration::from_secs(90)));
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2.5"), Some(Duration::from_millis(2500)));
-        assert_eq!(parse_duration("x"), None);
-        assert_eq!(parse_duration("5y"), None);
-        assert_eq!(parse_duration(""), None);
-        // Too large, negative or not finite: None, not a panic.
-        assert_eq!(parse_duration("99999999999999999999999"), None);
-        assert_eq!(parse_duration("99999999999999999999999h"), None);
-        assert_eq!(parse_duration("-5"), None);
-        assert_eq!(parse_duration("inf"), None);
-        assert_eq!(parse_duration("NaN"), None);
+    fn go_durations() {
         assert_eq!(go_duration(Duration::from_secs(10)), "10s");
         assert_eq!(go_duration(Duration::from_millis(10_500)), "10500ms");
+        for d in [Duration::from_secs(10), Duration::from_millis(10_500)] {
+            assert_eq!(crate::config::duration::parse(&go_duration(d)).unwrap(), d);
+        }
     }
 
     #[test]

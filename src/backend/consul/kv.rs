@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use tokio::sync::mpsc;
 
 use super::client::{DirEntry, Mode, TxnKv, TxnOutcome};
-use super::{ConsulStore, MAX_VALUE_SIZE, NAME};
+use super::{ConsulStore, NAME};
 use crate::caps::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
 use crate::key::{validate_key, validate_prefix};
@@ -48,21 +48,6 @@ impl ConsulStore {
             value: e.bytes()?,
             version: Version::from_raw(e.modify_index),
         })
-    }
-
-    fn check_value(key: &str, value: &[u8]) -> Result<()> {
-        if value.len() > MAX_VALUE_SIZE {
-            return Err(Error::new(
-                ErrorKind::ValueTooLarge,
-                NAME,
-                format!(
-                    "{} bytes exceeds Consul's limit of {MAX_VALUE_SIZE} bytes",
-                    value.len()
-                ),
-            )
-            .with_key(key));
-        }
-        Ok(())
     }
 
     /// Runs a transaction whose first result is the written entry; its ModifyIndex.
@@ -147,16 +132,7 @@ impl KvStore for ConsulStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
-        validate_key(key)?;
-        Self::check_value(key, &value)?;
-        if opts.ttl.is_some() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                NAME,
-                "Consul has no key TTL; coordkit does not emulate one (see the Consul backend docs)",
-            )
-            .with_key(key));
-        }
+        Self::caps().check_put(key, &value, &opts)?;
         if value.len() > TXN_VALUE_LIMIT {
             return self.large_write(key, value, None).await;
         }
@@ -191,7 +167,7 @@ impl KvStore for ConsulStore {
     ) -> Result<Option<Version>> {
         validate_key(key)?;
         if let Some(v) = &new {
-            Self::check_value(key, v)?;
+            Self::caps().check_value(key, v)?;
         }
         let full = self.data_key(key);
         match (expect, new) {

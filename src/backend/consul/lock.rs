@@ -18,9 +18,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::client::{Client, Mode, TxnKv, TxnOutcome};
-use super::{ConsulStore, MAX_SESSION_TTL, MIN_SESSION_TTL, NAME};
+use super::{ConsulStore, NAME};
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::validate_lock_name;
 use crate::lease::{deadline_after, until, Lease, Renew, RenewPolicy, Renewal};
 use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
 
@@ -109,7 +108,7 @@ impl Session {
         deadline: Option<Instant>,
     ) -> Result<Option<Session>> {
         let client = store.inner.client.clone();
-        let delay = Duration::from_millis(store.inner.cfg.lock_delay_ms);
+        let delay = store.inner.cfg.lock_delay;
         let (tx, rx) = oneshot::channel();
         let mut pending = PendingCreate {
             rx: Some(rx),
@@ -254,22 +253,6 @@ enum Attempt {
 impl ConsulStore {
     fn lock_key(&self, name: &str) -> String {
         format!("{}{name}", self.inner.lock_prefix)
-    }
-
-    fn check_lock_args(name: &str, opts: &LockOptions) -> Result<()> {
-        validate_lock_name(name)?;
-        if opts.ttl < MIN_SESSION_TTL || opts.ttl > MAX_SESSION_TTL {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                NAME,
-                format!(
-                    "lock TTL {:?} is outside Consul's session TTL range of 10 s to 86400 s",
-                    opts.ttl
-                ),
-            )
-            .with_key(name));
-        }
-        Ok(())
     }
 
     /// One `lock` transaction (A4, A6): the result's ModifyIndex is the fencing token.
@@ -450,7 +433,7 @@ fn session_lost(name: &str, session: &Session) -> Error {
 #[async_trait]
 impl DistLock for ConsulStore {
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
-        Self::check_lock_args(name, opts)?;
+        Self::caps().check_lock(name, opts)?;
         // Every step below is bounded by this deadline (None: a wait too large to represent,
         // or no wait, is unbounded).
         let deadline = deadline_after(opts.wait);
@@ -522,7 +505,7 @@ impl DistLock for ConsulStore {
     }
 
     async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
-        Self::check_lock_args(name, opts)?;
+        Self::caps().check_lock(name, opts)?;
         let key = self.lock_key(name);
         // Cheap check first, so a held lock costs no session.
         let (entries, _) = self

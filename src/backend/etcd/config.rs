@@ -4,9 +4,14 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use async_trait::async_trait;
 use serde::Deserialize;
 
-use super::{DEFAULT_MAX_REQUEST_BYTES, NAME, REQUEST_OVERHEAD};
+use super::{EtcdStore, DEFAULT_MAX_REQUEST_BYTES, NAME, REQUEST_OVERHEAD};
+use crate::config::duration::{self, Grammar};
+use crate::config::{BackendConfig, BackendUrl, Configurable};
 use crate::error::{Error, ErrorKind, Result};
 
 /// The longest namespace accepted, in bytes (it is part of every key).
@@ -15,7 +20,8 @@ pub const MAX_NAMESPACE_LEN: usize = 1024;
 /// How to reach an etcd cluster.
 ///
 /// Deserializable (for configuration files): durations are strings such as `"5s"`, `"500ms"`,
-/// `"2m"` or a number of seconds. Every field has a default except `endpoints`.
+/// `"2m"` ([`crate::config::duration`]; a bare number of seconds still works but is
+/// deprecated). Every field has a default except `endpoints`.
 ///
 /// `Debug` shows `password: "***"` when a password is set; it is never logged.
 ///
@@ -37,10 +43,10 @@ pub struct EtcdConfig {
     /// lives under `<namespace>locks/N/`. Empty, or ending in `/`, in the key grammar.
     pub namespace: String,
     /// Bound on establishing a connection to an endpoint.
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "duration::de_seconds_alias")]
     pub connect_timeout: Duration,
     /// Bound on every single request (each call returns within it, or `Timeout`).
-    #[serde(deserialize_with = "de_duration")]
+    #[serde(deserialize_with = "duration::de_seconds_alias")]
     pub request_timeout: Duration,
     /// User name for etcd authentication.
     pub user: Option<String>,
@@ -99,67 +105,6 @@ fn bad(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::InvalidConfig, NAME, msg)
 }
 
-/// Parses `5s`, `500ms`, `2m`, `1h`, or a plain number of seconds (fractions allowed).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| c.is_ascii_alphabetic()) {
-        Some(i) => (&s[..i], &s[i..]),
-        None => (s, "s"),
-    };
-    let n: f64 = num.trim().parse().ok()?;
-    if !n.is_finite() || n < 0.0 {
-        return None;
-    }
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    Duration::try_from_secs_f64(secs).ok()
-}
-
-fn de_duration<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Raw {
-        Num(f64),
-        Str(String),
-    }
-    let raw = Raw::deserialize(d)?;
-    let parsed = match &raw {
-        Raw::Num(n) if n.is_finite() && *n >= 0.0 => Duration::try_from_secs_f64(*n).ok(),
-        Raw::Num(_) => None,
-        Raw::Str(s) => parse_duration(s),
-    };
-    parsed.ok_or_else(|| {
-        serde::de::Error::custom(
-            "expected a duration such as \"5s\", \"500ms\" or a number of seconds",
-        )
-    })
-}
-
-fn percent_decode(s: &str) -> Result<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| bad("malformed percent-encoding in the URL's user information"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad("the URL's user information is not UTF-8"))
-}
-
 impl EtcdConfig {
     /// A configuration with these endpoints and every other field at its default.
     pub fn new<S: Into<String>>(endpoints: impl IntoIterator<Item = S>) -> Self {
@@ -209,90 +154,8 @@ impl EtcdConfig {
     /// # Errors
     /// `InvalidConfig` naming what is wrong (the password is never echoed).
     pub fn from_url_str(url: &str) -> Result<Self> {
-        let url = url.trim();
-        let rest = url
-            .strip_prefix("etcd://")
-            .ok_or_else(|| bad("an etcd URL starts with etcd://"))?;
-        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(end);
-        let mut cfg = EtcdConfig::default();
-        let hosts = match authority.rsplit_once('@') {
-            Some((userinfo, hosts)) => {
-                let (user, password) = match userinfo.split_once(':') {
-                    Some((u, p)) => (u, Some(p)),
-                    None => (userinfo, None),
-                };
-                if !user.is_empty() {
-                    cfg.user = Some(percent_decode(user)?);
-                }
-                if let Some(p) = password {
-                    cfg.password = Some(percent_decode(p)?);
-                }
-                hosts
-            }
-            None => authority,
-        };
-        for h in hosts.split(',') {
-            let h = h.trim();
-            let port = h.rsplit_once(':').map(|(_, p)| p);
-            let valid_port = port.map(|p| p.parse::<u16>().is_ok()).unwrap_or(false);
-            if h.is_empty() || !valid_port || h.starts_with(':') {
-                return Err(bad(format!(
-                    "endpoint {h:?} in the etcd URL is not host:port (expected \
-                     etcd://host:port[,host:port…])"
-                )));
-            }
-            cfg.endpoints.push(h.to_string());
-        }
-        let (path, query) = match tail.split_once('?') {
-            Some((p, q)) => (p, q),
-            None => (tail, ""),
-        };
-        let query = query.split('#').next().unwrap_or("");
-        if !(path.is_empty() || path == "/") {
-            return Err(bad(format!(
-                "unexpected path {path:?} in the etcd URL; give the key prefix as ?namespace=…"
-            )));
-        }
-        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
-            let dur = |v: &str| {
-                parse_duration(v).ok_or_else(|| {
-                    bad(format!(
-                        "option {k}={v:?}: expected a duration such as 5s or 500ms"
-                    ))
-                })
-            };
-            match k.as_ref() {
-                "namespace" => cfg.namespace = v.to_string(),
-                "timeout" | "request_timeout" => cfg.request_timeout = dur(&v)?,
-                "connect_timeout" => cfg.connect_timeout = dur(&v)?,
-                "user" => cfg.user = Some(v.to_string()),
-                "password" => cfg.password = Some(v.to_string()),
-                "tls" => {
-                    cfg.tls = match v.as_ref() {
-                        "true" | "1" | "yes" => true,
-                        "false" | "0" | "no" => false,
-                        _ => return Err(bad(format!("option tls={v:?}: expected true or false"))),
-                    }
-                }
-                "ca" | "ca_file" => cfg.ca_file = Some(PathBuf::from(v.as_ref())),
-                "cert" | "cert_file" => cfg.cert_file = Some(PathBuf::from(v.as_ref())),
-                "key" | "key_file" => cfg.key_file = Some(PathBuf::from(v.as_ref())),
-                "max_request_bytes" => {
-                    cfg.max_request_bytes = v.parse().map_err(|_| {
-                        bad(format!("option max_request_bytes={v:?}: expected a number"))
-                    })?
-                }
-                other => {
-                    return Err(bad(format!(
-                        "unknown etcd URL option {other:?}; known: namespace, timeout, \
-                         connect_timeout, user, password, tls, ca, cert, key, max_request_bytes"
-                    )))
-                }
-            }
-        }
-        cfg.validate()?;
-        Ok(cfg)
+        let url = BackendUrl::parse(url).map_err(|e| bad(e.message()))?;
+        Self::from_backend_url(&url)
     }
 
     /// Checks the configuration without connecting.
@@ -371,6 +234,97 @@ impl EtcdConfig {
             ));
         }
         Ok(Some(tls))
+    }
+}
+
+#[async_trait]
+impl BackendConfig for EtcdConfig {
+    async fn connect(&self) -> Result<Arc<dyn crate::Backend>> {
+        Ok(Arc::new(EtcdStore::connect(self.clone()).await?))
+    }
+}
+
+impl Configurable for EtcdConfig {
+    fn from_backend_url(url: &BackendUrl) -> Result<Self> {
+        if url.scheme() != "etcd" {
+            return Err(bad("an etcd URL starts with etcd://"));
+        }
+        let mut cfg = EtcdConfig {
+            user: url.user().map(str::to_string),
+            password: url.password().map(str::to_string),
+            ..EtcdConfig::default()
+        };
+        for h in url.hosts() {
+            let port = h.rsplit_once(':').map(|(_, p)| p);
+            let valid_port = port.is_some_and(|p| p.parse::<u16>().is_ok());
+            if h.is_empty() || !valid_port || h.starts_with(':') {
+                return Err(bad(format!(
+                    "endpoint {h:?} in the etcd URL is not host:port (expected \
+                     etcd://host:port[,host:port…])"
+                )));
+            }
+            cfg.endpoints.push(h.to_string());
+        }
+        if !(url.path().is_empty() || url.path() == "/") {
+            return Err(bad(format!(
+                "unexpected path {:?} in the etcd URL; give the key prefix as ?namespace=…",
+                url.path()
+            )));
+        }
+        url.only_options(
+            NAME,
+            &[
+                "namespace",
+                "timeout",
+                "request_timeout",
+                "connect_timeout",
+                "user",
+                "password",
+                "tls",
+                "ca",
+                "ca_file",
+                "cert",
+                "cert_file",
+                "key",
+                "key_file",
+                "max_request_bytes",
+            ],
+        )
+        .map_err(|e| bad(e.message()))?;
+        for (k, v) in url.query() {
+            let dur = |v: &str| {
+                duration::parse_with(v, Grammar::SecondsAlias)
+                    .map_err(|e| bad(format!("option {k}: {}", e.message())))
+            };
+            match k.as_str() {
+                "namespace" => cfg.namespace = v.clone(),
+                "timeout" | "request_timeout" => cfg.request_timeout = dur(v)?,
+                "connect_timeout" => cfg.connect_timeout = dur(v)?,
+                "user" => cfg.user = Some(v.clone()),
+                "password" => cfg.password = Some(v.clone()),
+                "tls" => {
+                    cfg.tls = match v.as_str() {
+                        "true" | "1" | "yes" => true,
+                        "false" | "0" | "no" => false,
+                        _ => return Err(bad(format!("option tls={v:?}: expected true or false"))),
+                    }
+                }
+                "ca" | "ca_file" => cfg.ca_file = Some(PathBuf::from(v)),
+                "cert" | "cert_file" => cfg.cert_file = Some(PathBuf::from(v)),
+                "key" | "key_file" => cfg.key_file = Some(PathBuf::from(v)),
+                _ => {
+                    cfg.max_request_bytes = v.parse().map_err(|_| {
+                        bad(format!("option max_request_bytes={v:?}: expected a number"))
+                    })?
+                }
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        EtcdConfig::validate(self)
     }
 }
 

@@ -37,25 +37,6 @@ impl Inner {
             version: version_of(kv.mod_revision()),
         })
     }
-
-    fn check_size(&self, key: &str, value: &[u8]) -> Result<()> {
-        let max = self.max_value_size();
-        if value.len() > max {
-            return Err(Error::new(
-                ErrorKind::ValueTooLarge,
-                NAME,
-                format!(
-                    "{} bytes exceeds the limit of {max} bytes (etcd's request limit \
-                     --max-request-bytes={} less {} bytes for key and framing)",
-                    value.len(),
-                    self.config.max_request_bytes,
-                    super::REQUEST_OVERHEAD
-                ),
-            )
-            .with_key(key));
-        }
-        Ok(())
-    }
 }
 
 fn version_of(rev: i64) -> Version {
@@ -96,9 +77,8 @@ impl KvStore for EtcdStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
-        validate_key(key)?;
+        self.caps().check_put(key, &value, &opts)?;
         let inner = &self.inner;
-        inner.check_size(key, &value)?;
         let lease = match opts.ttl {
             Some(ttl) => {
                 let secs = ttl_secs(ttl, "key", key)?;
@@ -156,10 +136,10 @@ impl KvStore for EtcdStore {
         new: Option<Vec<u8>>,
     ) -> Result<Option<Version>> {
         validate_key(key)?;
-        let inner = &self.inner;
         if let Some(v) = &new {
-            inner.check_size(key, v)?;
+            self.caps().check_value(key, v)?;
         }
+        let inner = &self.inner;
         let k = inner.data_key(key);
         let cmp = match expect {
             // A missing key compares as mod revision 0.

@@ -25,7 +25,6 @@ use tokio_util::sync::CancellationToken;
 use super::kv::{classify, open_watch, RawEvent};
 use super::{error, grant_lease, ttl_secs, EtcdStore, Inner, NAME};
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::validate_lock_name;
 use crate::lease::{deadline_after, until, Lease, Renew, RenewPolicy, Renewal};
 use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
 
@@ -444,7 +443,7 @@ impl EtcdStore {
         opts: &LockOptions,
         try_only: bool,
     ) -> Result<Option<LockGuard>> {
-        validate_lock_name(name)?;
+        self.caps().check_lock(name, opts)?;
         let secs = ttl_secs(opts.ttl, "lock", name)?;
         let deadline = match (try_only, opts.wait) {
             (false, w) => deadline_after(w),

@@ -179,7 +179,9 @@ impl EtcdStore {
         let mut c = Capabilities::new(NAME);
         c.key_ttl = true;
         c.min_ttl = MIN_TTL;
+        c.max_ttl = crate::config::duration::MAX;
         c.min_lock_ttl = MIN_TTL;
+        c.max_lock_ttl = crate::config::duration::MAX;
         c.lease_expiry_factor = 1;
         c.max_value_size = self.inner.max_value_size();
         c.watch = true;
@@ -241,20 +243,9 @@ impl Inner {
     }
 }
 
-/// Rounds a TTL up to whole seconds (etcd leases count in seconds) after checking the
-/// minimum.
+/// Rounds a TTL up to whole seconds (etcd leases count in seconds); the caller checked it
+/// against the capabilities' bounds (below `MIN_TTL` etcd would silently raise it).
 pub(crate) fn ttl_secs(ttl: Duration, what: &str, key: &str) -> Result<i64> {
-    if ttl < MIN_TTL {
-        return Err(Error::new(
-            ErrorKind::InvalidArgument,
-            NAME,
-            format!(
-                "{what} TTL {ttl:?} is below etcd's lease minimum of {MIN_TTL:?} (etcd would \
-                 silently raise it; coordkit refuses instead)"
-            ),
-        )
-        .with_key(key));
-    }
     let secs = ttl
         .as_secs()
         .saturating_add(u64::from(ttl.subsec_nanos() > 0));

@@ -46,7 +46,7 @@ use crate::kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchS
 /// or of a parent container.
 const RETRIES: usize = 32;
 /// The largest TTL a TTL znode can carry (40 bits of milliseconds).
-const TTL_MAX_MS: u128 = 0x00FF_FFFF_FFFF;
+pub(crate) const TTL_MAX_MS: u64 = 0x00FF_FFFF_FFFF;
 /// How long a server-time sample is used before a read of a TTL key takes a new one.
 const CLOCK_MAX_AGE: Duration = Duration::from_secs(30);
 
@@ -142,21 +142,6 @@ fn wall_ms() -> i64 {
 }
 
 impl Inner {
-    fn check_value(&self, key: &str, value: &[u8]) -> Result<()> {
-        if value.len() > super::MAX_VALUE_SIZE {
-            return Err(err(
-                ErrorKind::ValueTooLarge,
-                key,
-                format!(
-                    "{} bytes exceeds the limit of {} bytes (jute.maxbuffer)",
-                    value.len(),
-                    super::MAX_VALUE_SIZE
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     async fn sync(&self, client: &zk::Client, key: &str) -> Result<()> {
         let at = if self.root.is_empty() {
             "/"
@@ -448,16 +433,16 @@ impl Inner {
                     None => continue,
                 },
                 Some(n) if n.kind == Kind::Permanent => {
+                    // No version condition: under concurrent writers of one key a conditioned
+                    // write loses the race again and again. A znode keeps its czxid for life
+                    // and a permanent key never gains a `~ttl` child in place (a TTL put
+                    // replaces the znode), so an unchanged czxid proves the write went to the
+                    // permanent key that was read; otherwise the key was replaced in between
+                    // and the next round writes it again.
                     match self
-                        .bounded(
-                            "put",
-                            key,
-                            client.set_data(&path, value, Some(n.stat.version)),
-                        )
+                        .bounded("put", key, client.set_data(&path, value, None))
                         .await
                     {
-                        // The same znode (not one that replaced it with an equal data
-                        // version between the read and the write).
                         Ok(stat) if stat.czxid == n.stat.czxid => {
                             self.clock_sample(&stat);
                             return Ok(version_of(&stat));
@@ -487,18 +472,6 @@ impl Inner {
     }
 
     async fn put_ttl(&self, key: &str, value: &[u8], ttl: Duration) -> Result<Version> {
-        let caps = self.capabilities();
-        if ttl < caps.min_ttl || ttl.as_millis() > TTL_MAX_MS {
-            return Err(err(
-                ErrorKind::InvalidArgument,
-                key,
-                format!(
-                    "TTL {ttl:?} outside [{:?}, {TTL_MAX_MS} ms]; the server reaps TTL nodes every \
-                     {:?}",
-                    caps.min_ttl, self.cfg.ttl_reap_interval
-                ),
-            ));
-        }
         // Whole milliseconds: what ZooKeeper stores and what `~ttl` records.
         let ttl = Duration::from_millis(ttl.as_millis() as u64);
         let ttl_ms = ttl.as_millis() as u64;
@@ -525,8 +498,9 @@ impl Inner {
                     let mark = mark_of(&path);
                     let t = ttl_ms.to_string().into_bytes();
                     let mut w = client.new_multi_writer();
-                    w.add_set_data(&path, value, Some(n.stat.version))
-                        .map_err(map)?;
+                    // Unconditioned, as for a permanent key; the czxid check below and the
+                    // `~ttl` write (which fails if the mark is gone) catch a replaced znode.
+                    w.add_set_data(&path, value, None).map_err(map)?;
                     w.add_set_data(&mark, &t, None).map_err(map)?;
                     let commit = w.commit();
                     match self
@@ -781,12 +755,8 @@ impl KvStore for ZkStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
-        validate_key(key)?;
-        self.inner.check_value(key, &value)?;
+        self.inner.capabilities().check_put(key, &value, &opts)?;
         match opts.ttl {
-            Some(t) if t.is_zero() => {
-                Err(err(ErrorKind::InvalidArgument, key, "TTL must be positive"))
-            }
             Some(t) => self.inner.put_ttl(key, &value, t).await,
             None => self.inner.put_permanent(key, &value).await,
         }
@@ -805,7 +775,7 @@ impl KvStore for ZkStore {
     ) -> Result<Option<Version>> {
         validate_key(key)?;
         if let Some(v) = &new {
-            self.inner.check_value(key, v)?;
+            self.inner.capabilities().check_value(key, v)?;
         }
         self.inner.cas(key, expect, new).await
     }

@@ -30,7 +30,6 @@ use zookeeper_client as zk;
 use super::error::{err, map, NAME};
 use super::{e_zk, lock_std, open_session, path, Inner, ZkStore};
 use crate::error::{Error, ErrorKind, Result};
-use crate::key::validate_lock_name;
 use crate::lease::{self, Lease, Renew, RenewPolicy, Renewal};
 use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
 
@@ -488,25 +487,6 @@ struct Acquired {
 }
 
 impl ZkStore {
-    fn check_lock_args(&self, name: &str, opts: &LockOptions) -> Result<()> {
-        validate_lock_name(name)?;
-        let min = self.inner.cfg.min_session_timeout;
-        if opts.ttl < min || opts.ttl.is_zero() {
-            return Err(err(
-                ErrorKind::InvalidArgument,
-                name,
-                format!(
-                    "lock TTL {:?} is below the server's minimum session timeout {min:?}",
-                    opts.ttl
-                ),
-            ));
-        }
-        if opts.ttl.as_millis() > i32::MAX as u128 {
-            return Err(err(ErrorKind::InvalidArgument, name, "lock TTL too large"));
-        }
-        Ok(())
-    }
-
     /// Whether `path` is a contender node (ephemeral), not the directory of a nested lock name.
     /// `None` if it does not exist; with `watch`, also a watcher on it.
     async fn contender_stat(
@@ -761,7 +741,7 @@ impl ZkStore {
 #[async_trait]
 impl DistLock for ZkStore {
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
-        self.check_lock_args(name, opts)?;
+        self.inner.capabilities().check_lock(name, opts)?;
         // The wait bound is applied inside, where a node created by this attempt can be
         // deleted before `Timeout` is returned.
         let acquired = self.acquire(name, opts.ttl, Mode::Wait(opts.wait)).await?;
@@ -776,7 +756,7 @@ impl DistLock for ZkStore {
     }
 
     async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
-        self.check_lock_args(name, opts)?;
+        self.inner.capabilities().check_lock(name, opts)?;
         match self.acquire(name, opts.ttl, Mode::Try).await? {
             Some(acq) => self.make_guard(name, opts.ttl, acq).map(Some),
             None => Ok(None),
