@@ -122,13 +122,16 @@ fn example_file_resolves_with_every_section() {
             .collect();
         let r = resolve_toml(&format!("example section {title:?}"), &body);
         let expected = if title.starts_with("ZooKeeper") {
-            "Zookeeper"
+            "ZkConfig"
         } else if title.starts_with("Consul") {
-            "Consul"
+            "ConsulConfig"
         } else {
-            "Sharded"
+            "ShardedConfig"
         };
-        assert!(format!("{r:?}").starts_with(expected), "{title}: {r:?}");
+        assert!(
+            format!("{r:?}").starts_with(&format!("Config({expected}")),
+            "{title}: {r:?}"
+        );
         sections += 1;
     }
     assert_eq!(sections, 3);

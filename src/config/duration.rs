@@ -43,6 +43,21 @@ pub fn parse(input: &str) -> Result<Duration> {
     parse_with(input, Grammar::UnitRequired)
 }
 
+/// Parses how long to wait: the grammar of [`parse`] without its upper bound, for waits where
+/// "longer than anyone will wait" means "without bound" (what
+/// [`LockOptions::wait`](crate::LockOptions::wait) does with such a duration).
+///
+/// # Errors
+/// As [`parse`], except that no duration is too long; a number too large to represent at all
+/// is still an error.
+pub fn parse_wait(input: &str) -> Result<Duration> {
+    let s = input.trim();
+    if s.is_empty() || s.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return parse(input);
+    }
+    humantime::parse_duration(s).map_err(|e| invalid(input, &e.to_string()))
+}
+
 /// Parses a duration in the given grammar.
 ///
 /// # Errors
@@ -200,6 +215,18 @@ mod tests {
             let e = parse(bad).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidConfig, "{bad}");
             assert!(e.message().contains("500ms"), "{e}");
+        }
+    }
+
+    #[test]
+    fn waits_have_no_upper_bound() {
+        assert_eq!(
+            parse_wait("3000000000000000h").unwrap(),
+            Duration::from_secs(3_000_000_000_000_000 * 3600)
+        );
+        assert!(parse("3000000000000000h").is_err());
+        for bad in ["", "10", "x", "99999999999999999999h"] {
+            assert!(parse_wait(bad).is_err(), "{bad}");
         }
     }
 

@@ -139,11 +139,11 @@ pub struct LockArgs {
     pub ttl: Duration,
     /// Give up (exit 124) if the lock is not acquired within this long; 0s tries once
     /// [default: wait forever]
-    #[arg(long, value_name = "D", value_parser = duration)]
+    #[arg(long, value_name = "D", value_parser = wait_duration)]
     pub wait: Option<Duration>,
     /// How long CMD's process group has between SIGTERM and SIGKILL: after the lock is lost,
     /// or for processes still running when CMD exits
-    #[arg(long, value_name = "D", default_value = "10s", value_parser = duration)]
+    #[arg(long, value_name = "D", default_value = "10s", value_parser = wait_duration)]
     pub kill_after: Duration,
     /// The command to run, after '--'
     #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
@@ -151,7 +151,12 @@ pub struct LockArgs {
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
-    coordkit::config_file::parse_duration(s).map_err(|e| e.message().to_string())
+    coordkit::config::duration::parse(s).map_err(|e| e.message().to_string())
+}
+
+/// A wait: longer than the clock can count means without bound.
+fn wait_duration(s: &str) -> Result<Duration, String> {
+    coordkit::config::duration::parse_wait(s).map_err(|e| e.message().to_string())
 }
 
 /// What parsing the command line gave.
