@@ -360,7 +360,8 @@ impl Client {
         }
         let mut extra = Duration::ZERO;
         if let Some((index, wait)) = block {
-            // Never send index 0 as a blocking index (https://developer.hashicorp.com/consul/api-docs/features/blocking).
+            // Never send index 0 as a blocking index
+            // (https://developer.hashicorp.com/consul/api-docs/features/blocking).
             q.push(("index", index.max(1).to_string()));
             q.push(("wait", format!("{}ms", wait.as_millis().max(1))));
             // The server may add up to wait/16 of jitter (same page).

@@ -305,9 +305,9 @@ impl KvStore for ConsulStore {
 }
 
 impl ConsulStore {
-    /// Blocking queries on the prefix, diffing successive results (the client rules of
-    /// <https://developer.hashicorp.com/consul/api-docs/features/blocking>: reset when the index goes backwards, never index 0,
-    /// rate-limited).
+    /// Blocking queries on the prefix, diffing successive results, following the client rules
+    /// of <https://developer.hashicorp.com/consul/api-docs/features/blocking>: reset when the
+    /// index goes backwards, never index 0, rate-limited.
     async fn watch_loop(
         self,
         full: String,
@@ -391,8 +391,8 @@ impl ConsulStore {
             }
             snapshot = next;
             // An index that goes backwards (snapshot restore, reaped tombstones) resets the
-            // loop (https://developer.hashicorp.com/consul/api-docs/features/blocking); the diff against the last result still finds
-            // every change.
+            // loop (https://developer.hashicorp.com/consul/api-docs/features/blocking); the diff
+            // against the last result still finds every change.
             reset = new_index < index;
             index = if reset { 1 } else { new_index.max(1) };
             if !changed {

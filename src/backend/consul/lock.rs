@@ -48,7 +48,8 @@ struct Session {
 
 /// Renews a session: `PUT /v1/session/renew/<id>`. A 404 means the session was invalidated;
 /// an answer gives the TTL the server now applies (it may raise it, see "Renew Session" in
-/// <https://developer.hashicorp.com/consul/api-docs/session>), else the TTL the session was created with.
+/// <https://developer.hashicorp.com/consul/api-docs/session>), else the TTL the session was
+/// created with.
 struct SessionRenewer {
     client: Client,
     id: String,
@@ -272,8 +273,9 @@ impl ConsulStore {
         Ok(())
     }
 
-    /// One `lock` transaction (<https://developer.hashicorp.com/consul/api-docs/txn>): the result's ModifyIndex is the fencing token,
-    /// a Raft index written by this acquisition (Consul's agent/consul/state/txn.go).
+    /// One `lock` transaction (<https://developer.hashicorp.com/consul/api-docs/txn>): the result's
+    /// ModifyIndex is the fencing token, a Raft index written by this acquisition (Consul's
+    /// agent/consul/state/txn.go).
     async fn attempt(&self, key: &str, session: &str) -> Result<Attempt> {
         let op = TxnKv {
             verb: "lock",
