@@ -577,7 +577,8 @@ impl LockHandle for ConsulLock {
         self.session.stop();
         let client = &self.store.inner.client;
         // Release first (an explicit release sets no lock-delay), then destroy: destroying a
-        // session applies the lock-delay to the keys it holds (https://developer.hashicorp.com/consul/api-docs/session,
+        // session applies the lock-delay to the keys it holds
+        // (https://developer.hashicorp.com/consul/api-docs/session,
         // https://developer.hashicorp.com/consul/docs/dynamic-app-config/sessions). The
         // release deletes the key if and only if our session still holds it.
         let released = release_key(&self.store, &self.key, &self.session.id).await;
