@@ -6,16 +6,12 @@
 //! `COORDKIT_RELIABILITY_ROUNDS` (default 200) and `COORDKIT_RELIABILITY_PROCS` (default 8) set
 //! the size of each run. Runs with faults take turns; runs without faults run alongside.
 
-#[path = "support/contention.rs"]
-mod contention;
-#[path = "support/fenced.rs"]
-mod fenced;
 mod support;
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use contention::{publish, run, Fault, RunConfig, RunReport};
+use support::contention::{self, publish, run, Fault, RunConfig, RunReport};
 
 /// Runs with faults (short TTLs, timed pauses) take turns; runs without faults use long TTLs
 /// and may share the machine with anything.
@@ -223,6 +219,7 @@ mod consul {
 
 /// A sharded store over every backend of this build: the lock lives on one shard, picked by
 /// the hash of its name.
+#[cfg(all(feature = "etcd", feature = "zookeeper"))]
 mod sharded {
     use super::*;
 
@@ -231,7 +228,6 @@ mod sharded {
     }
 
     #[test]
-    #[cfg(all(feature = "etcd", feature = "zookeeper"))]
     fn sharded_processes() {
         let shards = [
             crate::support::etcd::shared_url(),
