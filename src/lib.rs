@@ -36,6 +36,8 @@
 //! | `consul` | yes | the Consul backend (`consul://`) |
 //! | `cli` | yes | the `coordkit` command-line tool |
 //! | `etcd` | no | the etcd backend (`etcd://`); its build needs `protoc` and the protobuf include files |
+//! | `conformance` | no | the conformance suite ([`conformance`], [`conformance_tests!`]) that every backend passes, for testing a backend; enables `test-hooks` |
+//! | `test-hooks` | no | hooks for fault tests (stopping a lock's keep-alive), hidden from these docs |
 //!
 //! The in-memory backend is always built.
 #![warn(missing_docs)]
@@ -45,6 +47,7 @@ pub mod backend;
 pub mod caps;
 pub mod config;
 pub mod config_file;
+#[cfg(feature = "conformance")]
 pub mod conformance;
 pub mod error;
 pub mod fencing;

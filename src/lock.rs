@@ -111,7 +111,9 @@ pub trait LockHandle: Send + Sync + 'static {
     }
 
     /// Stops renewing the lease, as if the holder process were paused; the lock is then lost
-    /// once the TTL runs out. For fault tests.
+    /// once the TTL runs out. A hook for fault tests, reached through
+    /// `LockGuard::suspend_keep_alive` (feature `test-hooks`); not part of the API.
+    #[doc(hidden)]
     fn suspend_keep_alive(&self);
 }
 
@@ -201,7 +203,11 @@ impl LockGuard {
         async move { token.cancelled_owned().await }
     }
 
-    /// Stops renewing the lease, as if this process were paused. For fault tests.
+    /// Stops renewing the lease, as if this process were paused; the lock is then lost once
+    /// the TTL runs out. A hook for fault tests (and the conformance suite), behind the
+    /// `test-hooks` feature; not part of the API.
+    #[doc(hidden)]
+    #[cfg(feature = "test-hooks")]
     pub fn suspend_keep_alive(&self) {
         if let Some(h) = &self.handle {
             h.suspend_keep_alive();

@@ -4,13 +4,11 @@
 //! `ErrorKind` within a bound, and a read-back proves nothing stored changed. See
 //! `docs/reliability.md`.
 
-#[path = "support/bad_input.rs"]
-mod bad_input;
 mod support;
 
 use std::sync::Arc;
 
-use bad_input::{run_matrix, url_cases, Matrix};
+use support::bad_input::{run_matrix, url_cases, Matrix};
 
 fn report(m: &Matrix) {
     println!("{m}");
@@ -91,38 +89,51 @@ fn closed_port() -> u16 {
     p
 }
 
+/// One `#[tokio::test]` running the whole bad-input matrix against a backend: two clients of
+/// `url` (evaluated after `server`, which lives for the test and may be unit), the backend's malformed URLs,
+/// and one unreachable server.
+macro_rules! bad_input_matrix {
+    ($test:ident, $label:literal,
+     server: $server:ident = $start:expr, url: $url:expr,
+     bad_urls: [$($bad:expr),* $(,)?],
+     unreachable: $unreachable:expr $(,)?) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $test() {
+            let $server = $start;
+            let url = $url;
+            let (a, b) = two(&url).await;
+            let mut m = run_matrix($label, a, b, "bad/").await;
+            url_cases(&mut m, &[$($bad),*]).await;
+            unreachable_case(&mut m, &$unreachable).await;
+            report(&m);
+        }
+    };
+}
+
 #[cfg(feature = "etcd")]
 mod etcd {
     use super::*;
     use crate::support::etcd::{etcdctl, shared_url, EtcdCluster};
-    use bad_input::{black_hole_cases, unreachable_case};
     use std::time::Duration;
+    use support::bad_input::{black_hole_cases, unreachable_case};
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn etcd_bad_input_matrix() {
-        let (a, b) = two(&shared_url()).await;
-        let mut m = run_matrix("etcd", a, b, "bad/").await;
-        url_cases(
-            &mut m,
-            &[
-                "etcd://",
-                "etcd://127.0.0.1:notaport",
-                "etcd://127.0.0.1:99999",
-                "etcd://127.0.0.1:2379?timeout=banana",
-                "etcd://127.0.0.1:2379?no_such_option=1",
-            ],
-        )
-        .await;
-        unreachable_case(
-            &mut m,
-            &format!(
-                "etcd://127.0.0.1:{}?timeout=2s&connect_timeout=1s",
-                closed_port()
-            ),
-        )
-        .await;
-        report(&m);
-    }
+    bad_input_matrix!(
+        etcd_bad_input_matrix,
+        "etcd",
+        server: _server = (),
+        url: shared_url(),
+        bad_urls: [
+            "etcd://",
+            "etcd://127.0.0.1:notaport",
+            "etcd://127.0.0.1:99999",
+            "etcd://127.0.0.1:2379?timeout=banana",
+            "etcd://127.0.0.1:2379?no_such_option=1",
+        ],
+        unreachable: format!(
+            "etcd://127.0.0.1:{}?timeout=2s&connect_timeout=1s",
+            closed_port()
+        ),
+    );
 
     /// With authentication enabled: wrong password and unknown user give PermissionDenied;
     /// the right ones work, and nothing the refused calls attempted was written.
@@ -222,36 +233,28 @@ mod etcd {
 mod zookeeper {
     use super::*;
     use crate::support::zookeeper::{shared, url_options, ZkStandalone};
-    use bad_input::{black_hole_cases, unreachable_case};
     use std::time::Duration;
+    use support::bad_input::{black_hole_cases, unreachable_case};
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn zookeeper_bad_input_matrix() {
-        let (a, b) = two(&shared().url()).await;
-        let mut m = run_matrix("zookeeper", a, b, "bad/").await;
-        url_cases(
-            &mut m,
-            &[
-                "zk://",
-                "zk://127.0.0.1:notaport",
-                "zk://127.0.0.1:99999",
-                "zk://127.0.0.1:2181/bad//chroot",
-                "zk://127.0.0.1:2181?session_timeout=banana",
-                "zk://127.0.0.1:2181?no_such_option=1",
-            ],
-        )
-        .await;
-        unreachable_case(
-            &mut m,
-            &format!(
-                "zk://127.0.0.1:{}?{}&connect_timeout=1s&request_timeout=2s",
-                closed_port(),
-                url_options()
-            ),
-        )
-        .await;
-        report(&m);
-    }
+    bad_input_matrix!(
+        zookeeper_bad_input_matrix,
+        "zookeeper",
+        server: _server = (),
+        url: shared().url(),
+        bad_urls: [
+            "zk://",
+            "zk://127.0.0.1:notaport",
+            "zk://127.0.0.1:99999",
+            "zk://127.0.0.1:2181/bad//chroot",
+            "zk://127.0.0.1:2181?session_timeout=banana",
+            "zk://127.0.0.1:2181?no_such_option=1",
+        ],
+        unreachable: format!(
+            "zk://127.0.0.1:{}?{}&connect_timeout=1s&request_timeout=2s",
+            closed_port(),
+            url_options()
+        ),
+    );
 
     /// A server stopped with SIGSTOP: every call returns within the configured timeout.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,34 +288,25 @@ mod zookeeper {
 mod consul {
     use super::*;
     use crate::support::consul_sim::{ConsulSim, SimOptions};
-    use bad_input::unreachable_case;
+    use support::bad_input::unreachable_case;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn consul_sim_bad_input_matrix() {
-        let sim = ConsulSim::start();
-        let (a, b) = two(&sim.url()).await;
-        let mut m = run_matrix("consul-sim", a, b, "bad/").await;
-        url_cases(
-            &mut m,
-            &[
-                "consul://",
-                "consul://127.0.0.1:notaport",
-                "consul://127.0.0.1:99999",
-                "consul://127.0.0.1:8500?timeout=banana",
-                "consul://127.0.0.1:8500?no_such_option=1",
-            ],
-        )
-        .await;
-        unreachable_case(
-            &mut m,
-            &format!(
-                "consul://127.0.0.1:{}?timeout=2s&connect_timeout=1s",
-                closed_port()
-            ),
-        )
-        .await;
-        report(&m);
-    }
+    bad_input_matrix!(
+        consul_sim_bad_input_matrix,
+        "consul-sim",
+        server: sim = ConsulSim::start(),
+        url: sim.url(),
+        bad_urls: [
+            "consul://",
+            "consul://127.0.0.1:notaport",
+            "consul://127.0.0.1:99999",
+            "consul://127.0.0.1:8500?timeout=banana",
+            "consul://127.0.0.1:8500?no_such_option=1",
+        ],
+        unreachable: format!(
+            "consul://127.0.0.1:{}?timeout=2s&connect_timeout=1s",
+            closed_port()
+        ),
+    );
 
     /// With an ACL token required: a wrong or missing token gives PermissionDenied and writes
     /// nothing.

@@ -37,20 +37,14 @@ fn ck(args: &[&str]) -> Command {
     c
 }
 
-fn wait_bounded(mut child: Child, started: Instant) -> std::process::Output {
-    while started.elapsed() < RUN_BOUND {
-        match child.try_wait() {
-            Ok(Some(_)) => return child.wait_with_output().expect("collect output"),
-            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("waiting for coordkit: {e}"),
-        }
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().expect("collect output");
-    panic!(
-        "coordkit did not finish within {RUN_BOUND:?}; stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+fn wait_bounded(child: Child, started: Instant) -> std::process::Output {
+    support::wait_child_output(child, started + RUN_BOUND).unwrap_or_else(|child| {
+        let out = child.wait_with_output().expect("collect output");
+        panic!(
+            "coordkit did not finish within {RUN_BOUND:?}; stderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
 }
 
 /// Runs `cmd` to completion (bounded), feeding `stdin`.
@@ -332,13 +326,9 @@ fn command_dies_with_coordkit() {
 // ---------------------------------------------------------------------------------------------
 // Against real servers.
 
-/// Every key-value subcommand, human and JSON output, stdin input, TTL, missing keys.
-fn kv_subcommands(url: &str) {
-    kv_subcommands_with(url, true)
-}
-
-/// [`kv_subcommands`], with or without the `--ttl` part (for backends without key TTLs).
-fn kv_subcommands_with(url: &str, key_ttl: bool) {
+/// Every key-value subcommand, human and JSON output, stdin input, missing keys, and TTL
+/// (the `--ttl` part only if `key_ttl`: for backends without key TTLs).
+fn kv_subcommands(url: &str, key_ttl: bool) {
     let p = unique("kv");
     let k = format!("{p}/greeting");
     let out = run(url, &["put", &k, "hello world"]);
@@ -661,17 +651,8 @@ fn print_pid_state(pid: i32) -> String {
 }
 
 /// Waits up to `bound` for `child`; `None` (and the child killed) if it runs on.
-fn wait_within(mut child: Child, bound: Duration) -> Option<std::process::Output> {
-    let started = Instant::now();
-    while started.elapsed() < bound {
-        if let Ok(Some(_)) = child.try_wait() {
-            return Some(child.wait_with_output().expect("collect output"));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
-    None
+fn wait_within(child: Child, bound: Duration) -> Option<std::process::Output> {
+    support::wait_child_output(child, Instant::now() + bound).ok()
 }
 
 /// CMD exits at once, leaving a process that ignores SIGTERM in its group: the lock is not
@@ -833,6 +814,41 @@ fn huge_durations(url: &str) {
     assert_eq!(out.code, 5, "{out:?}");
 }
 
+/// The tests every backend that spans processes runs, one `#[test]` each, calling the shared
+/// test function of the same name with the backend module's `url()` (as
+/// `coordkit::conformance_tests!` does for the library). `key_ttl`: whether the backend has key
+/// TTLs (the `--ttl` part of `kv_subcommands`).
+macro_rules! backend_tests {
+    (key_ttl: $key_ttl:expr) => {
+        backend_tests!(@each
+            kv_subcommands($key_ttl),
+            watch_prints_events(false),
+            lock_excludes_across_processes(),
+            lock_covers_processes_left_behind(),
+            signal_while_waiting_withdraws(),
+            huge_durations(),
+        );
+    };
+    (@each $($name:ident($($arg:expr),*)),* $(,)?) => {
+        $(
+            #[test]
+            fn $name() {
+                super::$name(&url() $(, $arg)*);
+            }
+        )*
+    };
+}
+
+/// A server that does not listen, named by `url` (for `port`, free): `get` fails with exit 1
+/// and one line, well within its timeout.
+fn unreachable_server_fails_within_bound(url: impl Fn(u16) -> String) {
+    let port = support::free_port();
+    let out = run(&url(port), &["--timeout", "5s", "get", "k"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert_one_line_error(&out);
+    assert!(out.took < Duration::from_secs(20), "took {:?}", out.took);
+}
+
 #[cfg(feature = "etcd")]
 mod etcd {
     use super::*;
@@ -842,39 +858,11 @@ mod etcd {
         etcd::shared_url()
     }
 
-    #[test]
-    fn kv_subcommands() {
-        super::kv_subcommands(&url());
-    }
-
-    #[test]
-    fn watch_prints_events() {
-        super::watch_prints_events(&url(), false);
-    }
+    backend_tests!(key_ttl: true);
 
     #[test]
     fn watch_prints_json_events() {
         super::watch_prints_events(&url(), true);
-    }
-
-    #[test]
-    fn lock_excludes_across_processes() {
-        super::lock_excludes_across_processes(&url());
-    }
-
-    #[test]
-    fn lock_covers_processes_left_behind() {
-        super::lock_covers_processes_left_behind(&url());
-    }
-
-    #[test]
-    fn signal_while_waiting_withdraws() {
-        super::signal_while_waiting_withdraws(&url());
-    }
-
-    #[test]
-    fn huge_durations() {
-        super::huge_durations(&url());
     }
 
     #[test]
@@ -925,14 +913,7 @@ mod etcd {
 
     #[test]
     fn unreachable_server_fails_within_bound() {
-        let port = support::free_port();
-        let out = run(
-            &format!("etcd://127.0.0.1:{port}"),
-            &["--timeout", "5s", "get", "k"],
-        );
-        assert_eq!(out.code, 1, "{out:?}");
-        assert_one_line_error(&out);
-        assert!(out.took < Duration::from_secs(20), "took {:?}", out.took);
+        super::unreachable_server_fails_within_bound(|port| format!("etcd://127.0.0.1:{port}"));
     }
 
     /// Revokes the lease of the etcd lock `name`'s key (the lock is lost at once).
@@ -1027,21 +1008,7 @@ mod etcd {
         .spawn()
         .expect("start holder");
         assert!(support::wait_until(Duration::from_secs(30), || marker.exists()));
-        let eps = etcd::shared().endpoints();
-        let (ok, keys, err) = etcd::etcdctl(
-            &eps,
-            &["get", "--prefix", "--keys-only", &format!("locks/{name}/")],
-        );
-        assert!(ok, "{err}");
-        let key = keys
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .expect("the lock key")
-            .trim()
-            .to_string();
-        let lease = key.rsplit('/').next().expect("lease hex").to_string();
-        let (ok, _, err) = etcd::etcdctl(&eps, &["lease", "revoke", &lease]);
-        assert!(ok, "revoke {lease}: {err}");
+        revoke_lock_lease(&name);
         let out = wait_bounded(holder, started);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(125), "{stderr}");
@@ -1059,46 +1026,13 @@ mod zookeeper {
         zookeeper::shared().url()
     }
 
-    #[test]
-    fn kv_subcommands() {
-        super::kv_subcommands(&url());
-    }
-
-    #[test]
-    fn watch_prints_events() {
-        super::watch_prints_events(&url(), false);
-    }
-
-    #[test]
-    fn lock_excludes_across_processes() {
-        super::lock_excludes_across_processes(&url());
-    }
-
-    #[test]
-    fn lock_covers_processes_left_behind() {
-        super::lock_covers_processes_left_behind(&url());
-    }
-
-    #[test]
-    fn signal_while_waiting_withdraws() {
-        super::signal_while_waiting_withdraws(&url());
-    }
-
-    #[test]
-    fn huge_durations() {
-        super::huge_durations(&url());
-    }
+    backend_tests!(key_ttl: true);
 
     #[test]
     fn unreachable_server_fails_within_bound() {
-        let port = support::free_port();
-        let out = run(
-            &format!("zk://127.0.0.1:{port}?connect_timeout=2s"),
-            &["--timeout", "5s", "get", "k"],
-        );
-        assert_eq!(out.code, 1, "{out:?}");
-        assert_one_line_error(&out);
-        assert!(out.took < Duration::from_secs(20), "took {:?}", out.took);
+        super::unreachable_server_fails_within_bound(|port| {
+            format!("zk://127.0.0.1:{port}?connect_timeout=2s")
+        });
     }
 }
 
@@ -1115,40 +1049,14 @@ mod consul {
         SIM.get_or_init(ConsulSim::start).url()
     }
 
-    #[test]
-    fn kv_subcommands() {
-        let caps_ttl = {
-            let rt = tokio::runtime::Runtime::new().expect("runtime");
-            rt.block_on(async {
-                let b = coordkit::connect(&url()).await.expect("connect");
-                b.capabilities().key_ttl
-            })
-        };
-        super::kv_subcommands_with(&url(), caps_ttl);
+    /// Whether the backend declares key TTLs.
+    fn key_ttl() -> bool {
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        rt.block_on(async {
+            let b = coordkit::connect(&url()).await.expect("connect");
+            b.capabilities().key_ttl
+        })
     }
 
-    #[test]
-    fn watch_prints_events() {
-        super::watch_prints_events(&url(), false);
-    }
-
-    #[test]
-    fn lock_excludes_across_processes() {
-        super::lock_excludes_across_processes(&url());
-    }
-
-    #[test]
-    fn lock_covers_processes_left_behind() {
-        super::lock_covers_processes_left_behind(&url());
-    }
-
-    #[test]
-    fn signal_while_waiting_withdraws() {
-        super::signal_while_waiting_withdraws(&url());
-    }
-
-    #[test]
-    fn huge_durations() {
-        super::huge_durations(&url());
-    }
+    backend_tests!(key_ttl: key_ttl());
 }

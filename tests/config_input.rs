@@ -29,6 +29,7 @@ const ABSURD: &[&str] = &[
 ];
 
 /// (scheme and hosts, the duration options of that URL form)
+#[allow(clippy::vec_init_then_push)] // the pushes depend on the features
 fn duration_options() -> Vec<(&'static str, &'static [&'static str])> {
     let mut v: Vec<(&str, &[&str])> = Vec::new();
     #[cfg(feature = "etcd")]
@@ -112,6 +113,7 @@ fn bare_numbers_keep_their_documented_meaning_or_are_refused() {
 }
 
 /// (table, a minimal valid body, its duration settings)
+#[allow(clippy::vec_init_then_push)] // the pushes depend on the features
 fn duration_settings() -> Vec<(&'static str, &'static str, &'static [&'static str])> {
     let mut v: Vec<(&str, &str, &[&str])> = Vec::new();
     #[cfg(feature = "etcd")]
@@ -178,6 +180,7 @@ fn absurd_durations_in_every_toml_setting() {
 }
 
 /// Secret-bearing URLs in every form: (URL, the secrets in it).
+#[allow(clippy::vec_init_then_push)] // the pushes depend on the features
 fn secret_urls() -> Vec<(String, Vec<&'static str>)> {
     let nested = |u: &str| coordkit::config::url::percent_encode(u);
     let mut v = vec![(

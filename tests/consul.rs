@@ -1,7 +1,7 @@
 //! The Consul backend: the whole conformance suite against the in-process Consul simulator
 //! (`tests/support/consul_sim/`), the same suite against a real Consul when `CONSUL_HTTP_ADDR`
 //! is set, and fault and bad-input tests against the simulator.
-#![cfg(feature = "consul")]
+#![cfg(all(feature = "consul", feature = "conformance"))]
 
 mod support;
 
@@ -96,26 +96,7 @@ mod real {
         };
     }
 
-    real_tests!(
-        values_round_trip,
-        cas_create_update_delete,
-        list_by_prefix,
-        key_ttl_expiry,
-        watch_order_and_start,
-        watch_concurrent_writers,
-        watch_survives_burst,
-        watch_state_matches_list,
-        invalid_keys_rejected,
-        oversized_value_rejected,
-        lock_mutual_exclusion,
-        fencing_tokens_increase,
-        try_lock_on_held_lock,
-        lock_wait_times_out,
-        lost_fires_when_lease_lapses,
-        release_hands_over_promptly,
-        dropped_guard_releases,
-        run_locked_job,
-    );
+    coordkit::for_each_conformance_test!(real_tests, []);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 //! The etcd backend against a real etcd (Debian's `/usr/bin/etcd`, started by the test):
 //! the whole conformance suite, interoperation with `etcdctl lock`, oversized values.
-#![cfg(feature = "etcd")]
+#![cfg(all(feature = "etcd", feature = "conformance"))]
 
 mod support;
 

@@ -3,14 +3,12 @@
 //! histories), then concurrent put / get / compare-and-swap histories recorded from several
 //! clients of each backend, checked with it. See `docs/reliability.md`.
 
-#[path = "support/linearizability.rs"]
-mod lin;
 mod support;
 
 use std::sync::Arc;
 
 use coordkit::Consistency;
-use lin::{brute_force, check, record, Event, HistoryStats, Op, Ret, Verdict};
+use support::linearizability::{brute_force, check, record, Event, HistoryStats, Op, Ret, Verdict};
 
 fn ev(client: usize, op: Op, ret: Ret, call: u64, ret_at: u64) -> Event {
     Event {

@@ -6,16 +6,12 @@
 //! `COORDKIT_RELIABILITY_ROUNDS` (default 200) and `COORDKIT_RELIABILITY_PROCS` (default 8) set
 //! the size of each run. Runs with faults take turns; runs without faults run alongside.
 
-#[path = "support/contention.rs"]
-mod contention;
-#[path = "support/fenced.rs"]
-mod fenced;
 mod support;
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use contention::{publish, run, Fault, RunConfig, RunReport};
+use support::contention::{self, publish, run, Fault, RunConfig, RunReport};
 
 /// Runs with faults (short TTLs, timed pauses) take turns; runs without faults use long TTLs
 /// and may share the machine with anything.
@@ -115,6 +111,90 @@ fn without_a_lock_the_checks_catch_violations() {
     assert!(report.final_value < 8 * 40, "{report}");
 }
 
+/// A cluster whose leader a fault kills and restarts.
+#[cfg(any(feature = "etcd", feature = "zookeeper"))]
+trait Cluster: Send + 'static {
+    /// What a member is called in the fault's description (`member`, `node`).
+    const MEMBER: &'static str;
+    /// How long a new leader may take to be elected.
+    const ELECTION_BOUND: Duration;
+    fn leader(&mut self) -> Option<usize>;
+    fn kill(&mut self, i: usize);
+    /// Restarts member `i`; the end of the fault's description (`restarted`, …).
+    fn restart(&mut self, i: usize) -> String;
+}
+
+#[cfg(feature = "etcd")]
+impl Cluster for support::etcd::EtcdCluster {
+    const MEMBER: &'static str = "member";
+    const ELECTION_BOUND: Duration = Duration::from_secs(20);
+    fn leader(&mut self) -> Option<usize> {
+        support::etcd::EtcdCluster::leader(self)
+    }
+    fn kill(&mut self, i: usize) {
+        support::etcd::EtcdCluster::kill(self, i)
+    }
+    fn restart(&mut self, i: usize) -> String {
+        // Waits until the member is healthy (panics otherwise).
+        support::etcd::EtcdCluster::restart(self, i);
+        "restarted".into()
+    }
+}
+
+#[cfg(feature = "zookeeper")]
+impl Cluster for support::zookeeper::ZkEnsemble {
+    const MEMBER: &'static str = "node";
+    const ELECTION_BOUND: Duration = Duration::from_secs(30);
+    fn leader(&mut self) -> Option<usize> {
+        support::zookeeper::ZkEnsemble::leader(self)
+    }
+    fn kill(&mut self, i: usize) {
+        support::zookeeper::ZkEnsemble::kill(self, i)
+    }
+    fn restart(&mut self, i: usize) -> String {
+        support::zookeeper::ZkEnsemble::restart(self, i);
+        let back = self.wait_serving(Duration::from_secs(60));
+        format!(
+            "restarted, {}",
+            if back { "serving again" } else { "NOT serving" }
+        )
+    }
+}
+
+/// The fault `what`: SIGKILL the leader of `cluster`, wait for a new one, restart the old one
+/// 2 s later. Its description says `NOT` when no new leader was elected or the old one does
+/// not serve again.
+#[cfg(any(feature = "etcd", feature = "zookeeper"))]
+fn leader_kill<C: Cluster>(what: &str, cluster: C) -> (std::sync::Arc<Mutex<C>>, Fault) {
+    let cluster = std::sync::Arc::new(Mutex::new(cluster));
+    let c = cluster.clone();
+    let fault = Fault::Custom(
+        what.into(),
+        Box::new(move || {
+            let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(leader) = c.leader() else {
+                return "no leader found".into();
+            };
+            let t0 = std::time::Instant::now();
+            c.kill(leader);
+            let new = support::wait_until(
+                C::ELECTION_BOUND,
+                || matches!(c.leader(), Some(l) if l != leader),
+            );
+            let elected = t0.elapsed();
+            std::thread::sleep(Duration::from_secs(2));
+            let restarted = c.restart(leader);
+            format!(
+                "killed {} {leader}; new leader {} after {:.2}s; {restarted}",
+                C::MEMBER,
+                if new { "elected" } else { "NOT elected" },
+                elected.as_secs_f64()
+            )
+        }),
+    );
+    (cluster, fault)
+}
+
 #[cfg(feature = "etcd")]
 mod etcd {
     use super::*;
@@ -127,32 +207,9 @@ mod etcd {
 
     #[test]
     fn etcd_processes_under_faults() {
-        let cluster = std::sync::Arc::new(Mutex::new(EtcdCluster::start(3)));
-        let url = cluster.lock().unwrap_or_else(|p| p.into_inner()).url();
-        let c = cluster.clone();
-        let leader_kill = Fault::Custom(
-            "SIGKILL the etcd leader, restart it".into(),
-            Box::new(move || {
-                let mut c = c.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(leader) = c.leader() else {
-                    return "no leader found".into();
-                };
-                let t0 = std::time::Instant::now();
-                c.kill(leader);
-                let new = support::wait_until(
-                    Duration::from_secs(20),
-                    || matches!(c.leader(), Some(l) if l != leader),
-                );
-                let elected = t0.elapsed();
-                std::thread::sleep(Duration::from_secs(2));
-                c.restart(leader);
-                format!(
-                    "killed member {leader}; new leader {} after {:.2}s; restarted",
-                    if new { "elected" } else { "NOT elected" },
-                    elected.as_secs_f64()
-                )
-            }),
-        );
+        let cluster = EtcdCluster::start(3);
+        let url = cluster.url();
+        let (_cluster, leader_kill) = leader_kill("SIGKILL the etcd leader, restart it", cluster);
         let report = faulty_run("etcd-faults", &url, vec![leader_kill]);
         assert!(!report.faults[2].contains("NOT"), "{report}");
     }
@@ -170,34 +227,9 @@ mod zookeeper {
 
     #[test]
     fn zookeeper_processes_under_faults() {
-        let ens = std::sync::Arc::new(Mutex::new(ZkEnsemble::start(3)));
-        let url = ens.lock().unwrap_or_else(|p| p.into_inner()).url();
-        let e = ens.clone();
-        let leader_kill = Fault::Custom(
-            "SIGKILL the ZooKeeper leader, restart it".into(),
-            Box::new(move || {
-                let mut e = e.lock().unwrap_or_else(|p| p.into_inner());
-                let Some(leader) = e.leader() else {
-                    return "no leader found".into();
-                };
-                let t0 = std::time::Instant::now();
-                e.kill(leader);
-                let new = support::wait_until(
-                    Duration::from_secs(30),
-                    || matches!(e.leader(), Some(l) if l != leader),
-                );
-                let elected = t0.elapsed();
-                std::thread::sleep(Duration::from_secs(2));
-                e.restart(leader);
-                let back = e.wait_serving(Duration::from_secs(60));
-                format!(
-                    "killed node {leader}; new leader {} after {:.2}s; restarted, {}",
-                    if new { "elected" } else { "NOT elected" },
-                    elected.as_secs_f64(),
-                    if back { "serving again" } else { "NOT serving" }
-                )
-            }),
-        );
+        let ens = ZkEnsemble::start(3);
+        let url = ens.url();
+        let (_ens, leader_kill) = leader_kill("SIGKILL the ZooKeeper leader, restart it", ens);
         let report = faulty_run("zookeeper-faults", &url, vec![leader_kill]);
         assert!(!report.faults[2].contains("NOT"), "{report}");
     }
@@ -223,6 +255,7 @@ mod consul {
 
 /// A sharded store over every backend of this build: the lock lives on one shard, picked by
 /// the hash of its name.
+#[cfg(all(feature = "etcd", feature = "zookeeper"))]
 mod sharded {
     use super::*;
 
@@ -231,7 +264,6 @@ mod sharded {
     }
 
     #[test]
-    #[cfg(all(feature = "etcd", feature = "zookeeper"))]
     fn sharded_processes() {
         let shards = [
             crate::support::etcd::shared_url(),

@@ -1,5 +1,6 @@
 //! The conformance suite over a sharded store of three in-memory shards, plus sharding-specific
 //! tests: routing, fan-out, capabilities, errors naming the shard, and resharding.
+#![cfg(feature = "conformance")]
 
 use std::sync::Arc;
 

@@ -1,6 +1,6 @@
 //! The conformance suite over a sharded store of two real single-node etcd servers (each its
 //! own cluster), started by the test.
-#![cfg(feature = "etcd")]
+#![cfg(all(feature = "etcd", feature = "conformance"))]
 
 mod support;
 

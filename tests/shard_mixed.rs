@@ -1,6 +1,6 @@
 //! The conformance suite over a sharded store of one real etcd server and one real ZooKeeper
 //! server, started by the test: keys and locks spread over two different coordinators.
-#![cfg(all(feature = "etcd", feature = "zookeeper"))]
+#![cfg(all(feature = "etcd", feature = "zookeeper", feature = "conformance"))]
 
 mod support;
 

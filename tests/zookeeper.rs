@@ -3,7 +3,7 @@
 //! delete and re-create, TTL keys made permanent, oversized values, and lock interop with a real
 //! Apache Curator `InterProcessMutex` (Java, compiled here with javac).
 
-#![cfg(feature = "zookeeper")]
+#![cfg(all(feature = "zookeeper", feature = "conformance"))]
 
 mod support;
 

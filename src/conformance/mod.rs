@@ -119,38 +119,24 @@ pub async fn ok<T>(what: &str, fut: impl Future<Output = Result<T>>) -> T {
     }
 }
 
-/// The names of every conformance test, in the order [`conformance_tests!`](crate::conformance_tests) runs them.
-pub const ALL: &[&str] = &[
-    "values_round_trip",
-    "cas_create_update_delete",
-    "list_by_prefix",
-    "key_ttl_expiry",
-    "watch_order_and_start",
-    "watch_concurrent_writers",
-    "watch_survives_burst",
-    "watch_state_matches_list",
-    "invalid_keys_rejected",
-    "oversized_value_rejected",
-    "lock_mutual_exclusion",
-    "fencing_tokens_increase",
-    "try_lock_on_held_lock",
-    "lock_wait_times_out",
-    "lost_fires_when_lease_lapses",
-    "release_hands_over_promptly",
-    "dropped_guard_releases",
-    "run_locked_job",
-    "guard_dropped_off_runtime_releases",
-    "nested_lock_names_are_independent",
-    "absurd_wait_is_unbounded",
-    "cas_makes_a_ttl_key_permanent",
-];
-
-/// Generates one `#[tokio::test]` per conformance test, each calling
-/// `coordkit::conformance::<test>(&harness)`. `$harness` is evaluated once per test.
+/// Calls the macro `$callback` with `$($prefix)*` followed by the names of every conformance
+/// test, comma-separated, in the order the suite runs them. The one list of the suite: [`ALL`]
+/// and [`conformance_tests!`](crate::conformance_tests) are generated from it.
+///
+/// ```
+/// macro_rules! names {
+///     ($($name:ident),*) => {
+///         const NAMES: &[&str] = &[$(stringify!($name)),*];
+///     };
+/// }
+/// coordkit::for_each_conformance_test!(names, []);
+/// assert_eq!(NAMES, coordkit::conformance::ALL);
+/// ```
 #[macro_export]
-macro_rules! conformance_tests {
-    ($harness:expr) => {
-        $crate::conformance_tests!(@each $harness;
+macro_rules! for_each_conformance_test {
+    ($callback:path, [$($prefix:tt)*]) => {
+        $callback! {
+            $($prefix)*
             values_round_trip, cas_create_update_delete, list_by_prefix, key_ttl_expiry,
             watch_order_and_start, watch_concurrent_writers, watch_survives_burst,
             watch_state_matches_list, invalid_keys_rejected, oversized_value_rejected,
@@ -158,7 +144,27 @@ macro_rules! conformance_tests {
             lock_wait_times_out, lost_fires_when_lease_lapses, release_hands_over_promptly,
             dropped_guard_releases, run_locked_job, guard_dropped_off_runtime_releases,
             nested_lock_names_are_independent, absurd_wait_is_unbounded,
-            cas_makes_a_ttl_key_permanent);
+            cas_makes_a_ttl_key_permanent
+        }
+    };
+}
+
+macro_rules! all_names {
+    ($($name:ident),* $(,)?) => {
+        /// The names of every conformance test, in the order
+        /// [`conformance_tests!`](crate::conformance_tests) runs them.
+        pub const ALL: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+crate::for_each_conformance_test!(all_names, []);
+
+/// Generates one `#[tokio::test]` per conformance test, each calling
+/// `coordkit::conformance::<test>(&harness)`. `$harness` is evaluated once per test.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($harness:expr) => {
+        $crate::for_each_conformance_test!($crate::conformance_tests, [@each $harness;]);
     };
     (@each $harness:expr; $($name:ident),* $(,)?) => {
         $(
@@ -169,4 +175,38 @@ macro_rules! conformance_tests {
             }
         )*
     };
+}
+
+#[cfg(test)]
+mod tests {
+    /// The suite's functions, as declared in its source files: `pub async fn NAME(h: &Harness)`.
+    fn declared() -> Vec<String> {
+        [include_str!("kv_tests.rs"), include_str!("lock_tests.rs")]
+            .iter()
+            .flat_map(|src| src.lines())
+            .filter_map(|line| {
+                let rest = line.strip_prefix("pub async fn ")?;
+                let (name, args) = rest.split_once('(')?;
+                args.starts_with("h: &Harness)").then(|| name.to_string())
+            })
+            .collect()
+    }
+
+    /// The one list names every test function of the suite exactly once, and nothing else:
+    /// a test added to `kv_tests.rs`/`lock_tests.rs` but not to the list (so never run by
+    /// `conformance_tests!`), or listed twice, fails here.
+    #[test]
+    fn the_list_names_every_test_function_once() {
+        let mut listed: Vec<String> = super::ALL.iter().map(|s| s.to_string()).collect();
+        let n = listed.len();
+        listed.sort();
+        listed.dedup();
+        assert_eq!(listed.len(), n, "a test is listed twice: {:?}", super::ALL);
+        let mut declared = declared();
+        declared.sort();
+        assert_eq!(
+            listed, declared,
+            "for_each_conformance_test! vs the suite's functions"
+        );
+    }
 }

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::fenced::{Entered, FenceServer, FenceState};
+use super::fenced::{Entered, FenceServer, FenceState};
 
 /// Rounds per process: `COORDKIT_RELIABILITY_ROUNDS`, else `default`.
 pub fn rounds(default: u64) -> u64 {
@@ -279,7 +279,7 @@ fn parse_rounds(worker: &str, text: &str) -> (Vec<Round>, usize, bool) {
 /// Runs the contenders, injecting `faults` one after another once the run is under way.
 pub fn run(cfg: &RunConfig, faults: Vec<Fault>) -> RunReport {
     let bin = contender_bin();
-    let dir = crate::support::fresh_dir(&format!("contention-{}", cfg.label));
+    let dir = super::fresh_dir(&format!("contention-{}", cfg.label));
     let server = FenceServer::start();
     let started = Instant::now();
     let mut workers = Vec::new();
@@ -324,7 +324,7 @@ pub fn run(cfg: &RunConfig, faults: Vec<Fault>) -> RunReport {
         // Recorded for the reaper: the command line names the run directory.
         if let Ok(mut reg) = std::fs::OpenOptions::new()
             .append(true)
-            .open(crate::support::base_dir().join("pids"))
+            .open(super::base_dir().join("pids"))
         {
             use std::io::Write;
             let _ = writeln!(reg, "{}", child.id());
@@ -432,26 +432,14 @@ pub fn run(cfg: &RunConfig, faults: Vec<Fault>) -> RunReport {
         if w.exit.is_some() {
             continue;
         }
-        loop {
-            match w.child.try_wait() {
-                Ok(Some(status)) => {
-                    w.exit = Some(status);
-                    break;
-                }
-                Ok(None) if started.elapsed() < cfg.deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                _ => {
-                    report
-                        .violations
-                        .push(format!("{} did not finish within {:?}", w.id, cfg.deadline));
-                    let _ = w.child.kill();
-                    let _ = w.child.wait();
-                    w.exit = Some(std::process::ExitStatus::default());
-                    break;
-                }
-            }
-        }
+        w.exit = Some(
+            super::wait_child(&mut w.child, started + cfg.deadline).unwrap_or_else(|| {
+                report
+                    .violations
+                    .push(format!("{} did not finish within {:?}", w.id, cfg.deadline));
+                std::process::ExitStatus::default()
+            }),
+        );
     }
     report.elapsed = started.elapsed();
     // The fence server's threads see the closed connections a moment later.

@@ -12,12 +12,16 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod bad_input;
 pub mod consul_sim;
+pub mod contention;
 pub mod etcd;
+pub mod fenced;
+pub mod linearizability;
 pub mod proxy;
 pub mod zookeeper;
 
@@ -113,6 +117,32 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     f()
+}
+
+/// Waits until `deadline` for `child` to exit and returns its status. If it is still running
+/// then, kills it (SIGKILL, through its own handle, so by its PID), reaps it and returns `None`.
+pub fn wait_child(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => break,
+            Err(e) => panic!("waiting for child {}: {e}", child.id()),
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
+}
+
+/// [`wait_child`], then what the child wrote to its piped stdout and stderr. `Err` gives back
+/// the child, killed and reaped, when it ran past `deadline` (its pipes not read, which could
+/// block on processes it left behind; `wait_with_output` reads them).
+pub fn wait_child_output(mut child: Child, deadline: Instant) -> Result<Output, Child> {
+    match wait_child(&mut child, deadline) {
+        Some(_) => Ok(child.wait_with_output().expect("collect output")),
+        None => Err(child),
+    }
 }
 
 /// A server process this test process started. Dropping it kills it (by PID).

@@ -130,7 +130,8 @@ impl Answer {
     }
 }
 
-/// Read consistency, as query flags (A1: `?consistent`, `?stale`).
+/// Read consistency, as query flags (`?consistent`, `?stale`:
+/// <https://developer.hashicorp.com/consul/api-docs/features/consistency>).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mode {
     Default,
@@ -334,10 +335,11 @@ impl Client {
         }
         let mut extra = Duration::ZERO;
         if let Some((index, wait)) = block {
-            // Never send index 0 as a blocking index (A2).
+            // Never send index 0 as a blocking index
+            // (https://developer.hashicorp.com/consul/api-docs/features/blocking).
             q.push(("index", index.max(1).to_string()));
             q.push(("wait", format!("{}ms", wait.as_millis().max(1))));
-            // The server may add up to wait/16 of jitter (A2).
+            // The server may add up to wait/16 of jitter (same page).
             extra = wait + wait / 16 + Duration::from_secs(1);
         }
         let path = format!("/v1/kv/{}", encode_path(key));
@@ -364,7 +366,7 @@ impl Client {
         if a.status != StatusCode::OK {
             return Err(self.unexpected("kv put", &a, key));
         }
-        // The Go client only checks for "true" in the body (A1).
+        // The Go client only checks for "true" in the body (Consul's api/kv.go).
         Ok(String::from_utf8_lossy(&a.body).contains("true"))
     }
 
@@ -380,7 +382,7 @@ impl Client {
         Ok(String::from_utf8_lossy(&a.body).contains("true"))
     }
 
-    /// `PUT /v1/txn` (A4).
+    /// `PUT /v1/txn` (<https://developer.hashicorp.com/consul/api-docs/txn>).
     pub async fn txn(&self, ops: &[TxnKv<'_>], key: &str) -> Result<TxnOutcome> {
         let b64 = base64::engine::general_purpose::STANDARD;
         let ops: Vec<serde_json::Value> = ops
@@ -433,7 +435,7 @@ impl Client {
         }
     }
 
-    // ---- sessions (A3) ----
+    // ---- sessions (https://developer.hashicorp.com/consul/api-docs/session) ----
 
     /// `PUT /v1/session/create`; the new session's ID.
     pub async fn session_create(
@@ -447,8 +449,8 @@ impl Client {
         let body = serde_json::json!({
             "Name": name,
             "TTL": go_duration(ttl),
-            // A number in nanoseconds; values under 1000 would mean seconds (A3), so send a
-            // duration string instead.
+            // A number in nanoseconds; values under 1000 would mean seconds (Consul's
+            // agent/session_endpoint.go, `FixupLockDelay`), so send a duration string instead.
             "LockDelay": format!("{}ms", lock_delay.as_millis()),
             "Behavior": behavior,
             // No health checks: only the TTL (or a destroy) may invalidate the session. The

@@ -181,8 +181,9 @@ impl KvStore for ConsulStore {
                 Ok(None)
             }
             (Expect::Version(v), None) => {
-                // `delete-cas` (and `DELETE ?cas=`) succeed on a missing key (A1), so check the
-                // index first: that fails on a missing key.
+                // `delete-cas` (and `DELETE ?cas=`) succeed on a missing key (Consul's
+                // agent/consul/state/kvs.go, `kvsDeleteCASTxn`), so check the index first: that
+                // fails on a missing key.
                 let ops = [
                     TxnKv {
                         verb: "check-index",
@@ -280,8 +281,9 @@ impl KvStore for ConsulStore {
 }
 
 impl ConsulStore {
-    /// Blocking queries on the prefix, diffing successive results (A2's client rules: reset
-    /// when the index goes backwards, never index 0, rate-limited).
+    /// Blocking queries on the prefix, diffing successive results, following the client rules
+    /// of <https://developer.hashicorp.com/consul/api-docs/features/blocking>: reset when the
+    /// index goes backwards, never index 0, rate-limited.
     async fn watch_loop(
         self,
         full: String,
@@ -364,8 +366,9 @@ impl ConsulStore {
                 }
             }
             snapshot = next;
-            // A2: an index that goes backwards (snapshot restore, reaped tombstones) resets the
-            // loop; the diff against the last result still finds every change.
+            // An index that goes backwards (snapshot restore, reaped tombstones) resets the
+            // loop (https://developer.hashicorp.com/consul/api-docs/features/blocking); the diff
+            // against the last result still finds every change.
             reset = new_index < index;
             index = if reset { 1 } else { new_index.max(1) };
             if !changed {
@@ -388,8 +391,9 @@ impl ConsulStore {
     /// The changes from `old` to `new`, in the order they were applied as far as Consul lets
     /// that be known, each with whether it is provably one write (else it is reported as
     /// coalesced). Writes are ordered by ModifyIndex; a deleted key's position comes from its
-    /// tombstone, read as the index of a `?recurse` query on the key itself (A2: that index
-    /// counts tombstones), when that is unambiguous, and otherwise after the writes.
+    /// tombstone, read as the index of a `?recurse` query on the key itself (that index
+    /// counts tombstones: Consul's agent/consul/state/kvs.go, `kvsListTxn`), when that is
+    /// unambiguous, and otherwise after the writes.
     ///
     /// Raft indexes are unique per write, so a change is exactly one write when no index lies
     /// between it and the state seen last: an update at `ModifyIndex == previous + 1` of the

@@ -46,8 +46,9 @@ struct Session {
 }
 
 /// Renews a session: `PUT /v1/session/renew/<id>`. A 404 means the session was invalidated;
-/// an answer gives the TTL the server now applies (it may raise it, A3), else the TTL the
-/// session was created with.
+/// an answer gives the TTL the server now applies (it may raise it, see "Renew Session" in
+/// <https://developer.hashicorp.com/consul/api-docs/session>), else the TTL the session was
+/// created with.
 struct SessionRenewer {
     client: Client,
     id: String,
@@ -255,7 +256,9 @@ impl ConsulStore {
         format!("{}{name}", self.inner.lock_prefix)
     }
 
-    /// One `lock` transaction (A4, A6): the result's ModifyIndex is the fencing token.
+    /// One `lock` transaction (<https://developer.hashicorp.com/consul/api-docs/txn>): the result's
+    /// ModifyIndex is the fencing token, a Raft index written by this acquisition (Consul's
+    /// agent/consul/state/txn.go).
     async fn attempt(&self, key: &str, session: &str) -> Result<Attempt> {
         let op = TxnKv {
             verb: "lock",
@@ -354,9 +357,9 @@ impl ConsulStore {
     }
 
     /// While held: consistent blocking queries on the key; the lease is declared lost as soon
-    /// as the key is gone or held by another session (A5 `monitorLock`). This is a trigger on
-    /// top of the lease clock, which fires on its own at the deadline whatever the monitor
-    /// sees.
+    /// as the key is gone or held by another session (like `monitorLock` in Consul's
+    /// api/lock.go). This is a trigger on top of the lease clock, which fires on its own at
+    /// the deadline whatever the monitor sees.
     fn spawn_monitor(&self, key: String, session: &Session, mut index: u64) {
         let store = self.clone();
         let id = session.id.clone();
@@ -556,7 +559,10 @@ impl LockHandle for ConsulLock {
     async fn release(self: Box<Self>) -> Result<()> {
         self.session.stop();
         let client = &self.store.inner.client;
-        // Release first (an explicit release sets no lock-delay), then destroy (A3). The
+        // Release first (an explicit release sets no lock-delay), then destroy: destroying a
+        // session applies the lock-delay to the keys it holds
+        // (https://developer.hashicorp.com/consul/api-docs/session,
+        // https://developer.hashicorp.com/consul/docs/dynamic-app-config/sessions). The
         // release deletes the key if and only if our session still holds it.
         let released = release_key(&self.store, &self.key, &self.session.id).await;
         let destroyed = client.session_destroy(&self.session.id, &self.key).await;

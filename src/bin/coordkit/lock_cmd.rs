@@ -723,15 +723,18 @@ mod tests {
         drop(held);
 
         // The holder stops renewing: the lease lapses, the command gets SIGTERM, exit 125.
-        let mut j = job("j/f", &["sleep", "30"]);
-        j.ttl = Duration::from_millis(300);
-        let guard = acquire(&*b, &j).await.unwrap();
-        guard.suspend_keep_alive();
-        let started = std::time::Instant::now();
-        let e = run_under(guard, &j, no_signals()).await.unwrap_err();
-        assert_eq!(e.code, LOCK_LOST, "{e:?}");
-        assert!(e.message.contains("143"), "{}", e.message);
-        assert!(started.elapsed() < Duration::from_secs(10));
+        #[cfg(feature = "test-hooks")]
+        {
+            let mut j = job("j/f", &["sleep", "30"]);
+            j.ttl = Duration::from_millis(300);
+            let guard = acquire(&*b, &j).await.unwrap();
+            guard.suspend_keep_alive();
+            let started = std::time::Instant::now();
+            let e = run_under(guard, &j, no_signals()).await.unwrap_err();
+            assert_eq!(e.code, LOCK_LOST, "{e:?}");
+            assert!(e.message.contains("143"), "{}", e.message);
+            assert!(started.elapsed() < Duration::from_secs(10));
+        }
     }
 
     /// CMD exits, leaving a process that ignores SIGTERM in its group: the lock is not released
@@ -765,7 +768,9 @@ mod tests {
     }
 
     /// The lock is lost; CMD dies of the SIGTERM, but a process it started ignores SIGTERM:
-    /// coordkit returns (exit 125) only once that process is gone too.
+    /// coordkit returns (exit 125) only once that process is gone too. Needs the `test-hooks`
+    /// feature (to stop the keep-alive).
+    #[cfg(feature = "test-hooks")]
     #[tokio::test]
     async fn lost_lock_ends_the_whole_group() {
         let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
@@ -794,7 +799,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
-    /// A lock lost between its grant and the start of CMD: CMD is not run, exit 125.
+    /// A lock lost between its grant and the start of CMD: CMD is not run, exit 125. Needs the
+    /// `test-hooks` feature.
+    #[cfg(feature = "test-hooks")]
     #[tokio::test]
     async fn lost_before_start_does_not_run_the_command() {
         let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
