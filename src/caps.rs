@@ -182,6 +182,19 @@ impl Capabilities {
         Ok(())
     }
 
+    /// The checks every backend makes before a compare-and-swap: the key grammar and, when a
+    /// value is written, its size.
+    ///
+    /// # Errors
+    /// `InvalidKey`; `ValueTooLarge`.
+    pub fn check_cas(&self, key: &str, new: Option<&[u8]>) -> Result<()> {
+        validate_key(key)?;
+        match new {
+            Some(v) => self.check_value(key, v),
+            None => Ok(()),
+        }
+    }
+
     /// The checks every backend makes before a lock attempt: the lock name's grammar and the
     /// TTL's bounds.
     ///

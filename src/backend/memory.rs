@@ -364,10 +364,7 @@ impl KvStore for MemoryStore {
         expect: Expect,
         new: Option<Vec<u8>>,
     ) -> Result<Option<Version>> {
-        validate_key(key)?;
-        if let Some(v) = &new {
-            Self::caps().check_value(key, v)?;
-        }
+        Self::caps().check_cas(key, new.as_deref())?;
         let mut state = self.state();
         let current = state.data.get(key).map(|i| i.version);
         let holds = match expect {

@@ -405,10 +405,7 @@ impl KvStore for ShardedStore {
         expect: Expect,
         new: Option<Vec<u8>>,
     ) -> Result<Option<Version>> {
-        validate_key(key)?;
-        if let Some(v) = &new {
-            self.inner.caps.check_value(key, v)?;
-        }
+        self.inner.caps.check_cas(key, new.as_deref())?;
         let (i, shard) = self.owner(key);
         let watchers = self.watchers(i, key);
         let deletes = new.is_none();

@@ -165,10 +165,7 @@ impl KvStore for ConsulStore {
         expect: Expect,
         new: Option<Vec<u8>>,
     ) -> Result<Option<Version>> {
-        validate_key(key)?;
-        if let Some(v) = &new {
-            Self::caps().check_value(key, v)?;
-        }
+        Self::caps().check_cas(key, new.as_deref())?;
         let full = self.data_key(key);
         match (expect, new) {
             (Expect::Absent, None) => {

@@ -135,10 +135,7 @@ impl KvStore for EtcdStore {
         expect: Expect,
         new: Option<Vec<u8>>,
     ) -> Result<Option<Version>> {
-        validate_key(key)?;
-        if let Some(v) = &new {
-            self.caps().check_value(key, v)?;
-        }
+        self.caps().check_cas(key, new.as_deref())?;
         let inner = &self.inner;
         let k = inner.data_key(key);
         let cmp = match expect {

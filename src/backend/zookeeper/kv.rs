@@ -773,10 +773,7 @@ impl KvStore for ZkStore {
         expect: Expect,
         new: Option<Vec<u8>>,
     ) -> Result<Option<Version>> {
-        validate_key(key)?;
-        if let Some(v) = &new {
-            self.inner.capabilities().check_value(key, v)?;
-        }
+        self.inner.capabilities().check_cas(key, new.as_deref())?;
         self.inner.cas(key, expect, new).await
     }
 
