@@ -117,7 +117,7 @@ impl Shard {
 ///   tokens strictly increase.
 /// - [`Version`]s and [`FencingToken`](crate::FencingToken)s of *different* keys or locks may
 ///   come from different shards and are then not comparable; the sharded store's
-///   [`Capabilities::fencing_scope`] is therefore [`FencingScope::PerLock`] when it has more than
+///   [`Capabilities::fencing_scope`] is therefore [`FencingScope::PerLock`](crate::FencingScope::PerLock) when it has more than
 ///   one shard.
 /// - `list` asks every shard at once, keeps only the keys each shard owns under this store's
 ///   strategy (a key left on a former owner by an unfinished reshard is not shown, exactly as
