@@ -557,17 +557,20 @@ impl Inner {
         }))
     }
 
-    async fn list_keys(&self, prefix: &str, consistency: Consistency) -> Result<Vec<Entry>> {
-        let client = self.client().await?;
-        if consistency == Consistency::Strong {
-            self.sync(&client, prefix).await?;
-        }
+    /// The names of every key under `prefix`: the key directories walked down from the
+    /// prefix's, listing children (a missing directory is empty).
+    pub(crate) async fn key_names(
+        &self,
+        client: &zk::Client,
+        prefix: &str,
+        what: &str,
+    ) -> Result<Vec<String>> {
         let (dir, partial) = path::split_prefix(prefix);
         let mut keys = Vec::new();
         let mut dirs = vec![(path::dir_path(&self.root, dir), dir.to_string(), true)];
         while let Some((zpath, kdir, top)) = dirs.pop() {
             let children = match self
-                .bounded("list", prefix, client.list_children(&zpath))
+                .bounded(what, prefix, client.list_children(&zpath))
                 .await
             {
                 Ok(c) => c,
@@ -590,6 +593,15 @@ impl Inner {
             }
         }
         keys.retain(|k| matches_prefix(k, prefix));
+        Ok(keys)
+    }
+
+    async fn list_keys(&self, prefix: &str, consistency: Consistency) -> Result<Vec<Entry>> {
+        let client = self.client().await?;
+        if consistency == Consistency::Strong {
+            self.sync(&client, prefix).await?;
+        }
+        let mut keys = self.key_names(&client, prefix, "list").await?;
         keys.sort();
         let mut out = Vec::with_capacity(keys.len());
         let mut now_ms = None;

@@ -647,34 +647,7 @@ impl WatchTask {
         let inner = &self.inner;
         let client = &self.client;
         let prefix = self.prefix.as_str();
-        let (dir, partial) = path::split_prefix(prefix);
-        let mut keys = Vec::new();
-        let mut dirs = vec![(path::dir_path(&inner.root, dir), dir.to_string(), true)];
-        while let Some((zpath, kdir, top)) = dirs.pop() {
-            let children = match inner
-                .bounded("watch list", prefix, client.list_children(&zpath))
-                .await
-            {
-                Ok(c) => c,
-                Err(e) if super::e_zk(&e) == Some(&zk::Error::NoNode) => continue,
-                Err(e) => return Err(e),
-            };
-            for name in children {
-                if let Some(seg) = name.strip_suffix(path::DIR_SUFFIX) {
-                    let Some(seg) = path::unescape_segment(seg) else {
-                        continue;
-                    };
-                    if !top || seg.starts_with(partial) {
-                        dirs.push((format!("{zpath}/{name}"), format!("{kdir}{seg}/"), false));
-                    }
-                } else if let Some(seg) = path::unescape_segment(&name) {
-                    if !top || seg.starts_with(partial) {
-                        keys.push(format!("{kdir}{seg}"));
-                    }
-                }
-            }
-        }
-        keys.retain(|k| matches_prefix(k, prefix));
+        let keys = inner.key_names(client, prefix, "watch list").await?;
         let mut out = HashMap::with_capacity(keys.len());
         for chunk in keys.chunks(READ_CHUNK) {
             let reads: Vec<_> = chunk
