@@ -57,6 +57,20 @@ fn header_rev(h: Option<&etcd_client::ResponseHeader>) -> Result<i64> {
     })
 }
 
+impl EtcdStore {
+    /// Says where etcd's value limit comes from, on a `ValueTooLarge` error.
+    fn explain_limit(&self, e: Error) -> Error {
+        if e.kind() != ErrorKind::ValueTooLarge {
+            return e;
+        }
+        e.context(format_args!(
+            "etcd's request limit --max-request-bytes={} less {} bytes for key and framing",
+            self.inner.config.max_request_bytes,
+            super::REQUEST_OVERHEAD
+        ))
+    }
+}
+
 #[async_trait]
 impl KvStore for EtcdStore {
     async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<Entry>> {
@@ -77,7 +91,9 @@ impl KvStore for EtcdStore {
     }
 
     async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
-        self.caps().check_put(key, &value, &opts)?;
+        self.caps()
+            .check_put(key, &value, &opts)
+            .map_err(|e| self.explain_limit(e))?;
         let inner = &self.inner;
         let lease = match opts.ttl {
             Some(ttl) => {
@@ -135,7 +151,9 @@ impl KvStore for EtcdStore {
         expect: Expect,
         new: Option<Vec<u8>>,
     ) -> Result<Option<Version>> {
-        self.caps().check_cas(key, new.as_deref())?;
+        self.caps()
+            .check_cas(key, new.as_deref())
+            .map_err(|e| self.explain_limit(e))?;
         let inner = &self.inner;
         let k = inner.data_key(key);
         let cmp = match expect {
