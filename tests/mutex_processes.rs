@@ -122,6 +122,8 @@ trait Cluster: Send + 'static {
     fn kill(&mut self, i: usize);
     /// Restarts member `i`; the end of the fault's description (`restarted`, …).
     fn restart(&mut self, i: usize) -> String;
+    /// The URL for `coordkit::connect`.
+    fn url(&self) -> String;
 }
 
 #[cfg(feature = "etcd")]
@@ -138,6 +140,9 @@ impl Cluster for support::etcd::EtcdCluster {
         // Waits until the member is healthy (panics otherwise).
         support::etcd::EtcdCluster::restart(self, i);
         "restarted".into()
+    }
+    fn url(&self) -> String {
+        support::etcd::EtcdCluster::url(self)
     }
 }
 
@@ -159,13 +164,21 @@ impl Cluster for support::zookeeper::ZkEnsemble {
             if back { "serving again" } else { "NOT serving" }
         )
     }
+    fn url(&self) -> String {
+        support::zookeeper::ZkEnsemble::url(self)
+    }
 }
 
 /// The fault `what`: SIGKILL the leader of `cluster`, wait for a new one, restart the old one
 /// 2 s later. Its description says `NOT` when no new leader was elected or the old one does
-/// not serve again.
+/// not serve again. Gives the cluster (to keep until the run ends), its URL and the fault, as
+/// [`process_tests!`] wants a setup.
 #[cfg(any(feature = "etcd", feature = "zookeeper"))]
-fn leader_kill<C: Cluster>(what: &str, cluster: C) -> (std::sync::Arc<Mutex<C>>, Fault) {
+fn leader_kill<C: Cluster>(
+    what: &str,
+    cluster: C,
+) -> (std::sync::Arc<Mutex<C>>, String, Vec<Fault>) {
+    let url = cluster.url();
     let cluster = std::sync::Arc::new(Mutex::new(cluster));
     let c = cluster.clone();
     let fault = Fault::Custom(
@@ -192,7 +205,34 @@ fn leader_kill<C: Cluster>(what: &str, cluster: C) -> (std::sync::Arc<Mutex<C>>,
             )
         }),
     );
-    (cluster, fault)
+    (cluster, url, vec![fault])
+}
+
+/// The two tests of a backend that spans processes, in the backend's module: `$clean`, a run
+/// without faults, and `$faulty`, a run with faults (see [`faulty_run`]) whose extra faults
+/// must not report `NOT`. Each setup is an expression giving what to keep alive for the run
+/// (servers; `()` for a shared one) and the URL, and for `$faulty` the extra faults too.
+macro_rules! process_tests {
+    ($label:literal {
+        $clean:ident: $clean_setup:expr,
+        $faulty:ident: $faulty_setup:expr $(,)?
+    }) => {
+        #[test]
+        fn $clean() {
+            let (_keep, url) = $clean_setup;
+            clean_run($label, &url);
+        }
+
+        #[test]
+        fn $faulty() {
+            let (_keep, url, extra) = $faulty_setup;
+            let report = faulty_run(concat!($label, "-faults"), &url, extra);
+            // The extra faults come after the killed and the paused holder.
+            for fault in &report.faults[2..] {
+                assert!(!fault.contains("NOT"), "{report}");
+            }
+        }
+    };
 }
 
 #[cfg(feature = "etcd")]
@@ -200,19 +240,11 @@ mod etcd {
     use super::*;
     use crate::support::etcd::{shared_url, EtcdCluster};
 
-    #[test]
-    fn etcd_processes() {
-        clean_run("etcd", &shared_url());
-    }
-
-    #[test]
-    fn etcd_processes_under_faults() {
-        let cluster = EtcdCluster::start(3);
-        let url = cluster.url();
-        let (_cluster, leader_kill) = leader_kill("SIGKILL the etcd leader, restart it", cluster);
-        let report = faulty_run("etcd-faults", &url, vec![leader_kill]);
-        assert!(!report.faults[2].contains("NOT"), "{report}");
-    }
+    process_tests!("etcd" {
+        etcd_processes: ((), shared_url()),
+        etcd_processes_under_faults:
+            leader_kill("SIGKILL the etcd leader, restart it", EtcdCluster::start(3)),
+    });
 }
 
 #[cfg(feature = "zookeeper")]
@@ -220,19 +252,11 @@ mod zookeeper {
     use super::*;
     use crate::support::zookeeper::{shared, ZkEnsemble};
 
-    #[test]
-    fn zookeeper_processes() {
-        clean_run("zookeeper", &shared().url());
-    }
-
-    #[test]
-    fn zookeeper_processes_under_faults() {
-        let ens = ZkEnsemble::start(3);
-        let url = ens.url();
-        let (_ens, leader_kill) = leader_kill("SIGKILL the ZooKeeper leader, restart it", ens);
-        let report = faulty_run("zookeeper-faults", &url, vec![leader_kill]);
-        assert!(!report.faults[2].contains("NOT"), "{report}");
-    }
+    process_tests!("zookeeper" {
+        zookeeper_processes: ((), shared().url()),
+        zookeeper_processes_under_faults:
+            leader_kill("SIGKILL the ZooKeeper leader, restart it", ZkEnsemble::start(3)),
+    });
 }
 
 #[cfg(feature = "consul")]
@@ -240,17 +264,20 @@ mod consul {
     use super::*;
     use crate::support::consul_sim::ConsulSim;
 
-    #[test]
-    fn consul_sim_processes() {
+    /// A simulator of this test's own, and its URL.
+    fn sim() -> (ConsulSim, String) {
         let sim = ConsulSim::start();
-        clean_run("consul-sim", &sim.url());
+        let url = sim.url();
+        (sim, url)
     }
 
-    #[test]
-    fn consul_sim_processes_under_faults() {
-        let sim = ConsulSim::start();
-        faulty_run("consul-sim-faults", &sim.url(), vec![]);
-    }
+    process_tests!("consul-sim" {
+        consul_sim_processes: sim(),
+        consul_sim_processes_under_faults: {
+            let (sim, url) = sim();
+            (sim, url, vec![])
+        },
+    });
 }
 
 /// A sharded store over every backend of this build: the lock lives on one shard, picked by

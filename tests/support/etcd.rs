@@ -18,7 +18,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{free_port, fresh_dir, wait_until, Proc};
+use super::server::{deref_server, log_tails, Server, Tail};
+use super::{free_port, fresh_dir, wait_until};
 
 /// The etcd server binary: `$COORDKIT_ETCD_BIN`, or Debian's (package `etcd-server`).
 /// `scripts/test.sh` runs the etcd tests a second time with etcd 3.5 this way.
@@ -52,7 +53,8 @@ pub fn healthy(port: u16) -> bool {
     body.contains("\"health\":\"true\"")
 }
 
-/// One etcd member process.
+/// One etcd member process. It derefs to its [`Server`] for `alive`, `kill`, `pause`,
+/// `resume` and `log_tail`.
 pub struct Member {
     /// The member name (`n0`, `n1`, …).
     pub name: String,
@@ -66,9 +68,10 @@ pub struct Member {
     initial_cluster: String,
     /// Extra command-line flags for this member.
     extra: Vec<String>,
-    restarts: u32,
-    proc: Option<Proc>,
+    server: Server,
 }
+
+deref_server!(Member);
 
 impl Member {
     fn new(name: &str, dir: &Path) -> Member {
@@ -81,8 +84,8 @@ impl Member {
             dir: dir.to_path_buf(),
             initial_cluster: String::new(),
             extra: Vec::new(),
-            restarts: 0,
-            proc: None,
+            // Logs `<name>-<start>.log`; the last 3000 bytes for failure messages.
+            server: Server::new(&format!("etcd {name}"), dir, name, Tail::Bytes(3000)),
         }
     }
 
@@ -95,12 +98,9 @@ impl Member {
         format!("127.0.0.1:{}", self.client_port)
     }
 
+    /// (Re)starts the process with its data directory; does not wait until it is healthy.
     fn spawn(&mut self) {
         let client = format!("http://127.0.0.1:{}", self.client_port);
-        let log = self
-            .dir
-            .join(format!("{}-{}.log", self.name, self.restarts));
-        self.restarts += 1;
         let mut cmd = Command::new(etcd_bin());
         cmd.arg("--name")
             .arg(&self.name)
@@ -126,45 +126,20 @@ impl Member {
                     .unwrap_or_default(),
             );
         cmd.args(&self.extra);
-        self.proc = Some(Proc::spawn(&format!("etcd {}", self.name), &mut cmd, &log));
+        self.server.start(&mut cmd);
     }
 
-    /// Whether the process runs.
-    pub fn alive(&mut self) -> bool {
-        self.proc.as_mut().map(|p| p.alive()).unwrap_or(false)
-    }
-
-    /// SIGKILL this member (by PID) and reap it.
-    pub fn kill(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill();
-        }
-    }
-
-    /// SIGSTOP: the member stops answering without closing connections.
-    pub fn pause(&self) {
-        if let Some(p) = &self.proc {
-            p.pause();
-        }
-    }
-
-    /// SIGCONT.
-    pub fn resume(&self) {
-        if let Some(p) = &self.proc {
-            p.resume();
-        }
-    }
-
-    /// The member's log so far (for failure messages).
-    pub fn log_tail(&self) -> String {
-        let log = self.dir.join(format!(
-            "{}-{}.log",
-            self.name,
-            self.restarts.saturating_sub(1)
-        ));
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let start = text.len().saturating_sub(3000);
-        text.get(start..).unwrap_or("").to_string()
+    /// The member's `etcdctl endpoint status` as JSON, if it answers.
+    fn status(&self) -> Option<serde_json::Value> {
+        let out = Command::new(etcdctl_bin())
+            .env("ETCDCTL_API", "3")
+            .args(["--dial-timeout", "2s", "--command-timeout", "3s"])
+            .arg("--endpoints")
+            .arg(self.endpoint())
+            .args(["endpoint", "status", "-w", "json"])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
     }
 }
 
@@ -213,14 +188,9 @@ impl EtcdCluster {
         let ports: Vec<u16> = self.members.iter().map(|m| m.client_port).collect();
         let ok = wait_until(START_TIMEOUT, || ports.iter().all(|p| healthy(*p)));
         if !ok {
-            let logs: Vec<String> = self
-                .members
-                .iter()
-                .map(|m| format!("--- {} ---\n{}", m.name, m.log_tail()))
-                .collect();
             panic!(
                 "etcd did not become healthy within {START_TIMEOUT:?}\n{}",
-                logs.join("\n")
+                log_tails(self.members.iter().map(|m| &m.server))
             );
         }
     }
@@ -246,15 +216,7 @@ impl EtcdCluster {
             if !self.members[i].alive() {
                 continue;
             }
-            let out = Command::new(etcdctl_bin())
-                .env("ETCDCTL_API", "3")
-                .args(["--dial-timeout", "2s", "--command-timeout", "3s"])
-                .arg("--endpoints")
-                .arg(self.members[i].endpoint())
-                .args(["endpoint", "status", "-w", "json"])
-                .output()
-                .ok()?;
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            let Some(v) = self.members[i].status() else {
                 continue;
             };
             let status = &v[0]["Status"];
@@ -275,15 +237,7 @@ impl EtcdCluster {
                 if j == i || !self.members[j].alive() {
                     continue;
                 }
-                let out = Command::new(etcdctl_bin())
-                    .env("ETCDCTL_API", "3")
-                    .args(["--dial-timeout", "2s", "--command-timeout", "3s"])
-                    .arg("--endpoints")
-                    .arg(self.members[j].endpoint())
-                    .args(["endpoint", "status", "-w", "json"])
-                    .output()
-                    .ok()?;
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                if let Some(v) = self.members[j].status() {
                     if v[0]["Status"]["header"]["member_id"].as_u64() == Some(leader) {
                         return Some(j);
                     }
@@ -301,16 +255,9 @@ impl EtcdCluster {
     /// Restarts a killed member `i` with its data directory and waits until it is healthy.
     pub fn restart(&mut self, i: usize) {
         let m = &mut self.members[i];
-        m.kill();
         m.spawn();
         let port = m.client_port;
-        if !wait_until(START_TIMEOUT, || healthy(port)) {
-            panic!(
-                "restarted etcd {} not healthy within {START_TIMEOUT:?}\n{}",
-                self.members[i].name,
-                self.members[i].log_tail()
-            );
-        }
+        m.expect_ready(START_TIMEOUT, || healthy(port));
     }
 
     /// The directory holding data dirs and logs.

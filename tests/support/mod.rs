@@ -23,6 +23,7 @@ pub mod etcd;
 pub mod fenced;
 pub mod linearizability;
 pub mod proxy;
+pub mod server;
 pub mod zookeeper;
 
 static BASE: OnceLock<PathBuf> = OnceLock::new();

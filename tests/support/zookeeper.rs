@@ -21,7 +21,8 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{free_port, fresh_dir, Proc};
+use super::server::{deref_server, log_tails, Server, Tail};
+use super::{free_port, fresh_dir};
 
 /// The classpath of the Debian package (the jar's manifest pulls in the rest) plus a logger.
 pub const CLASSPATH: &str = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar";
@@ -29,6 +30,8 @@ pub const CLASSPATH: &str = "/usr/share/java/zookeeper.jar:/usr/share/java/slf4j
 pub const TICK_MS: u64 = 500;
 /// How often the server reaps expired TTL nodes and empty containers.
 pub const REAP_INTERVAL_MS: u64 = 500;
+/// How long a start may take before the harness gives up.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The `zk://` URL query that matches the servers started here: the server's smallest session
 /// timeout (2 ticks) and TTL reaping interval, so the backend declares honest limits.
@@ -69,24 +72,35 @@ pub fn mode(port: u16) -> Option<String> {
         .map(|m| m.trim().to_string())
 }
 
-/// One ZooKeeper server process and how to restart it.
+/// One ZooKeeper server process and how to restart it. It derefs to its [`Server`] for
+/// `alive`, `kill`, `pause`, `resume` and `log_tail`.
 pub struct ZkNode {
     /// The server id (`myid`), 1-based; 0 for a standalone server.
     pub id: u32,
     /// The client port on 127.0.0.1.
     pub port: u16,
-    dir: PathBuf,
     cfg: PathBuf,
-    proc: Option<Proc>,
-    starts: u32,
     /// `znode.container.checkIntervalMs`.
     reap_ms: u64,
+    server: Server,
 }
 
+deref_server!(ZkNode);
+
 impl ZkNode {
+    /// A node not yet started, configured by `cfg`, logging to `dir/server-<start>.log`.
+    fn new(id: u32, port: u16, dir: &Path, cfg: PathBuf, reap_ms: u64) -> ZkNode {
+        ZkNode {
+            id,
+            port,
+            cfg,
+            reap_ms,
+            // The last 30 lines of the log for failure messages.
+            server: Server::new(&format!("zookeeper-{id}"), dir, "server", Tail::Lines(30)),
+        }
+    }
+
     fn spawn(&mut self) {
-        let log = self.dir.join(format!("server-{}.log", self.starts));
-        self.starts += 1;
         let mut cmd = Command::new("java");
         cmd.arg("-Xmx256m")
             .arg("-XX:+UseSerialGC")
@@ -100,54 +114,13 @@ impl ZkNode {
             .arg(CLASSPATH)
             .arg("org.apache.zookeeper.server.quorum.QuorumPeerMain")
             .arg(&self.cfg);
-        self.proc = Some(Proc::spawn(
-            &format!("zookeeper-{}", self.id),
-            &mut cmd,
-            &log,
-        ));
-    }
-
-    /// Whether the process runs.
-    pub fn alive(&mut self) -> bool {
-        self.proc.as_mut().is_some_and(|p| p.alive())
-    }
-
-    /// SIGKILL (by PID).
-    pub fn kill(&mut self) {
-        if let Some(mut p) = self.proc.take() {
-            p.kill();
-        }
+        self.server.start(&mut cmd);
     }
 
     /// Kills the process (SIGKILL, if it runs) and starts it again with the same data
     /// directory and port; does not wait until it serves (see [`ZkNode::mode`]).
     pub fn restart(&mut self) {
-        self.kill();
         self.spawn();
-    }
-
-    /// SIGSTOP: the server stops answering (connections stay open).
-    pub fn pause(&self) {
-        if let Some(p) = &self.proc {
-            p.pause();
-        }
-    }
-
-    /// SIGCONT.
-    pub fn resume(&self) {
-        if let Some(p) = &self.proc {
-            p.resume();
-        }
-    }
-
-    /// The server's log so far (for failure messages).
-    pub fn log_tail(&self) -> String {
-        let log = self
-            .dir
-            .join(format!("server-{}.log", self.starts.saturating_sub(1)));
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(30)..].join("\n")
     }
 
     /// The `srvr` mode, if serving.
@@ -215,26 +188,11 @@ impl ZkStandalone {
         let dir = fresh_dir("zk-standalone");
         let port = free_port();
         let cfg = write_config_with(&dir, port, 0, &[], min.as_millis() as u64);
-        let mut node = ZkNode {
-            id: 0,
-            port,
-            dir,
-            cfg,
-            proc: None,
-            starts: 0,
-            reap_ms,
-        };
+        let mut node = ZkNode::new(0, port, &dir, cfg, reap_ms);
         node.spawn();
-        let started = Instant::now();
-        while node.mode().as_deref() != Some("standalone") {
-            if !node.alive() || started.elapsed() > Duration::from_secs(60) {
-                panic!(
-                    "ZooKeeper standalone on port {port} did not start:\n{}",
-                    node.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        node.expect_ready(START_TIMEOUT, || {
+            mode(port).as_deref() == Some("standalone")
+        });
         ZkStandalone { node }
     }
 
@@ -286,25 +244,16 @@ impl ZkEnsemble {
             std::fs::create_dir_all(&dir).expect("create node dir");
             let port = free_port();
             let cfg = write_config(&dir, port, *id, &peers);
-            nodes.push(ZkNode {
-                id: *id,
-                port,
-                dir,
-                cfg,
-                proc: None,
-                starts: 0,
-                reap_ms: REAP_INTERVAL_MS,
-            });
+            nodes.push(ZkNode::new(*id, port, &dir, cfg, REAP_INTERVAL_MS));
         }
         for node in &mut nodes {
             node.spawn();
         }
         let mut ens = ZkEnsemble { nodes };
-        if !ens.wait_serving(Duration::from_secs(60)) {
-            let logs: Vec<String> = ens.nodes.iter().map(|n| n.log_tail()).collect();
+        if !ens.wait_serving(START_TIMEOUT) {
             panic!(
-                "ZooKeeper ensemble did not start:\n{}",
-                logs.join("\n----\n")
+                "ZooKeeper ensemble did not start within {START_TIMEOUT:?}:\n{}",
+                log_tails(ens.nodes.iter().map(|n| &n.server))
             );
         }
         ens
@@ -350,8 +299,7 @@ impl ZkEnsemble {
 
     /// Starts node `i` again with its data.
     pub fn restart(&mut self, i: usize) {
-        self.nodes[i].kill();
-        self.nodes[i].spawn();
+        self.nodes[i].restart();
     }
 
     /// The connect string `127.0.0.1:P1,127.0.0.1:P2,…`.
