@@ -1,7 +1,12 @@
 //! The Consul simulator's own tests: each behaviour it encodes, checked with raw HTTP/1.1 over
-//! a TCP socket (no Consul client library involved), citing the fact of section A of the
-//! protocol fact sheet it comes from (A1 KV, A2 blocking queries and headers, A3 sessions, A4
-//! transactions, A6 fencing).
+//! a TCP socket (no Consul client library involved). The sections name the part of Consul's HTTP
+//! API documentation each behaviour comes from:
+//! A1 KV (<https://developer.hashicorp.com/consul/api-docs/kv>),
+//! A2 blocking queries and headers (<https://developer.hashicorp.com/consul/api-docs/features/blocking>),
+//! A3 sessions (<https://developer.hashicorp.com/consul/api-docs/session>),
+//! A4 transactions (<https://developer.hashicorp.com/consul/api-docs/txn>),
+//! A6 fencing: the lock index and ModifyIndex of an acquire
+//! (<https://developer.hashicorp.com/consul/docs/dynamic-app-config/sessions>).
 
 mod support;
 
