@@ -284,6 +284,31 @@ mod zookeeper {
     }
 }
 
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use super::*;
+    use support::bad_input::unreachable_case;
+
+    bad_input_matrix!(
+        sqlite_bad_input_matrix,
+        "sqlite",
+        server: dir = tempfile::tempdir().expect("temporary directory"),
+        url: format!("sqlite://{}", dir.path().join("bad.db").display()),
+        bad_urls: [
+            "sqlite://",
+            "sqlite://relative.db",
+            "sqlite://host/x.db",
+            "sqlite:///x.db?busy_timeout=banana",
+            "sqlite:///x.db?no_such_option=1",
+        ],
+        // A database in a directory that does not exist.
+        unreachable: format!(
+            "sqlite://{}",
+            dir.path().join("no/such/dir/x.db").display()
+        ),
+    );
+}
+
 #[cfg(feature = "consul")]
 mod consul {
     use super::*;

@@ -1060,3 +1060,22 @@ mod consul {
 
     backend_tests!(key_ttl: key_ttl());
 }
+
+/// SQLite: a database file and no server at all.
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use std::sync::OnceLock;
+
+    fn url() -> String {
+        static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+        let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temporary directory"));
+        format!("sqlite://{}", dir.path().join("cli.db").display())
+    }
+
+    backend_tests!(key_ttl: true);
+
+    #[test]
+    fn watch_prints_json_events() {
+        super::watch_prints_events(&url(), true);
+    }
+}

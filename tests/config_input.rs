@@ -50,6 +50,8 @@ fn duration_options() -> Vec<(&'static str, &'static [&'static str])> {
         "consul://127.0.0.1:1",
         &["timeout", "connect_timeout", "lock_delay"],
     ));
+    #[cfg(feature = "sqlite")]
+    v.push(("sqlite:///tmp/x.db", &["busy_timeout", "poll_interval"]));
     v
 }
 
@@ -146,6 +148,12 @@ fn duration_settings() -> Vec<(&'static str, &'static str, &'static [&'static st
             "connect_timeout_ms",
             "lock_delay_ms",
         ],
+    ));
+    #[cfg(feature = "sqlite")]
+    v.push((
+        "sqlite",
+        "path = \"/tmp/x.db\"\n",
+        &["busy_timeout", "poll_interval"],
     ));
     v
 }

@@ -385,3 +385,18 @@ async fn consul_sim_histories_are_linearizable() {
     )
     .await;
 }
+
+#[cfg(feature = "sqlite")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_histories_are_linearizable() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = format!("sqlite://{}", dir.path().join("lin.db").display());
+    // Six stores, six connections to one file; stale reads are strong reads here.
+    record_and_check(
+        "sqlite",
+        clients(&url, 6).await,
+        "lin/sqlite/",
+        Consistency::Stale,
+    )
+    .await;
+}

@@ -280,6 +280,26 @@ mod consul {
     });
 }
 
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use super::*;
+
+    /// A database file in a temporary directory of this test's own, and its URL.
+    fn db() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("sqlite://{}", dir.path().join("locks.db").display());
+        (dir, url)
+    }
+
+    process_tests!("sqlite" {
+        sqlite_processes: db(),
+        sqlite_processes_under_faults: {
+            let (dir, url) = db();
+            (dir, url, vec![])
+        },
+    });
+}
+
 /// A sharded store over every backend of this build: the lock lives on one shard, picked by
 /// the hash of its name.
 #[cfg(all(feature = "etcd", feature = "zookeeper"))]

@@ -6,6 +6,7 @@
 //! | etcd v3 | `etcd` | `etcd` | `etcd://host:port[,host:port…]` |
 //! | ZooKeeper | `zookeeper` | `zookeeper` (default) | `zk://host:port[,host:port…][/chroot]` |
 //! | Consul | `consul` | `consul` (default) | `consul://host:port`, `consul+https://host:port` |
+//! | SQLite | `sqlite` | `sqlite` (default) | `sqlite:///abs/path/to.db` |
 
 pub mod memory;
 
@@ -13,6 +14,8 @@ pub mod memory;
 pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
 #[cfg(feature = "zookeeper")]
 pub mod zookeeper;
 
@@ -25,6 +28,8 @@ crate::config::registry::registry! {
         zookeeper::ZkConfig;
     consul: "consul", schemes ["consul", "consul+https"], table "consul", feature "consul",
         consul::ConsulConfig;
+    sqlite: "sqlite", schemes ["sqlite"], table "sqlite", feature "sqlite",
+        sqlite::SqliteConfig;
     sharded: "sharded", schemes ["sharded", "sharded+<strategy>"], table "sharded",
         feature always, crate::shard::ShardedConfig;
 }

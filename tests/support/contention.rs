@@ -65,6 +65,9 @@ pub fn contender_bin() -> PathBuf {
             if cfg!(feature = "consul") {
                 features.push("consul");
             }
+            if cfg!(feature = "sqlite") {
+                features.push("sqlite");
+            }
             if cfg!(feature = "cli") {
                 features.push("cli");
             }
