@@ -1,5 +1,7 @@
-//! The conformance suite against the SQLite backend, on a database file in a temporary
-//! directory (removed when the test process ends), opened by a new store per client.
+//! The conformance suite against the SQLite backend: each test on a database file of its own
+//! in a temporary directory (removed when the test process ends), opened by a new store per
+//! client. (One file for all tests at once would test SQLite's single writer under the whole
+//! suite's load instead; `tests/mutex_processes.rs` tests contention on one file.)
 #![cfg(all(feature = "conformance", feature = "sqlite"))]
 
 use std::sync::{Arc, OnceLock};
@@ -14,7 +16,9 @@ fn dir() -> &'static tempfile::TempDir {
 }
 
 fn sqlite() -> Harness {
-    let path = dir().path().join("conformance.db");
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir().path().join(format!("conformance-{n}.db"));
     Harness::new("sqlite", move || {
         let cfg = SqliteConfig::new(path.clone());
         async move { Ok(Arc::new(SqliteStore::open(cfg).await?) as Arc<dyn coordkit::Backend>) }
