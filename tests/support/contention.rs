@@ -55,19 +55,12 @@ pub fn contender_bin() -> PathBuf {
                 .expect("test binary lives in target/<profile>/deps")
                 .to_path_buf();
             let bin = profile_dir.join("examples").join("contender");
-            let mut features = vec![];
-            if cfg!(feature = "etcd") {
-                features.push("etcd");
-            }
-            if cfg!(feature = "zookeeper") {
-                features.push("zookeeper");
-            }
-            if cfg!(feature = "consul") {
-                features.push("consul");
-            }
-            if cfg!(feature = "sqlite") {
-                features.push("sqlite");
-            }
+            // The backends this build has, from the registry, so a new backend needs no line here.
+            let mut features: Vec<&str> = coordkit::backend::REGISTRY
+                .iter()
+                .filter(|e| e.is_built())
+                .filter_map(|e| e.feature)
+                .collect();
             if cfg!(feature = "cli") {
                 features.push("cli");
             }
