@@ -172,6 +172,11 @@ impl EtcdConfig {
                 "the etcd request and connect timeouts must be above zero",
             ));
         }
+        if self.request_timeout > duration::MAX || self.connect_timeout > duration::MAX {
+            return Err(bad(
+                "the etcd request and connect timeouts must be at most 10 years",
+            ));
+        }
         if !self.namespace.is_empty() {
             if self.namespace.len() > MAX_NAMESPACE_LEN {
                 return Err(bad(format!(
@@ -371,6 +376,14 @@ mod tests {
         }
         let e = EtcdConfig::from_url_str("etcd://u:hunter2@h:1/x").unwrap_err();
         assert!(!e.to_string().contains("hunter2"));
+    }
+
+    #[test]
+    fn absurd_durations_set_in_code_are_refused() {
+        let c = EtcdConfig::new(["h:1"]).request_timeout(Duration::MAX);
+        assert_eq!(c.validate().unwrap_err().kind(), ErrorKind::InvalidConfig);
+        let c = EtcdConfig::new(["h:1"]).connect_timeout(Duration::MAX);
+        assert_eq!(c.validate().unwrap_err().kind(), ErrorKind::InvalidConfig);
     }
 
     #[test]

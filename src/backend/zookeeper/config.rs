@@ -142,9 +142,15 @@ impl ZkConfig {
             ("connect_timeout", self.connect_timeout),
             ("request_timeout", self.request_timeout),
             ("min_session_timeout", self.min_session_timeout),
+            ("ttl_reap_interval", self.ttl_reap_interval),
         ] {
-            if d.is_zero() {
+            if d.is_zero() && name != "ttl_reap_interval" {
                 return Err(config_err(format!("{name} must be positive")));
+            }
+            if d > duration::MAX {
+                return Err(config_err(format!(
+                    "{name} {d:?} is above the maximum of 10 years"
+                )));
             }
         }
         if let Some(d) = &self.digest {
@@ -272,6 +278,19 @@ mod tests {
         assert!(!format!("{c:?}").contains("secret"));
         assert!(toml::from_str::<ZkConfig>("nosuch = 1").is_err());
         assert!(toml::from_str::<ZkConfig>("session_timeout = \"20y\"").is_err());
+    }
+
+    #[test]
+    fn absurd_durations_set_in_code_are_refused() {
+        for set in [
+            |c: &mut ZkConfig| c.request_timeout = Duration::MAX,
+            |c: &mut ZkConfig| c.session_timeout = Duration::MAX,
+            |c: &mut ZkConfig| c.ttl_reap_interval = Duration::MAX,
+        ] {
+            let mut c = ZkConfig::default();
+            set(&mut c);
+            assert_eq!(c.validate().unwrap_err().kind(), ErrorKind::InvalidConfig);
+        }
     }
 
     #[test]

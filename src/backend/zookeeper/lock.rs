@@ -281,7 +281,9 @@ impl Drop for NodeGuard {
         let protected = std::mem::take(&mut self.protected);
         let path = self.path.take();
         rt.spawn(async move {
-            let give_up = Instant::now() + (ttl + timeout) * 2;
+            // `None`: too far to represent, no bound (the TTL and timeout come from users).
+            let give_up =
+                lease::deadline_after(Some(ttl.saturating_add(timeout).saturating_mul(2)));
             let mut pause = Duration::from_millis(50);
             loop {
                 match tokio::time::timeout(
@@ -300,7 +302,7 @@ impl Drop for NodeGuard {
                     Ok(Err(e)) if e_is_final(&e) => return,
                     _ => {}
                 }
-                if Instant::now() + pause >= give_up {
+                if give_up.is_some_and(|g| Instant::now() + pause >= g) {
                     break;
                 }
                 tokio::time::sleep(pause).await;
@@ -380,7 +382,7 @@ async fn create_protected(
             Err(e) => e,
         };
         tracing::debug!(backend = NAME, lock = name, error = %e, "lock node create unanswered; looking it up");
-        let until = Instant::now() + lookup_for;
+        let until = lease::deadline_after(Some(lookup_for));
         let mut pause = Duration::from_millis(20);
         let mut last: Error;
         loop {
@@ -398,7 +400,7 @@ async fn create_protected(
                 Err(e) if e_zk(&e).is_some_and(e_is_final) => return Err(e),
                 Err(e) => last = e,
             }
-            if Instant::now() + pause >= until {
+            if until.is_some_and(|u| Instant::now() + pause >= u) {
                 return Err(err(
                     ErrorKind::Unavailable,
                     name,
