@@ -155,7 +155,9 @@ impl EtcdConfig {
     /// `InvalidConfig` naming what is wrong (the password is never echoed).
     pub fn from_url_str(url: &str) -> Result<Self> {
         let url = BackendUrl::parse(url).map_err(|e| bad(e.message()))?;
-        Self::from_backend_url(&url)
+        let cfg = Self::from_backend_url(&url)?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Checks the configuration without connecting.
@@ -324,7 +326,6 @@ impl Configurable for EtcdConfig {
                 }
             }
         }
-        cfg.validate()?;
         Ok(cfg)
     }
 

@@ -91,7 +91,9 @@ impl ZkConfig {
     /// `InvalidConfig` for another scheme, no host, a bad port, chroot or option.
     pub fn from_url_str(url: &str) -> Result<ZkConfig> {
         let url = BackendUrl::parse(url).map_err(|e| config_err(e.message()))?;
-        Self::from_backend_url(&url)
+        let cfg = Self::from_backend_url(&url)?;
+        cfg.validate()?;
+        Ok(cfg)
     }
 
     /// Checks the configuration.
@@ -211,7 +213,6 @@ impl Configurable for ZkConfig {
                 _ => cfg.ttl_reap_interval = d,
             }
         }
-        cfg.validate()?;
         Ok(cfg)
     }
 
