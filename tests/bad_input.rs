@@ -309,6 +309,28 @@ mod sqlite {
     );
 }
 
+#[cfg(feature = "file")]
+mod file {
+    use super::*;
+    use support::bad_input::unreachable_case;
+
+    bad_input_matrix!(
+        file_bad_input_matrix,
+        "file",
+        server: dir = tempfile::tempdir().expect("temporary directory"),
+        url: format!("file://{}", dir.path().join("store").display()),
+        bad_urls: [
+            "file://",
+            "file://relative",
+            "file://host/x",
+            "file:///x?lock_timeout=banana",
+            "file:///x?no_such_option=1",
+        ],
+        // A store whose parent directory does not exist.
+        unreachable: format!("file://{}", dir.path().join("no/such/dir").display()),
+    );
+}
+
 #[cfg(feature = "consul")]
 mod consul {
     use super::*;

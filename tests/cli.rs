@@ -1079,3 +1079,22 @@ mod sqlite {
         super::watch_prints_events(&url(), true);
     }
 }
+
+/// A shared directory and no server at all.
+#[cfg(feature = "file")]
+mod file {
+    use std::sync::OnceLock;
+
+    fn url() -> String {
+        static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+        let dir = DIR.get_or_init(|| tempfile::tempdir().expect("temporary directory"));
+        format!("file://{}", dir.path().join("cli").display())
+    }
+
+    backend_tests!(key_ttl: true);
+
+    #[test]
+    fn watch_prints_json_events() {
+        super::watch_prints_events(&url(), true);
+    }
+}

@@ -400,3 +400,18 @@ async fn sqlite_histories_are_linearizable() {
     )
     .await;
 }
+
+#[cfg(feature = "file")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_histories_are_linearizable() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = format!("file://{}", dir.path().join("lin").display());
+    // Six stores on one directory; stale reads are strong reads here.
+    record_and_check(
+        "file",
+        clients(&url, 6).await,
+        "lin/file/",
+        Consistency::Stale,
+    )
+    .await;
+}

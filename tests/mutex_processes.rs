@@ -300,6 +300,26 @@ mod sqlite {
     });
 }
 
+#[cfg(feature = "file")]
+mod file {
+    use super::*;
+
+    /// A store directory in a temporary directory of this test's own, and its URL.
+    fn store() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let url = format!("file://{}", dir.path().join("locks").display());
+        (dir, url)
+    }
+
+    process_tests!("file" {
+        file_processes: store(),
+        file_processes_under_faults: {
+            let (dir, url) = store();
+            (dir, url, vec![])
+        },
+    });
+}
+
 /// A sharded store over every backend of this build: the lock lives on one shard, picked by
 /// the hash of its name.
 #[cfg(all(feature = "etcd", feature = "zookeeper"))]

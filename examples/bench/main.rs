@@ -270,7 +270,7 @@ async fn run(args: Args) -> R<()> {
     let wanted = |b: &str| {
         args.only
             .as_ref()
-            .map_or(true, |o| o.iter().any(|x| x == b))
+            .is_none_or(|o| o.iter().any(|x| x == b))
     };
     let started = Instant::now();
     let load_start = loadavg();

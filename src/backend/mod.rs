@@ -7,6 +7,7 @@
 //! | ZooKeeper | `zookeeper` | `zookeeper` (default) | `zk://host:port[,host:port…][/chroot]` |
 //! | Consul | `consul` | `consul` (default) | `consul://host:port`, `consul+https://host:port` |
 //! | SQLite | `sqlite` | `sqlite` (default) | `sqlite:///abs/path/to.db` |
+//! | a shared directory | `file` | `file` (default) | `file:///abs/dir` |
 
 pub mod memory;
 
@@ -14,6 +15,10 @@ pub mod memory;
 pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "file")]
+pub mod file;
+#[cfg(any(feature = "sqlite", feature = "file"))]
+mod host_clock;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(feature = "zookeeper")]
@@ -30,6 +35,8 @@ crate::config::registry::registry! {
         consul::ConsulConfig;
     sqlite: "sqlite", schemes ["sqlite"], table "sqlite", feature "sqlite",
         sqlite::SqliteConfig;
+    file: "file", schemes ["file"], table "file", feature "file",
+        file::FileConfig;
     sharded: "sharded", schemes ["sharded", "sharded+<strategy>"], table "sharded",
         feature always, crate::shard::ShardedConfig;
 }

@@ -260,7 +260,7 @@ impl Modulo {
         }
         let mut slot_owner = Vec::with_capacity(total as usize);
         for (i, s) in shards.iter().enumerate() {
-            slot_owner.extend(std::iter::repeat(i).take(s.weight as usize));
+            slot_owner.extend(std::iter::repeat_n(i, s.weight as usize));
         }
         Ok(Modulo {
             slot_owner,

@@ -15,6 +15,8 @@ use rusqlite::{Connection, ErrorCode, OpenFlags, Transaction, TransactionBehavio
 use crate::caps::{Capabilities, FencingScope};
 use crate::error::{Error, ErrorKind, Result};
 
+pub(crate) use super::host_clock::HostClock;
+
 pub use config::SqliteConfig;
 
 pub(crate) const NAME: &str = "sqlite";
@@ -27,46 +29,6 @@ pub const SCHEMA_VERSION: i64 = 1;
 
 /// How many changes the change log keeps for watches; a watch further behind gets `WatchGap`.
 const CHANGES_KEPT: i64 = 100_000;
-
-/// The host's clock for expiries, shared by every process: `CLOCK_BOOTTIME` in milliseconds
-/// (it never goes backwards and counts suspend), tagged with the kernel's boot id so that an
-/// expiry written before a reboot counts as past.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct HostClock {
-    boot: String,
-}
-
-impl HostClock {
-    fn new() -> Self {
-        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .map(|s| s.trim().to_string())
-            .unwrap_or_else(|_| "unknown-boot".to_string());
-        HostClock { boot }
-    }
-
-    /// Milliseconds of the host's boot-time clock.
-    pub(crate) fn now_ms(&self) -> i64 {
-        #[cfg(target_os = "linux")]
-        let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
-        #[cfg(not(target_os = "linux"))]
-        let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-        t.tv_sec.saturating_mul(1000) + i64::from(t.tv_nsec as u32 / 1_000_000)
-    }
-
-    /// The expiry `ttl` from now, in milliseconds of this clock.
-    pub(crate) fn expiry(&self, ttl: Duration) -> i64 {
-        let ms = i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX);
-        self.now_ms().saturating_add(ms)
-    }
-
-    /// Whether a row with this boot id and expiry is still live.
-    pub(crate) fn live(&self, boot: Option<&str>, expires: Option<i64>) -> bool {
-        match expires {
-            None => true,
-            Some(at) => boot == Some(self.boot.as_str()) && at > self.now_ms(),
-        }
-    }
-}
 
 /// A SQLite-backed [`KvStore`](crate::KvStore) and [`DistLock`](crate::DistLock).
 ///

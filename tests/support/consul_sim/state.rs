@@ -764,7 +764,7 @@ pub fn format_go_duration(d: Duration) -> String {
         format!("{h}h{m}m{secs}")
     } else if m > 0 {
         format!("{m}m{secs}")
-    } else if total == 0 && frac % 1_000_000 == 0 {
+    } else if total == 0 && frac.is_multiple_of(1_000_000) {
         format!("{}ms", frac / 1_000_000)
     } else {
         secs
