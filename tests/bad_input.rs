@@ -418,3 +418,130 @@ async fn sharded_bad_input_matrix() {
     .await;
     report(&m);
 }
+
+/// The embedded backends' own bad inputs, through the `coordkit` binary as separate processes:
+/// a store another user cannot write, and a new store opened by several processes at once.
+#[cfg(all(feature = "file", feature = "sqlite", feature = "cli"))]
+mod embedded {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+    use std::process::{Command, Output};
+
+    const BIN: &str = env!("CARGO_BIN_EXE_coordkit");
+
+    fn urls(dir: &Path) -> [String; 2] {
+        [
+            format!("file://{}", dir.join("store").display()),
+            format!("sqlite://{}", dir.join("store.db").display()),
+        ]
+    }
+
+    fn cli(url: &str, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--url")
+            .arg(url)
+            .args(args)
+            .output()
+            .expect("run coordkit")
+    }
+
+    fn text(o: &Output) -> String {
+        format!(
+            "status {:?}, stdout {:?}, stderr {:?}",
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    }
+
+    /// Runs the CLI as a user who cannot write the store: `nobody` when this is root (who may
+    /// write anything), this user after the store was made read-only otherwise.
+    fn cli_without_write(dir: &Path, url: &str, args: &[&str]) -> Output {
+        if unsafe { libc::geteuid() } == 0 {
+            Command::new("runuser")
+                .args(["-u", "nobody", "--", BIN, "--url", url])
+                .args(args)
+                .output()
+                .expect("run coordkit through runuser")
+        } else {
+            for e in walk(dir) {
+                let mode = if e.is_dir() { 0o555 } else { 0o444 };
+                std::fs::set_permissions(&e, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+            let o = cli(url, args);
+            for e in walk(dir) {
+                let mode = if e.is_dir() { 0o755 } else { 0o644 };
+                std::fs::set_permissions(&e, std::fs::Permissions::from_mode(mode)).unwrap();
+            }
+            o
+        }
+    }
+
+    fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut out = vec![dir.to_path_buf()];
+        let mut i = 0;
+        while i < out.len() {
+            if out[i].is_dir() {
+                for e in std::fs::read_dir(&out[i]).unwrap() {
+                    out.push(e.unwrap().path());
+                }
+            }
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_written_gives_permission_denied_and_keeps_its_data() {
+        let tmp = tempfile::tempdir().unwrap();
+        // Others may enter the temporary directory (tempfile makes it 0700).
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        for url in urls(tmp.path()) {
+            let o = cli(&url, &["put", "k", "kept"]);
+            assert!(o.status.success(), "{url}: {}", text(&o));
+            let o = cli_without_write(tmp.path(), &url, &["put", "k", "lost"]);
+            assert_eq!(o.status.code(), Some(1), "{url}: {}", text(&o));
+            assert!(
+                String::from_utf8_lossy(&o.stderr).contains("permission denied"),
+                "{url}: {}",
+                text(&o)
+            );
+            let o = cli(&url, &["get", "k"]);
+            assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "kept", "{url}: {}", text(&o));
+        }
+    }
+
+    #[test]
+    fn a_new_store_opened_by_several_processes_at_once_serves_them_all() {
+        let tmp = tempfile::tempdir().unwrap();
+        for url in urls(tmp.path()) {
+            let children: Vec<_> = (0..6)
+                .map(|i| {
+                    Command::new(BIN)
+                        .args(["--url", &url, "put", &format!("k{i}"), &format!("v{i}")])
+                        .stdout(std::process::Stdio::piped())
+                        .stderr(std::process::Stdio::piped())
+                        .spawn()
+                        .expect("spawn coordkit")
+                })
+                .collect();
+            for c in children {
+                let o = c.wait_with_output().unwrap();
+                assert!(o.status.success(), "{url}: {}", text(&o));
+            }
+            let o = cli(&url, &["ls", "--long"]);
+            let listing = String::from_utf8_lossy(&o.stdout);
+            for i in 0..6 {
+                assert!(listing.contains(&format!("k{i}\t")), "{url}: {listing}");
+            }
+            // Six writes, six distinct versions.
+            let mut versions: Vec<&str> = listing
+                .lines()
+                .filter_map(|l| l.split('\t').nth(1))
+                .collect();
+            versions.sort_unstable();
+            versions.dedup();
+            assert_eq!(versions.len(), 6, "{url}: {listing}");
+        }
+    }
+}
