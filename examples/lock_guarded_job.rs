@@ -9,10 +9,13 @@
 //! ```text
 //! cargo run --example lock_guarded_job                    # in-memory backend
 //! COORDKIT_URL=etcd://127.0.0.1:2379 cargo run --features etcd --example lock_guarded_job
+//! COORDKIT_URL=file:///tmp/jobs cargo run --example lock_guarded_job -- --processes
 //! ```
 //!
 //! With `memory://` the workers share one in-process store; with any other URL each worker opens
-//! its own client, as separate services would.
+//! its own client, as separate services would. With `--processes` each worker is a process of
+//! its own (this program run again as `worker ID NAMESPACE`), which reports the rounds it ran on
+//! its standard output; that needs a backend that outlives one process (not `memory://`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,7 +104,14 @@ fn parse_u64(bytes: &[u8]) -> coordkit::Result<u64> {
 
 #[tokio::main]
 async fn main() {
-    match run().await {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let [cmd, id, ns] = args.as_slice() {
+        if cmd == "worker" {
+            std::process::exit(worker_process(id, ns).await);
+        }
+    }
+    let processes = args.iter().any(|a| a == "--processes");
+    match run(processes).await {
         Ok(true) => {}
         Ok(false) => std::process::exit(1),
         Err(e) => {
@@ -111,17 +121,96 @@ async fn main() {
     }
 }
 
-async fn run() -> coordkit::Result<bool> {
-    let url = std::env::var("COORDKIT_URL").unwrap_or_else(|_| "memory://".to_string());
+fn url() -> String {
+    std::env::var("COORDKIT_URL").unwrap_or_else(|_| "memory://".to_string())
+}
+
+/// A worker process: runs rounds, prints `ran ROUND TOKEN` for each, exits 0 (or 2 on error).
+async fn worker_process(id: &str, ns: &str) -> i32 {
+    let id: usize = id.parse().unwrap_or(usize::MAX);
+    let result = async {
+        let store = connect(&url()).await?;
+        worker(id, store, ns.to_string()).await
+    }
+    .await;
+    match result {
+        Ok(ran) => {
+            for (round, token) in ran {
+                println!("ran {round} {token}");
+            }
+            0
+        }
+        Err(e) => {
+            eprintln!("worker {id}: error: {e}");
+            2
+        }
+    }
+}
+
+/// Runs the workers as processes of their own and gathers the rounds they ran.
+async fn run_processes(ns: &str) -> coordkit::Result<Option<Vec<(u64, u64)>>> {
+    let exe = std::env::current_exe().map_err(|e| {
+        coordkit::Error::new(coordkit::ErrorKind::Backend, "example", e.to_string())
+    })?;
+    let children: Vec<_> = (0..WORKERS)
+        .map(|id| {
+            tokio::process::Command::new(&exe)
+                .args(["worker", &id.to_string(), ns])
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+        })
+        .collect::<std::io::Result<_>>()
+        .map_err(|e| {
+            coordkit::Error::new(coordkit::ErrorKind::Backend, "example", e.to_string())
+        })?;
+    let mut runs = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().await.map_err(|e| {
+            coordkit::Error::new(coordkit::ErrorKind::Backend, "example", e.to_string())
+        })?;
+        if !out.status.success() {
+            eprintln!("a worker process failed: {}", out.status);
+            return Ok(None);
+        }
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let Some(rest) = line.strip_prefix("ran ") else {
+                // The worker's own progress lines.
+                println!("{line}");
+                continue;
+            };
+            let mut f = rest.split(' ').map(|x| x.parse::<u64>());
+            if let (Some(Ok(round)), Some(Ok(token))) = (f.next(), f.next()) {
+                runs.push((round, token));
+            }
+        }
+    }
+    Ok(Some(runs))
+}
+
+async fn run(processes: bool) -> coordkit::Result<bool> {
+    let url = url();
     let shared = url.trim().starts_with("memory:");
+    if processes && shared {
+        eprintln!("error: --processes needs a backend that outlives one process, not memory://");
+        return Ok(false);
+    }
     let first = connect(&url).await?;
     let ns = run_id();
     println!(
-        "{WORKERS} workers, {ROUNDS} rounds, lock {LOCK:?} on {} backend",
+        "{WORKERS} workers{}, {ROUNDS} rounds, lock {LOCK:?} on {} backend",
+        if processes { " (one process each)" } else { "" },
         first.capabilities().backend
     );
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    if processes {
+        match run_processes(&ns).await? {
+            Some(r) => runs = r,
+            None => return Ok(false),
+        }
+    }
     let mut tasks = Vec::new();
-    for id in 0..WORKERS {
+    for id in (0..WORKERS).filter(|_| !processes) {
         let store = if shared || id == 0 {
             first.clone()
         } else {
@@ -129,7 +218,6 @@ async fn run() -> coordkit::Result<bool> {
         };
         tasks.push(tokio::spawn(worker(id, store, ns.clone())));
     }
-    let mut runs: Vec<(u64, u64)> = Vec::new();
     for t in tasks {
         match t.await {
             Ok(Ok(ran)) => runs.extend(ran),

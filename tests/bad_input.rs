@@ -507,7 +507,12 @@ mod embedded {
                 text(&o)
             );
             let o = cli(&url, &["get", "k"]);
-            assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "kept", "{url}: {}", text(&o));
+            assert_eq!(
+                String::from_utf8_lossy(&o.stdout).trim(),
+                "kept",
+                "{url}: {}",
+                text(&o)
+            );
         }
     }
 

@@ -267,11 +267,7 @@ fn port_of(hostport: &str) -> u16 {
 
 async fn run(args: Args) -> R<()> {
     std::fs::create_dir_all(&args.out)?;
-    let wanted = |b: &str| {
-        args.only
-            .as_ref()
-            .is_none_or(|o| o.iter().any(|x| x == b))
-    };
+    let wanted = |b: &str| args.only.as_ref().is_none_or(|o| o.iter().any(|x| x == b));
     let started = Instant::now();
     let load_start = loadavg();
     let mut sections = Vec::new();
