@@ -195,3 +195,41 @@ async fn a_torn_log_append_is_cut_and_writes_go_on() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn rewriting_a_ttl_key_leaves_one_marker_and_its_expiry_still_deletes_it() {
+    let path = dir().path().join("markers");
+    let s = FileStore::open(FileConfig::new(&path)).await.unwrap();
+    let mut w = s.watch("t").await.unwrap();
+    for i in 0..50u64 {
+        let ttl = std::time::Duration::from_millis(600 + i);
+        s.put("t", b"x".to_vec(), coordkit::PutOptions::ttl(ttl))
+            .await
+            .unwrap();
+    }
+    let markers = std::fs::read_dir(path.join("ttl")).unwrap().count();
+    assert_eq!(markers, 1, "one marker for the one TTL key");
+    // 50 puts, then the delete at the TTL, without any further write.
+    let mut puts = 0;
+    loop {
+        let ev = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            futures::StreamExt::next(&mut w),
+        )
+        .await
+        .expect("the delete comes within 10 s")
+        .unwrap()
+        .unwrap();
+        match ev {
+            coordkit::WatchEvent::Put(_) => puts += 1,
+            coordkit::WatchEvent::Delete { key } => {
+                assert_eq!(key, "t");
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(puts, 50);
+    assert!(s.get("t", Consistency::Strong).await.unwrap().is_none());
+    assert_eq!(std::fs::read_dir(path.join("ttl")).unwrap().count(), 0);
+}

@@ -234,11 +234,25 @@ impl<'a> Section<'a> {
         let path = bucket_path(dir, key);
         let mut entries = read_bucket_file(&path)?;
         let rev = change.rev().unwrap_or_default();
-        if entries.iter().any(|e| e.key == *key && e.version >= rev) {
+        let old = entries.iter().position(|e| e.key == *key);
+        match old.map(|i| &entries[i]) {
             // Applied already (this is a redo).
-            return Ok(());
+            Some(e) if e.version >= rev => return Ok(()),
+            None if new.is_none() => return Ok(()),
+            _ => {}
         }
-        entries.retain(|e| e.key != *key);
+        if let Some(old) = old.map(|i| entries.remove(i)) {
+            // The replaced key's TTL marker goes, unless another key of the bucket shares it.
+            if let Some((boot, at)) = &old.expires {
+                let shared = entries.iter().any(|e| e.expires == old.expires);
+                if !shared {
+                    let marker = dir
+                        .join("ttl")
+                        .join(format!("{}.{at}.{boot}", bucket_name(key)));
+                    let _ = std::fs::remove_file(marker);
+                }
+            }
+        }
         if let Some(e) = new {
             if let Some((boot, at)) = &e.expires {
                 mark_ttl(dir, &bucket_name(key), *at, boot)?;

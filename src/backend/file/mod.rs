@@ -132,7 +132,50 @@ pub(crate) struct Inner {
     /// The revision up to which this process knows the key files are up to date.
     applied: Mutex<u64>,
     wakers: Arc<Wakers>,
+    _watch: Arc<DirWatch>,
+}
+
+/// The inotify watch of a store's directory, one per directory and process, shared by the
+/// stores opened on it (a process may have only so many inotify instances: 128 by default).
+struct DirWatch {
+    wakers: Arc<Wakers>,
     _watcher: notify::RecommendedWatcher,
+}
+
+fn dir_watch(dir: &Path) -> Result<Arc<DirWatch>> {
+    static ALL: std::sync::OnceLock<Mutex<HashMap<PathBuf, std::sync::Weak<DirWatch>>>> =
+        std::sync::OnceLock::new();
+    let dir =
+        std::fs::canonicalize(dir).map_err(|e| io_err(e, format!("opening {}", dir.display())))?;
+    let mut all = lock(ALL.get_or_init(Default::default));
+    if let Some(w) = all.get(&dir).and_then(std::sync::Weak::upgrade) {
+        return Ok(w);
+    }
+    let failed = |e: notify::Error| {
+        Error::new(
+            ErrorKind::Backend,
+            NAME,
+            format!("watching {} for changes: {e}", dir.display()),
+        )
+    };
+    let wakers = Arc::new(Wakers::default());
+    let w = wakers.clone();
+    let mut watcher = notify::recommended_watcher(move |ev| w.on_event(ev)).map_err(failed)?;
+    for sub in ["log", "locks"] {
+        notify::Watcher::watch(
+            &mut watcher,
+            &dir.join(sub),
+            notify::RecursiveMode::NonRecursive,
+        )
+        .map_err(failed)?;
+    }
+    let watch = Arc::new(DirWatch {
+        wakers,
+        _watcher: watcher,
+    });
+    all.retain(|_, w| w.strong_count() > 0);
+    all.insert(dir, Arc::downgrade(&watch));
+    Ok(watch)
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -274,29 +317,7 @@ impl FileStore {
         let (head, next_due) = tokio::task::spawn_blocking(move || setup(&c))
             .await
             .map_err(|e| Error::new(ErrorKind::Backend, NAME, format!("open: {e}")))??;
-        let wakers = Arc::new(Wakers::default());
-        let w = wakers.clone();
-        let mut watcher = notify::recommended_watcher(move |ev| w.on_event(ev)).map_err(|e| {
-            Error::new(
-                ErrorKind::Backend,
-                NAME,
-                format!("watching {} for changes: {e}", cfg.dir.display()),
-            )
-        })?;
-        for sub in ["log", "locks"] {
-            notify::Watcher::watch(
-                &mut watcher,
-                &cfg.dir.join(sub),
-                notify::RecursiveMode::NonRecursive,
-            )
-            .map_err(|e| {
-                Error::new(
-                    ErrorKind::Backend,
-                    NAME,
-                    format!("watching {}/{sub} for changes: {e}", cfg.dir.display()),
-                )
-            })?;
-        }
+        let watch = dir_watch(&cfg.dir)?;
         Ok(FileStore {
             inner: Arc::new(Inner {
                 cfg,
@@ -304,8 +325,8 @@ impl FileStore {
                 head: Mutex::new(head),
                 next_due: Mutex::new(next_due),
                 applied: Mutex::new(0),
-                wakers,
-                _watcher: watcher,
+                wakers: watch.wakers.clone(),
+                _watch: watch,
             }),
         })
     }
