@@ -22,6 +22,7 @@ mod support;
 
 mod ck;
 mod consulraw;
+mod embeddedraw;
 mod etcdraw;
 mod harness;
 mod memraw;
@@ -318,7 +319,7 @@ async fn run(args: Args) -> R<()> {
             };
             vec![(scheme.to_string(), Some(spec))]
         }
-        None => ["memory", "etcd", "zookeeper", "consul"]
+        None => ["memory", "etcd", "zookeeper", "consul", "sqlite", "file"]
             .iter()
             .filter(|b| wanted(b))
             .map(|b| (b.to_string(), None))
@@ -432,6 +433,11 @@ async fn run(args: Args) -> R<()> {
                 }
                 Err(e) => Err(e),
             },
+            ("sqlite", None) => bench_sqlite(args.counts).await,
+            ("file", None) => {
+                let py = peer_python(&mut Section::new("", ""));
+                bench_file(args.counts, py, &args.out).await
+            }
             (other, _) => Err(err(format!("unknown backend {other}"))),
         };
         match result {
@@ -695,6 +701,81 @@ fn sort_rows(s: &mut Section) {
             .unwrap_or(OPS.len())
     };
     s.rows.sort_by_key(|r| order(&r.op));
+}
+
+/// The embedded backends' rows: coordkit and the raw baseline interleaved, then the handoffs.
+async fn embedded_rows(
+    s: &mut Section,
+    url: &str,
+    raw: Arc<dyn Target>,
+    raw_contenders: Vec<Arc<dyn Contender>>,
+    raw_label: &str,
+    c: Counts,
+) -> R<()> {
+    let store = coordkit::connect(url).await?;
+    let targets: Vec<Arc<dyn Target>> = vec![Arc::new(Coordkit::new(store, VALUE)), raw];
+    op_rows(s, &targets, c, c.kv, c.lock).await?;
+    run_handoff(s, COORDKIT, ck_contenders(url).await?, "bench/contended", c).await;
+    run_handoff(s, raw_label, raw_contenders, "contended", c).await;
+    Ok(())
+}
+
+async fn bench_sqlite(c: Counts) -> R<Section> {
+    let dir = tempfile::tempdir()?;
+    let mut s = Section::new(
+        "SQLite",
+        "SQLite as bundled by rusqlite, a file in a temporary directory",
+    );
+    let raw_db = dir.path().join("raw.db");
+    let raw = Arc::new(embeddedraw::SqliteRaw::new(&raw_db, VALUE)?);
+    let contenders = (0..CONTENDERS)
+        .map(|i| Ok(Arc::new(embeddedraw::SqliteContender::new(&raw_db, i)?) as Arc<dyn Contender>))
+        .collect::<R<Vec<_>>>()?;
+    let url = format!("sqlite://{}", dir.path().join("ck.db").display());
+    embedded_rows(&mut s, &url, raw, contenders, "raw lease row, 1 ms poll", c).await?;
+    s.notes.push(
+        "The raw side is the same statements through the same rusqlite crate (WAL, synchronous = FULL, \
+         BEGIN IMMEDIATE for writes) on one connection; its contenders poll a lease row every millisecond, \
+         coordkit's every poll_interval (10 ms) when the files changed."
+            .into(),
+    );
+    Ok(s)
+}
+
+async fn bench_file(c: Counts, python: Option<PathBuf>, out: &Path) -> R<Section> {
+    let dir = tempfile::tempdir()?;
+    let mut s = Section::new(
+        "file",
+        "a directory in a temporary directory, on the local file system",
+    );
+    let raw_dir = dir.path().join("raw");
+    let raw = Arc::new(embeddedraw::FsRaw::new(&raw_dir, VALUE)?);
+    let contenders = (0..CONTENDERS)
+        .map(|_| Arc::new(embeddedraw::FlockContender(raw_dir.clone())) as Arc<dyn Contender>)
+        .collect();
+    let url = format!("file://{}", dir.path().join("ck").display());
+    embedded_rows(&mut s, &url, raw, contenders, "bare flock", c).await?;
+    if let Some(py) = python {
+        let peer_dir = dir.path().join("peer");
+        std::fs::create_dir_all(&peer_dir)?;
+        add_peer(
+            &mut s,
+            &py,
+            out,
+            "filelock",
+            "filelock (Python)",
+            &peer_dir.display().to_string(),
+            c,
+        );
+    }
+    sort_rows(&mut s);
+    s.notes.push(
+        "The raw side writes each value with the same durability (temporary file, fdatasync, rename, fsync of \
+         the directory) and locks with a bare flock: no lease, no token, no record, so a paused holder blocks \
+         everyone. The peer is the Python `filelock` package (flock, no lease either)."
+            .into(),
+    );
+    Ok(s)
 }
 
 pub async fn bench_memory(c: Counts) -> R<Section> {

@@ -1,7 +1,7 @@
 """Peer libraries on the same servers, with the same operation counts as the Rust side.
 
 Usage: peers.py MODE ADDR N_KV N_LOCK ROUNDS CONTENDERS
-MODE: kazoo | tooz-zk | tooz-etcd. Prints one JSON object: {"rows": [...], "handoff": {...}}.
+MODE: kazoo | tooz-zk | tooz-etcd | filelock (ADDR: a directory). Prints one JSON object: {"rows": [...], "handoff": {...}}.
 Latencies are in microseconds; "busy_s" is the wall time of the measured operations.
 """
 import json
@@ -132,6 +132,20 @@ elif mode in ("tooz-zk", "tooz-etcd"):
     result["handoff"] = handoff(make, rounds, contenders)
     for c in coords + [coord]:
         c.stop()
+elif mode == "filelock":
+    import os
+
+    from filelock import FileLock
+
+    path = os.path.join(addr, "uncontended.lock")
+    lock = FileLock(path, thread_local=False)
+    rows.append(("lock+unlock", timed(lambda: (lock.acquire(), lock.release()), n_lock)))
+
+    def make(i):
+        # An instance (and so a file descriptor and an flock) per contender.
+        return FileLock(os.path.join(addr, "contended.lock"), thread_local=False, is_singleton=False)
+
+    result["handoff"] = handoff(make, rounds, contenders)
 else:
     raise SystemExit("unknown mode " + mode)
 

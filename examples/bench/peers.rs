@@ -10,13 +10,14 @@ use crate::report::Row;
 use crate::stats::Series;
 
 const SCRIPT: &str = include_str!("peers.py");
-const PACKAGES: &[&str] = &["kazoo", "tooz", "etcd3gw"];
+const PACKAGES: &[&str] = &["kazoo", "tooz", "etcd3gw", "filelock"];
 
 /// A ready venv's python, or why there is none.
 pub fn prepare(venv: &Path) -> Result<PathBuf, String> {
     let python = venv.join("bin/python");
     let ready = venv.join(".coordkit-bench-ready");
-    if ready.exists() && python.exists() {
+    let wanted = PACKAGES.join(" ");
+    if python.exists() && std::fs::read_to_string(&ready).is_ok_and(|r| r == wanted) {
         return Ok(python);
     }
     eprintln!(
@@ -51,7 +52,7 @@ pub fn prepare(venv: &Path) -> Result<PathBuf, String> {
             PACKAGES.join(" ")
         ));
     }
-    let _ = std::fs::write(&ready, b"");
+    let _ = std::fs::write(&ready, wanted);
     Ok(python)
 }
 
