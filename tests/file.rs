@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use coordkit::backend::file::{FileConfig, FileStore};
 use coordkit::conformance::Harness;
-use coordkit::{Consistency, ErrorKind, KvStore};
+use coordkit::{Consistency, DistLock, ErrorKind, KvStore};
 
 fn dir() -> &'static tempfile::TempDir {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
@@ -232,4 +232,62 @@ async fn rewriting_a_ttl_key_leaves_one_marker_and_its_expiry_still_deletes_it()
     assert_eq!(puts, 50);
     assert!(s.get("t", Consistency::Strong).await.unwrap().is_none());
     assert_eq!(std::fs::read_dir(path.join("ttl")).unwrap().count(), 0);
+}
+
+/// CPU time (user + system, clock ticks) of a running process, from `/proc/PID/stat`.
+#[cfg(feature = "cli")]
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A `coordkit lock` waiting behind a held lock, and a `coordkit watch` with nothing to report,
+/// sleep: they are woken by inotify and timers, never by their own reads of the files.
+#[cfg(feature = "cli")]
+#[tokio::test]
+async fn waiting_and_watching_processes_are_idle() {
+    let path = dir().path().join("idle");
+    let url = format!("file://{}", path.display());
+    let s = FileStore::open(FileConfig::new(&path)).await.unwrap();
+    let opts = coordkit::LockOptions::new().ttl(std::time::Duration::from_secs(30));
+    let held = s.lock("idle", &opts).await.unwrap();
+    let bin = env!("CARGO_BIN_EXE_coordkit");
+    let spawn = |args: &[&str]| {
+        std::process::Command::new(bin)
+            .arg("--url")
+            .arg(&url)
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut waiter = spawn(&["lock", "idle", "--wait", "30s", "--", "true"]);
+    let mut watcher = spawn(&["watch", "quiet/"]);
+    // Let both start up, then count their CPU over three seconds.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let before = (cpu_ticks(waiter.id()), cpu_ticks(watcher.id()));
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let after = (cpu_ticks(waiter.id()), cpu_ticks(watcher.id()));
+    held.release().await.unwrap();
+    let status = waiter.wait().unwrap();
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+    assert!(
+        status.success(),
+        "the waiter got the lock once it was released: {status:?}"
+    );
+    // 3 s is 300 ticks of 10 ms; a process that kept waking itself would use most of them.
+    assert!(
+        after.0 - before.0 <= 15,
+        "waiting lock used {} ticks in 3 s",
+        after.0 - before.0
+    );
+    assert!(
+        after.1 - before.1 <= 15,
+        "idle watch used {} ticks in 3 s",
+        after.1 - before.1
+    );
 }

@@ -717,7 +717,86 @@ async fn embedded_rows(
     op_rows(s, &targets, c, c.kv, c.lock).await?;
     run_handoff(s, COORDKIT, ck_contenders(url).await?, "bench/contended", c).await;
     run_handoff(s, raw_label, raw_contenders, "contended", c).await;
+    let lat = watch_latency(url, c.kv / 2).await?;
+    s.notes.push(format!(
+        "Watch latency (one store puts, another store's watch receives; put start → event): p50 {}, p99 {}, max {} over {} puts.",
+        stats::fmt_us(lat.pct(50.0)),
+        stats::fmt_us(lat.pct(99.0)),
+        stats::fmt_us(lat.max()),
+        lat.lat_us.len()
+    ));
+    let (cpu, wall) = idle_cpu(url, Duration::from_secs(10)).await?;
+    s.notes.push(format!(
+        "Idle CPU: a lock() waiting behind a held lock plus an idle watch, in this process, with nothing else running: \
+         {:.2} % of one core ({:.1} ms of CPU in {:.0} s).",
+        cpu.as_secs_f64() / wall.as_secs_f64() * 100.0,
+        cpu.as_secs_f64() * 1000.0,
+        wall.as_secs_f64()
+    ));
     Ok(())
+}
+
+/// Put start → event received by another store's watch, one put at a time.
+async fn watch_latency(url: &str, n: usize) -> R<stats::Series> {
+    use futures::StreamExt;
+    let writer = coordkit::connect(url).await?;
+    let reader = coordkit::connect(url).await?;
+    let mut w = reader.watch("bench/watch/").await?;
+    let mut out = stats::Series::default();
+    for i in 0..n.max(20) {
+        let t0 = Instant::now();
+        writer
+            .put(
+                "bench/watch/k",
+                i.to_string().into_bytes(),
+                Default::default(),
+            )
+            .await?;
+        match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
+            Ok(Some(Ok(_))) => out.push(t0.elapsed()),
+            other => return Err(err(format!("watch event missing: {other:?}"))),
+        }
+    }
+    Ok(out)
+}
+
+/// This process's CPU time while one `lock()` waits behind a held lock and one watch is idle.
+async fn idle_cpu(url: &str, span: Duration) -> R<(Duration, Duration)> {
+    fn cpu() -> Duration {
+        let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        tv(u.ru_utime) + tv(u.ru_stime)
+    }
+    let holder = coordkit::connect(url).await?;
+    let waiter = coordkit::connect(url).await?;
+    let opts = coordkit::LockOptions::new().ttl(Duration::from_secs(60));
+    let g = holder.lock("bench/idle", &opts).await?;
+    let _watch = waiter.watch("bench/idle-watch/").await?;
+    let w = waiter.clone();
+    let wait = tokio::spawn(async move {
+        w.lock(
+            "bench/idle",
+            &coordkit::LockOptions::new().wait(Duration::from_secs(120)),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (c0, t0) = (cpu(), Instant::now());
+    tokio::time::sleep(span).await;
+    let used = (cpu().saturating_sub(c0), t0.elapsed());
+    g.release().await?;
+    // The waiter gets the lock once it is released.
+    let got = tokio::time::timeout(Duration::from_secs(10), wait).await;
+    match got {
+        Ok(Ok(Ok(g2))) => g2.release().await?,
+        other => {
+            return Err(err(format!(
+                "the waiting lock() did not get the lock: {other:?}"
+            )))
+        }
+    }
+    Ok(used)
 }
 
 async fn bench_sqlite(c: Counts) -> R<Section> {

@@ -109,6 +109,14 @@ impl Wakers {
         if ev.need_rescan() {
             return self.wake_all();
         }
+        // Opening or reading a file changes nothing; waking on it would have every waiter wake
+        // itself with its own next look.
+        use notify::event::{AccessKind, AccessMode, EventKind};
+        match ev.kind {
+            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
+            EventKind::Access(_) => return,
+            _ => {}
+        }
         for p in &ev.paths {
             let dir = p.parent().and_then(|d| d.file_name());
             if dir == Some("log".as_ref()) {
