@@ -1061,6 +1061,62 @@ mod consul {
     backend_tests!(key_ttl: key_ttl());
 }
 
+/// CPU time (user + system, clock ticks) of a running process, from `/proc/PID/stat`.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses): utime is the 12th, stime the 13th.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A `coordkit lock` waiting behind a held lock and a `coordkit watch` with nothing to report
+/// sleep (the embedded backends: woken by inotify and timers, never by their own looks).
+fn waiting_and_watching_processes_are_idle(url: &str) {
+    let spawn = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("--url")
+            .arg(url)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut holder = spawn(&["lock", "idle", "--ttl", "30s", "--", "sleep", "6"]);
+    std::thread::sleep(Duration::from_millis(800));
+    let mut waiter = spawn(&["lock", "idle", "--wait", "30s", "--", "true"]);
+    let mut watcher = spawn(&["watch", "quiet/"]);
+    // Let both start up, then count their CPU over three seconds.
+    std::thread::sleep(Duration::from_secs(1));
+    let before = (cpu_ticks(waiter.id()), cpu_ticks(watcher.id()));
+    std::thread::sleep(Duration::from_secs(3));
+    let after = (cpu_ticks(waiter.id()), cpu_ticks(watcher.id()));
+    assert!(
+        waiter.try_wait().unwrap().is_none(),
+        "the waiter waits while the lock is held"
+    );
+    let held = holder.wait().unwrap();
+    let got = waiter.wait().unwrap();
+    watcher.kill().unwrap();
+    watcher.wait().unwrap();
+    assert!(
+        held.success() && got.success(),
+        "holder {held:?}, waiter {got:?}"
+    );
+    // 3 s is 300 ticks of 10 ms; a process that kept waking itself would use most of them.
+    assert!(
+        after.0 - before.0 <= 15,
+        "waiting lock used {} ticks in 3 s",
+        after.0 - before.0
+    );
+    assert!(
+        after.1 - before.1 <= 15,
+        "idle watch used {} ticks in 3 s",
+        after.1 - before.1
+    );
+}
+
 /// SQLite: a database file and no server at all.
 #[cfg(feature = "sqlite")]
 mod sqlite {
@@ -1077,6 +1133,11 @@ mod sqlite {
     #[test]
     fn watch_prints_json_events() {
         super::watch_prints_events(&url(), true);
+    }
+
+    #[test]
+    fn waiting_and_watching_processes_are_idle() {
+        super::waiting_and_watching_processes_are_idle(&url());
     }
 }
 
@@ -1096,5 +1157,10 @@ mod file {
     #[test]
     fn watch_prints_json_events() {
         super::watch_prints_events(&url(), true);
+    }
+
+    #[test]
+    fn waiting_and_watching_processes_are_idle() {
+        super::waiting_and_watching_processes_are_idle(&url());
     }
 }

@@ -18,6 +18,8 @@ pub mod etcd;
 #[cfg(feature = "file")]
 pub mod file;
 #[cfg(any(feature = "sqlite", feature = "file"))]
+mod fs_events;
+#[cfg(any(feature = "sqlite", feature = "file"))]
 mod host_clock;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;

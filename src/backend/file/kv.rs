@@ -524,7 +524,7 @@ async fn watch_loop(
     mut due: Option<i64>,
     tx: mpsc::Sender<Result<WatchEvent>>,
 ) {
-    let waker = inner.wakers.get("log");
+    let waker = inner.waker("log");
     loop {
         // Enabled before the read: an append after it wakes this task.
         let notified = waker.notified();

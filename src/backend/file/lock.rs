@@ -185,7 +185,9 @@ impl FileStore {
             deadline_after(opts.wait)
         };
         let holder = uuid::Uuid::new_v4().to_string();
-        let waker = self.inner.wakers.get(&paths(&self.inner, name).2);
+        let waker = self
+            .inner
+            .waker(&format!("locks/{}", paths(&self.inner, name).2));
         let mut first = true;
         loop {
             // Enabled before the attempt: a release after it wakes this task.

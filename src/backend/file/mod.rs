@@ -9,18 +9,16 @@ mod kv;
 mod lock;
 mod log;
 
-use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use tokio::sync::Notify;
-
 use crate::caps::{Capabilities, FencingScope};
 use crate::error::{Error, ErrorKind, Result};
 
+use super::fs_events::{watch_dir, DirGuard};
 pub(crate) use super::host_clock::HostClock;
 pub use config::FileConfig;
 
@@ -75,61 +73,6 @@ impl std::fmt::Debug for FileStore {
     }
 }
 
-/// Wakes the tasks waiting on a file of the store when inotify reports a change to it.
-#[derive(Default)]
-pub(crate) struct Wakers {
-    by_name: Mutex<HashMap<String, Arc<Notify>>>,
-}
-
-impl Wakers {
-    /// The waker of `name`: `"log"` for the change log, a lock's bucket name for its record.
-    pub(crate) fn get(&self, name: &str) -> Arc<Notify> {
-        lock(&self.by_name)
-            .entry(name.to_string())
-            .or_default()
-            .clone()
-    }
-
-    fn wake(&self, name: &str) {
-        if let Some(n) = lock(&self.by_name).get(name) {
-            n.notify_waiters();
-        }
-    }
-
-    fn wake_all(&self) {
-        for n in lock(&self.by_name).values() {
-            n.notify_waiters();
-        }
-    }
-
-    fn on_event(&self, ev: notify::Result<notify::Event>) {
-        let Ok(ev) = ev else {
-            return self.wake_all();
-        };
-        if ev.need_rescan() {
-            return self.wake_all();
-        }
-        // Opening or reading a file changes nothing; waking on it would have every waiter wake
-        // itself with its own next look.
-        use notify::event::{AccessKind, AccessMode, EventKind};
-        match ev.kind {
-            EventKind::Access(AccessKind::Close(AccessMode::Write)) => {}
-            EventKind::Access(_) => return,
-            _ => {}
-        }
-        for p in &ev.paths {
-            let dir = p.parent().and_then(|d| d.file_name());
-            if dir == Some("log".as_ref()) {
-                self.wake("log");
-            } else if let (Some(d), Some(f)) = (dir, p.file_name().and_then(|f| f.to_str())) {
-                if d == "locks" {
-                    self.wake(f);
-                }
-            }
-        }
-    }
-}
-
 pub(crate) struct Inner {
     cfg: FileConfig,
     clock: HostClock,
@@ -139,51 +82,9 @@ pub(crate) struct Inner {
     next_due: Mutex<Option<i64>>,
     /// The revision up to which this process knows the key files are up to date.
     applied: Mutex<u64>,
-    wakers: Arc<Wakers>,
-    _watch: Arc<DirWatch>,
-}
-
-/// The inotify watch of a store's directory, one per directory and process, shared by the
-/// stores opened on it (a process may have only so many inotify instances: 128 by default).
-struct DirWatch {
-    wakers: Arc<Wakers>,
-    _watcher: notify::RecommendedWatcher,
-}
-
-fn dir_watch(dir: &Path) -> Result<Arc<DirWatch>> {
-    static ALL: std::sync::OnceLock<Mutex<HashMap<PathBuf, std::sync::Weak<DirWatch>>>> =
-        std::sync::OnceLock::new();
-    let dir =
-        std::fs::canonicalize(dir).map_err(|e| io_err(e, format!("opening {}", dir.display())))?;
-    let mut all = lock(ALL.get_or_init(Default::default));
-    if let Some(w) = all.get(&dir).and_then(std::sync::Weak::upgrade) {
-        return Ok(w);
-    }
-    let failed = |e: notify::Error| {
-        Error::new(
-            ErrorKind::Backend,
-            NAME,
-            format!("watching {} for changes: {e}", dir.display()),
-        )
-    };
-    let wakers = Arc::new(Wakers::default());
-    let w = wakers.clone();
-    let mut watcher = notify::recommended_watcher(move |ev| w.on_event(ev)).map_err(failed)?;
-    for sub in ["log", "locks"] {
-        notify::Watcher::watch(
-            &mut watcher,
-            &dir.join(sub),
-            notify::RecursiveMode::NonRecursive,
-        )
-        .map_err(failed)?;
-    }
-    let watch = Arc::new(DirWatch {
-        wakers,
-        _watcher: watcher,
-    });
-    all.retain(|_, w| w.strong_count() > 0);
-    all.insert(dir, Arc::downgrade(&watch));
-    Ok(watch)
+    /// The store's directory, canonical (the spelling of the paths that inotify reports).
+    root: PathBuf,
+    _watched: [DirGuard; 2],
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -325,7 +226,15 @@ impl FileStore {
         let (head, next_due) = tokio::task::spawn_blocking(move || setup(&c))
             .await
             .map_err(|e| Error::new(ErrorKind::Backend, NAME, format!("open: {e}")))??;
-        let watch = dir_watch(&cfg.dir)?;
+        let watched = [
+            watch_dir(&cfg.dir.join("log"), NAME)?,
+            watch_dir(&cfg.dir.join("locks"), NAME)?,
+        ];
+        let root = watched[0]
+            .dir()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| cfg.dir.clone());
         Ok(FileStore {
             inner: Arc::new(Inner {
                 cfg,
@@ -333,8 +242,8 @@ impl FileStore {
                 head: Mutex::new(head),
                 next_due: Mutex::new(next_due),
                 applied: Mutex::new(0),
-                wakers: watch.wakers.clone(),
-                _watch: watch,
+                root,
+                _watched: watched,
             }),
         })
     }
@@ -474,6 +383,11 @@ fn refuse_remote(dir: &Path) -> Result<()> {
 impl Inner {
     fn path(&self, sub: &str) -> PathBuf {
         self.cfg.dir.join(sub)
+    }
+
+    /// Wakes on a change of the file or directory `sub` of the store.
+    pub(crate) fn waker(&self, sub: &str) -> Arc<tokio::sync::Notify> {
+        super::fs_events::waker(&self.root.join(sub))
     }
 
     /// Runs `f` on the blocking pool.

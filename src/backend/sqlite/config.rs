@@ -14,7 +14,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 /// How to open a SQLite database file shared by the processes of one host.
 ///
-/// `sqlite:///abs/path/to.db[?busy_timeout=5s&poll_interval=10ms]`; deserializable as the
+/// `sqlite:///abs/path/to.db[?busy_timeout=5s&poll_interval=1s]`; deserializable as the
 /// `[sqlite]` table (`path`, `busy_timeout`, `poll_interval`; durations with a unit).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -25,8 +25,9 @@ pub struct SqliteConfig {
     /// with `Timeout` (SQLite's busy timeout). Default 5 s.
     #[serde(deserialize_with = "duration::de_unit_required")]
     pub busy_timeout: Duration,
-    /// How often a watch and a waiting `lock()` look for changes made by other processes.
-    /// Default 10 ms.
+    /// How long a watch and a waiting `lock()` go at most without looking at the database when
+    /// no file-system notification came (they are woken by inotify when the database or its
+    /// write-ahead log changes). Default 1 s.
     #[serde(deserialize_with = "duration::de_unit_required")]
     pub poll_interval: Duration,
 }
@@ -36,7 +37,7 @@ impl Default for SqliteConfig {
         SqliteConfig {
             path: PathBuf::new(),
             busy_timeout: Duration::from_secs(5),
-            poll_interval: Duration::from_millis(10),
+            poll_interval: Duration::from_secs(1),
         }
     }
 }

@@ -220,13 +220,16 @@ async fn watch_loop(
     mut seen: i64,
     tx: mpsc::Sender<Result<WatchEvent>>,
 ) {
-    let poll = inner.cfg.poll_interval;
+    let poll = std::time::Duration::from_millis(10);
     loop {
         if tx.is_closed() {
             return;
         }
-        // Taken before the query: a commit after it changes the mark, and is seen next time.
-        let mark = inner.file_mark();
+        // Enabled before the query: a commit after it wakes this task.
+        let changes = inner.changes();
+        let changed = changes.notified();
+        tokio::pin!(changed);
+        changed.as_mut().enable();
         let after = seen;
         let batch = inner
             .run("watch", move |conn, _| {
@@ -318,6 +321,6 @@ async fn watch_loop(
             let _ = inner.write("reap", |_, _| Ok(())).await;
             continue;
         }
-        inner.wait_for_change(&mark, batch.next_expiry).await;
+        inner.wait_for_change(changed, batch.next_expiry).await;
     }
 }

@@ -106,7 +106,11 @@ impl SqliteStore {
         let mut first = true;
         loop {
             let sent = Instant::now();
-            let mark = self.inner.file_mark();
+            // Enabled before the attempt: a release after it wakes this task.
+            let changes = self.inner.changes();
+            let changed = changes.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let attempt = self.try_once(name, &holder, opts.ttl);
             // The first attempt runs to its end (bounded by the busy timeout), so that a zero
             // wait still tries once.
@@ -127,7 +131,7 @@ impl SqliteStore {
             }
             // Held: try again when the database changes (a release), when the holder's lease
             // runs out, or after a while, within the wait.
-            let wake = self.inner.wait_for_change(&mark, expiry);
+            let wake = self.inner.wait_for_change(changed, expiry);
             if expiry.is_none() || until(deadline, wake).await.is_none() {
                 return Err(Error::new(
                     ErrorKind::Timeout,

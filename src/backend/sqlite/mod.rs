@@ -43,6 +43,17 @@ pub(crate) struct Inner {
     conn: Mutex<Connection>,
     cfg: SqliteConfig,
     clock: HostClock,
+    /// The database's directory, watched for changes of the `-notify` file.
+    watched: super::fs_events::DirGuard,
+    /// The `-notify` file, open for [`Inner::signal`] (`None` if it cannot be written).
+    notify_file: Option<std::fs::File>,
+}
+
+/// The name of the file next to the database that every write touches after its commit.
+fn notify_name(db: &std::path::Path) -> std::ffi::OsString {
+    let mut n = db.file_name().unwrap_or_default().to_os_string();
+    n.push("-notify");
+    n
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -114,11 +125,21 @@ impl SqliteStore {
         let conn = tokio::task::spawn_blocking(move || open_conn(&c))
             .await
             .map_err(|e| Error::new(ErrorKind::Backend, NAME, format!("open: {e}")))??;
+        let parent = cfg.path.parent().unwrap_or(std::path::Path::new("/"));
+        let watched = super::fs_events::watch_dir(parent, NAME)?;
+        let notify_file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(parent.join(notify_name(&cfg.path)))
+            .ok();
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 conn: Mutex::new(conn),
                 cfg,
                 clock: HostClock::new(),
+                watched,
+                notify_file,
             }),
         })
     }
@@ -218,47 +239,51 @@ fn try_open(cfg: &SqliteConfig) -> Result<Connection> {
     Ok(conn)
 }
 
-/// How long a watch or a waiter goes at most without looking at the database, even when the
-/// files look unchanged.
-pub(crate) const RECHECK: Duration = Duration::from_millis(250);
-
-/// What the database files look like from outside: size and modification time of the file and
-/// of its write-ahead log. Any commit changes it; comparing it costs two `stat` calls, no query.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct FileMark(Vec<Option<(u64, std::time::SystemTime)>>);
-
 impl Inner {
-    /// The current [`FileMark`].
-    pub(crate) fn file_mark(&self) -> FileMark {
-        let wal = {
-            let mut p = self.cfg.path.clone().into_os_string();
-            p.push("-wal");
-            std::path::PathBuf::from(p)
-        };
-        FileMark(
-            [self.cfg.path.as_path(), wal.as_path()]
-                .iter()
-                .map(|p| {
-                    std::fs::metadata(p)
-                        .ok()
-                        .and_then(|m| Some((m.len(), m.modified().ok()?)))
-                })
-                .collect(),
-        )
+    /// What wakes the tasks waiting for another write: a change of the database's `-notify`
+    /// file, which every write touches after its commit. Take a `notified()` of it and
+    /// `enable()` it before looking at the database, then [`Inner::wait_for_change`].
+    pub(crate) fn changes(&self) -> Arc<tokio::sync::Notify> {
+        super::fs_events::waker(&self.watched.dir().join(notify_name(&self.cfg.path)))
     }
 
-    /// Waits until the database files change, `RECHECK` passes, or `until` (an expiry in host
-    /// clock milliseconds) comes, checking every poll interval.
-    pub(crate) async fn wait_for_change(&self, mark: &FileMark, until: Option<i64>) {
-        let started = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(self.cfg.poll_interval).await;
-            if &self.file_mark() != mark
-                || started.elapsed() >= RECHECK
-                || until.is_some_and(|at| at <= self.clock.now_ms())
-            {
-                return;
-            }
+    /// Waits until `changed` fires (a write committed since it was enabled), `poll_interval`
+    /// passes (a safety net for a missed notification: the caller looks again), or `until` (an
+    /// expiry in host clock milliseconds) comes.
+    pub(crate) async fn wait_for_change(
+        &self,
+        changed: std::pin::Pin<&mut tokio::sync::futures::Notified<'_>>,
+        until: Option<i64>,
+    ) {
+        let mut left = self.cfg.poll_interval;
+        if let Some(at) = until {
+            left = left.min(Duration::from_millis(
+                (at - self.clock.now_ms()).max(0) as u64
+            ));
+        }
+        tokio::select! {
+            _ = changed => {}
+            _ = tokio::time::sleep(left) => {}
+        }
+    }
+
+    /// Tells the other processes' waiters that a write committed: sets the modification time
+    /// of the `-notify` file (inotify reports it). Size and modification time of the database
+    /// files cannot serve: a commit becomes visible after its last write to the write-ahead
+    /// log (when the shared-memory index is updated, which inotify does not see).
+    fn signal(&self) {
+        if let Some(f) = &self.notify_file {
+            let now = rustix::fs::Timestamps {
+                last_access: rustix::fs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_OMIT,
+                },
+                last_modification: rustix::fs::Timespec {
+                    tv_sec: 0,
+                    tv_nsec: rustix::fs::UTIME_NOW,
+                },
+            };
+            let _ = rustix::fs::futimens(f, &now);
         }
     }
 
@@ -283,16 +308,24 @@ impl Inner {
         T: Send + 'static,
         F: FnOnce(&Transaction<'_>, &HostClock) -> Result<T> + Send + 'static,
     {
-        self.run(what, move |conn, clock| {
-            let tx = conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(|e| map_err(e, what))?;
-            reap(&tx, clock).map_err(|e| map_err(e, what))?;
-            let out = f(&tx, clock)?;
-            tx.commit().map_err(|e| map_err(e, what))?;
-            Ok(out)
-        })
-        .await
+        let (out, changed) = self
+            .run(what, move |conn, clock| {
+                let before = conn.total_changes();
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(|e| map_err(e, what))?;
+                reap(&tx, clock).map_err(|e| map_err(e, what))?;
+                let out = f(&tx, clock)?;
+                tx.commit().map_err(|e| map_err(e, what))?;
+                Ok((out, conn.total_changes() != before))
+            })
+            .await?;
+        // A transaction that changed nothing (a lock attempt that found the lock held) wakes
+        // nobody: the waiters would look and find nothing new, again and again.
+        if changed {
+            self.signal();
+        }
+        Ok(out)
     }
 }
 
