@@ -7,7 +7,7 @@ use std::sync::{Arc, OnceLock};
 
 use coordkit::backend::file::{FileConfig, FileStore};
 use coordkit::conformance::Harness;
-use coordkit::{Consistency, DistLock, ErrorKind, KvStore};
+use coordkit::{Consistency, ErrorKind, KvStore};
 
 fn dir() -> &'static tempfile::TempDir {
     static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
