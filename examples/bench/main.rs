@@ -5,8 +5,11 @@
 //! cargo run --release --example bench --all-features [-- OPTIONS]
 //!
 //!   --quick             small operation counts (a smoke run, not figures)
-//!   --only a,b          backends to run: memory, etcd, zookeeper, consul (default: all)
-//!   --no-peers          skip the Python peer libraries (kazoo, tooz)
+//!   --only a,b          backends to run: memory, etcd, zookeeper, consul, sqlite, file
+//!                       (default: all)
+//!   --no-peers          skip the Python peer libraries (kazoo, tooz, filelock)
+//!   --force             report a run on a loaded machine and exit 0 (it is still marked
+//!                       invalid)
 //!   --out DIR           where results.md and latency.svg go
 //!                       (default: $CARGO_TARGET_DIR/bench-report or target/bench-report)
 //! ```
@@ -15,6 +18,10 @@
 //! loopback ports, killed by PID when done, and by a reaper process if this one dies), or, with
 //! `COORDKIT_URL` set, measures that one backend (raw clients go to the same host:port).
 //! See docs/benchmarks.md.
+//!
+//! A run is **valid** only on a quiet machine: the 1-minute load average is at most 1.0 at the
+//! start and stays at most 2.0 throughout (sampled every second). Otherwise the report says
+//! INVALID and the command exits 3, unless `--force`.
 
 #[path = "../../tests/support/mod.rs"]
 #[allow(dead_code, unused_imports, clippy::all)]
@@ -98,6 +105,7 @@ impl Counts {
 }
 
 struct Args {
+    force: bool,
     counts: Counts,
     only: Option<Vec<String>>,
     peers: bool,
@@ -112,6 +120,7 @@ fn target_dir() -> PathBuf {
 
 fn parse_args(args: &[String]) -> R<Args> {
     let mut a = Args {
+        force: false,
         counts: Counts::FULL,
         only: None,
         peers: true,
@@ -122,6 +131,7 @@ fn parse_args(args: &[String]) -> R<Args> {
         match x.as_str() {
             "--quick" => a.counts = Counts::QUICK,
             "--no-peers" => a.peers = false,
+            "--force" => a.force = true,
             "--only" => {
                 let v = it.next().ok_or_else(|| err("--only needs a list"))?;
                 a.only = Some(v.split(',').map(|s| s.trim().to_string()).collect());
@@ -198,8 +208,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let force = args.force;
     match rt.block_on(run(args)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(Validity::Valid) => ExitCode::SUCCESS,
+        Ok(Validity::Invalid(why)) => {
+            eprintln!("INVALID run: {why}");
+            if force {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(3)
+            }
+        }
         Err(e) => {
             eprintln!("bench failed: {e}");
             ExitCode::FAILURE
@@ -266,8 +285,64 @@ fn port_of(hostport: &str) -> u16 {
         .unwrap_or(0)
 }
 
-async fn run(args: Args) -> R<()> {
+/// Whether the machine was quiet enough for the figures to count.
+enum Validity {
+    Valid,
+    Invalid(String),
+}
+
+/// The 1-minute load average.
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()))
+        .unwrap_or(f64::INFINITY)
+}
+
+/// Samples the 1-minute load every second until dropped; the highest value seen.
+struct LoadWatch {
+    peak: Arc<std::sync::Mutex<f64>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl LoadWatch {
+    fn start() -> LoadWatch {
+        let peak = Arc::new(std::sync::Mutex::new(load1()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (p, st) = (peak.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_secs(1));
+                let l = load1();
+                if let Ok(mut m) = p.lock() {
+                    *m = m.max(l);
+                }
+            }
+        });
+        LoadWatch { peak, stop }
+    }
+
+    fn peak(&self) -> f64 {
+        self.peak.lock().map(|m| *m).unwrap_or(f64::INFINITY)
+    }
+}
+
+impl Drop for LoadWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+async fn run(args: Args) -> R<Validity> {
     std::fs::create_dir_all(&args.out)?;
+    let start_load = load1();
+    eprintln!("load average at the start: {}", loadavg());
+    if start_load > 1.0 && !args.force {
+        return Ok(Validity::Invalid(format!(
+            "the 1-minute load average is {start_load:.2} (above 1.0): wait for a quiet machine, or pass --force"
+        )));
+    }
+    let load = LoadWatch::start();
     let wanted = |b: &str| args.only.as_ref().is_none_or(|o| o.iter().any(|x| x == b));
     let started = Instant::now();
     let load_start = loadavg();
@@ -458,7 +533,25 @@ async fn run(args: Args) -> R<()> {
         }
     }
 
-    let header = header_md(args.counts, started.elapsed(), &load_start);
+    let peak = load.peak();
+    let validity = if start_load > 1.0 {
+        Validity::Invalid(format!(
+            "the 1-minute load average was {start_load:.2} at the start (above 1.0)"
+        ))
+    } else if peak > 2.0 {
+        Validity::Invalid(format!(
+            "the 1-minute load average rose to {peak:.2} (above 2.0)"
+        ))
+    } else {
+        Validity::Valid
+    };
+    let mut header = header_md(args.counts, started.elapsed(), &load_start);
+    header.push_str(&match &validity {
+        Validity::Valid => format!(
+            "\nValid run: 1-minute load {start_load:.2} at the start, at most {peak:.2} during the run (limits 1.0 and 2.0).\n"
+        ),
+        Validity::Invalid(why) => format!("\n**INVALID run**: {why}. These figures are not results.\n"),
+    });
     let md = report::full_md(&sections, &header);
     println!("{md}");
     std::fs::write(args.out.join("results.md"), &md)?;
@@ -473,7 +566,8 @@ async fn run(args: Args) -> R<()> {
         args.out.join("results.md").display(),
         svg.display()
     );
-    Ok(())
+    eprintln!("load average at the end: {}", loadavg());
+    Ok(validity)
 }
 
 fn version_of(bin: &str) -> String {
