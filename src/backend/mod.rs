@@ -21,6 +21,8 @@ pub mod file;
 mod fs_events;
 #[cfg(any(feature = "sqlite", feature = "file"))]
 mod host_clock;
+#[cfg(any(feature = "sqlite", feature = "file"))]
+mod lease_lock;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(feature = "zookeeper")]

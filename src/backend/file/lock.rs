@@ -3,21 +3,17 @@
 //! section on `locks/<MD5>.lock`, written by rename and synced before a grant is reported. The
 //! record keeps the lock's last token after a release; neither file is ever deleted.
 
-use std::future::Future;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::oneshot;
-use tokio::time::Instant;
 
 use super::codec::{bucket_name, open_file, seal_file, Dec, Enc};
-use super::{corrupt, flock, read_opt, write_atomic, FileStore, Inner, NAME, RECHECK};
-use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{deadline_after, until, Lease, Renew, RenewPolicy, Renewal};
-use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
+use super::{corrupt, flock, read_opt, write_atomic, FileStore, HostClock, Inner, NAME, RECHECK};
+use crate::backend::lease_lock::{self, Attempt, LeaseRecords};
+use crate::error::Result;
+use crate::lock::{DistLock, LockGuard, LockOptions};
 
 const LOCK_MAGIC: &[u8; 4] = b"CKL1";
 
@@ -108,14 +104,8 @@ fn with_record<T>(
     Ok(out)
 }
 
-/// One grant attempt: `Ok(token)` if the lock was free (or its lease had run out), else
-/// `Err(expiry)` of the current holder's lease (host clock milliseconds).
-fn attempt(
-    inner: &Inner,
-    name: &str,
-    holder: &str,
-    ttl: Duration,
-) -> Result<std::result::Result<u64, i64>> {
+/// One grant attempt (inside the lock's critical section).
+fn attempt(inner: &Inner, name: &str, holder: &str, ttl: Duration) -> Result<Attempt> {
     let clock = &inner.clock;
     with_record(inner, name, |r| {
         if let (Some(_), Some((boot, at))) = (&r.holder, &r.expires) {
@@ -130,10 +120,74 @@ fn attempt(
     })
 }
 
-/// Ends the hold `(holder, token)` of `name`, if it is still the current one.
-async fn end_hold(inner: &Arc<Inner>, name: String, holder: String, token: u64) -> Result<()> {
-    inner
-        .blocking("release", move |inner| {
+fn blocking<T: Send + 'static>(
+    inner: Arc<Inner>,
+    what: &'static str,
+    f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T>> {
+    async move { inner.blocking(what, f).await }
+}
+
+#[async_trait]
+impl LeaseRecords for Inner {
+    fn backend(&self) -> &'static str {
+        NAME
+    }
+
+    fn clock(&self) -> &HostClock {
+        &self.clock
+    }
+
+    fn attempt_timeout(&self) -> Duration {
+        self.cfg.lock_timeout
+    }
+
+    fn recheck(&self) -> Duration {
+        RECHECK
+    }
+
+    fn changes(&self, name: &str) -> Arc<tokio::sync::Notify> {
+        self.waker(&format!("locks/{}", paths(self, name).2))
+    }
+
+    async fn grant(
+        self: Arc<Self>,
+        name: String,
+        holder: String,
+        ttl: Duration,
+    ) -> Result<Attempt> {
+        blocking(self, "lock", move |inner| {
+            attempt(inner, &name, &holder, ttl)
+        })
+        .await
+    }
+
+    async fn renew(
+        self: Arc<Self>,
+        name: String,
+        holder: String,
+        token: u64,
+        ttl: Duration,
+    ) -> Result<bool> {
+        blocking(self, "renew", move |inner| {
+            let clock = &inner.clock;
+            with_record(inner, &name, |r| {
+                let ours = r.holder.as_deref() == Some(holder.as_str())
+                    && r.token == token
+                    && r.expires
+                        .as_ref()
+                        .is_some_and(|(b, at)| clock.live(Some(b), Some(*at)));
+                if ours {
+                    r.expires = Some((clock.boot.clone(), clock.expiry(ttl)));
+                }
+                (ours, ours)
+            })
+        })
+        .await
+    }
+
+    async fn end(self: Arc<Self>, name: String, holder: String, token: u64) -> Result<()> {
+        blocking(self, "release", move |inner| {
             with_record(inner, &name, |r| {
                 if r.holder.as_deref() == Some(holder.as_str()) && r.token == token {
                     r.holder = None;
@@ -145,215 +199,16 @@ async fn end_hold(inner: &Arc<Inner>, name: String, holder: String, token: u64) 
             })
         })
         .await
-}
-
-impl FileStore {
-    /// One attempt, run to its end even if the caller goes away: a grant nobody received is
-    /// released at once.
-    async fn try_once(
-        &self,
-        name: &str,
-        holder: &str,
-        ttl: Duration,
-    ) -> Result<std::result::Result<u64, i64>> {
-        let (tx, rx) = oneshot::channel();
-        let inner = self.inner.clone();
-        let (n, h) = (name.to_string(), holder.to_string());
-        tokio::spawn(async move {
-            let (n2, h2) = (n.clone(), h.clone());
-            let r = inner
-                .blocking("lock", move |inner| attempt(inner, &n2, &h2, ttl))
-                .await;
-            if let Err(Ok(Ok(token))) = tx.send(r) {
-                let _ = end_hold(&inner, n, h, token).await;
-            }
-        });
-        rx.await
-            .map_err(|_| Error::new(ErrorKind::Backend, NAME, "the lock attempt was dropped"))?
-    }
-
-    async fn acquire(
-        &self,
-        name: &str,
-        opts: &LockOptions,
-        try_only: bool,
-    ) -> Result<Option<LockGuard>> {
-        Self::caps().check_lock(name, opts)?;
-        let deadline = if try_only {
-            None
-        } else {
-            deadline_after(opts.wait)
-        };
-        let holder = uuid::Uuid::new_v4().to_string();
-        let waker = self
-            .inner
-            .waker(&format!("locks/{}", paths(&self.inner, name).2));
-        let mut first = true;
-        loop {
-            // Enabled before the attempt: a release after it wakes this task.
-            let notified = waker.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            let sent = Instant::now();
-            let attempt = self.try_once(name, &holder, opts.ttl);
-            // The first attempt runs to its end (bounded by lock_timeout), so that a zero wait
-            // still tries once.
-            let outcome = if std::mem::take(&mut first) {
-                Some(attempt.await)
-            } else {
-                until(deadline, attempt).await
-            };
-            let expiry = match outcome {
-                Some(r) => match r.map_err(|e| e.with_key(name))? {
-                    Ok(token) => return Ok(Some(self.guard(name, holder, token, sent, opts.ttl))),
-                    Err(expiry) => Some(expiry),
-                },
-                None => None,
-            };
-            if try_only {
-                return Ok(None);
-            }
-            // Held: try again when the record changes (inotify), when the holder's lease runs
-            // out, or after RECHECK, within the wait.
-            let wake = async {
-                let left = expiry.map_or(Duration::ZERO, |at| {
-                    Duration::from_millis((at - self.inner.clock.now_ms()).max(0) as u64)
-                });
-                tokio::select! {
-                    _ = notified => {}
-                    _ = tokio::time::sleep(left.min(RECHECK)) => {}
-                }
-            };
-            if expiry.is_none() || until(deadline, wake).await.is_none() {
-                return Err(Error::new(
-                    ErrorKind::Timeout,
-                    NAME,
-                    format!(
-                        "the lock was not acquired within {:?}",
-                        opts.wait.unwrap_or_default()
-                    ),
-                )
-                .with_key(name));
-            }
-        }
-    }
-
-    fn guard(
-        &self,
-        name: &str,
-        holder: String,
-        token: u64,
-        sent: Instant,
-        ttl: Duration,
-    ) -> LockGuard {
-        let renewer = FileRenewer {
-            inner: self.inner.clone(),
-            name: name.to_string(),
-            holder: holder.clone(),
-            token,
-            ttl,
-        };
-        let policy = RenewPolicy {
-            attempt_timeout: self.inner.cfg.lock_timeout,
-        };
-        let lease = Lease::start(renewer, sent, ttl, policy);
-        let handle = FileLock {
-            inner: self.inner.clone(),
-            name: name.to_string(),
-            holder,
-            token,
-            lease: lease.clone(),
-        };
-        LockGuard::new(
-            name,
-            FencingToken::from_raw(token),
-            lease.lost_token().child_token(),
-            Box::new(handle),
-        )
-        .with_lease(&lease)
     }
 }
 
 #[async_trait]
 impl DistLock for FileStore {
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
-        match self.acquire(name, opts, false).await? {
-            Some(g) => Ok(g),
-            None => Err(
-                Error::new(ErrorKind::Timeout, NAME, "the lock was not acquired").with_key(name),
-            ),
-        }
+        lease_lock::lock(&self.inner, &Self::caps(), name, opts).await
     }
 
     async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
-        self.acquire(name, opts, true).await
-    }
-}
-
-/// Pushes the record's expiry one TTL past now, if the record is still this hold's and live.
-struct FileRenewer {
-    inner: Arc<Inner>,
-    name: String,
-    holder: String,
-    token: u64,
-    ttl: Duration,
-}
-
-impl Renew for FileRenewer {
-    fn renew(&mut self) -> Pin<Box<dyn Future<Output = Result<Renewal>> + Send + '_>> {
-        let (name, holder, token, ttl) =
-            (self.name.clone(), self.holder.clone(), self.token, self.ttl);
-        let inner = self.inner.clone();
-        Box::pin(async move {
-            let renewed = inner
-                .blocking("renew", move |inner| {
-                    let clock = &inner.clock;
-                    with_record(inner, &name, |r| {
-                        let ours = r.holder.as_deref() == Some(holder.as_str())
-                            && r.token == token
-                            && r.expires
-                                .as_ref()
-                                .is_some_and(|(b, at)| clock.live(Some(b), Some(*at)));
-                        if ours {
-                            r.expires = Some((clock.boot.clone(), clock.expiry(ttl)));
-                        }
-                        (ours, ours)
-                    })
-                })
-                .await?;
-            Ok(if renewed {
-                Renewal::Confirmed(ttl)
-            } else {
-                Renewal::Gone("the lease record expired or another holder took the lock".into())
-            })
-        })
-    }
-}
-
-/// The file backend's side of a held lock.
-struct FileLock {
-    inner: Arc<Inner>,
-    name: String,
-    holder: String,
-    token: u64,
-    lease: Lease,
-}
-
-#[async_trait]
-impl LockHandle for FileLock {
-    async fn release(self: Box<Self>) -> Result<()> {
-        self.lease.stop();
-        end_hold(
-            &self.inner,
-            self.name.clone(),
-            self.holder.clone(),
-            self.token,
-        )
-        .await
-        .map_err(|e| e.with_key(&self.name))
-    }
-
-    fn suspend_keep_alive(&self) {
-        self.lease.suspend();
+        lease_lock::acquire(&self.inner, &Self::caps(), name, opts, true).await
     }
 }
