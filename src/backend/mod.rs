@@ -7,6 +7,7 @@
 //! | ZooKeeper | `zookeeper` | `zookeeper` (default) | `zk://host:port[,host:port…][/chroot]` |
 //! | Consul | `consul` | `consul` (default) | `consul://host:port`, `consul+https://host:port` |
 //! | SQLite | `sqlite` | `sqlite` (default) | `sqlite:///abs/path/to.db` |
+//! | PostgreSQL | `postgres` | `postgres` (default) | `postgres://user:password@host:port/db` |
 
 pub mod memory;
 
@@ -14,6 +15,8 @@ pub mod memory;
 pub mod consul;
 #[cfg(feature = "etcd")]
 pub mod etcd;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(feature = "zookeeper")]
@@ -30,6 +33,8 @@ crate::config::registry::registry! {
         consul::ConsulConfig;
     sqlite: "sqlite", schemes ["sqlite"], table "sqlite", feature "sqlite",
         sqlite::SqliteConfig;
+    postgres: "postgres", schemes ["postgres", "postgresql"], table "postgres", feature "postgres",
+        postgres::PostgresConfig;
     sharded: "sharded", schemes ["sharded", "sharded+<strategy>"], table "sharded",
         feature always, crate::shard::ShardedConfig;
 }
