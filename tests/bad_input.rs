@@ -440,10 +440,10 @@ mod postgres {
             .put("auth/k", b"v".to_vec(), coordkit::PutOptions::default())
             .await
             .expect("put");
-        pg.psql(&format!(
+        pg.psql(
             "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'outsider') THEN
-                 CREATE ROLE outsider LOGIN PASSWORD 'outsider-pw'; END IF; END $$;"
-        ));
+                 CREATE ROLE outsider LOGIN PASSWORD 'outsider-pw'; END IF; END $$;",
+        );
         let mut m = Matrix {
             label: "postgres-auth".into(),
             ..Default::default()

@@ -76,7 +76,6 @@ async fn attempt(
             })
         })
         .await
-        .map(|(r, closed)| (r, closed))
 }
 
 /// Ends the hold `(holder, token)` of `name`, if it is still the current one, and wakes the
