@@ -422,3 +422,38 @@ async fn both_schemes_and_cas() {
     assert_eq!(e.kind(), ErrorKind::Conflict);
     assert_eq!(s.get("x", STRONG).await.unwrap().unwrap().value, b"2");
 }
+
+/// The whole conformance suite again, through pgbouncer in transaction mode: every operation
+/// is one transaction or one unprepared statement, so the pooled server connections can change
+/// between any two of them. `LISTEN` does not carry through transaction pooling, so the store
+/// runs with `listen=false` and looks every `recheck` (100 ms).
+mod through_pgbouncer {
+    use super::*;
+    use crate::support::postgres::shared_bouncer;
+
+    fn bounced() -> Harness {
+        let url = shared_bouncer().url(&fresh_schema("pgb"), "&listen=false&recheck=100ms");
+        Harness::new("postgres-pgbouncer", move || {
+            let url = url.clone();
+            async move { coordkit::connect(&url).await }
+        })
+    }
+
+    coordkit::conformance_tests!(bounced());
+
+    /// Behind transaction pooling with `listen` left on, a watch still delivers (by its
+    /// recheck), not hanging on notifications that never come.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_listen_on_a_watch_falls_back_to_its_recheck() {
+        let url = shared_bouncer().url(&fresh_schema("pgbl"), "&recheck=300ms");
+        let (a, b) = (open(&url).await, open(&url).await);
+        let mut w = b.watch("p/").await.unwrap();
+        for i in 0..3u8 {
+            a.put("p/k", vec![i], PutOptions::default()).await.unwrap();
+            match tokio::time::timeout(Duration::from_secs(5), w.next()).await {
+                Ok(Some(Ok(WatchEvent::Put(e)))) => assert_eq!(e.value, vec![i]),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}

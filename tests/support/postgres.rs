@@ -279,3 +279,89 @@ pub fn fresh_schema(stem: &str) -> String {
         N.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// A pgbouncer in front of a [`PgServer`], as the `postgres` user, on a free loopback port,
+/// trusting its clients and logging in to the server with the superuser's password.
+pub struct PgBouncer {
+    proc: super::Proc,
+    port: u16,
+}
+
+impl PgBouncer {
+    /// Starts pgbouncer with `pool_mode` (`transaction`, `session`) and a server pool of 4
+    /// connections; panics if it does not accept connections within 20 s.
+    pub fn start(pg: &PgServer, pool_mode: &str) -> PgBouncer {
+        let bin = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("pgbouncer is not installed (apt-get install pgbouncer; scripts/test.sh does)");
+        let dir = super::fresh_dir("pgbouncer");
+        let port = super::free_port();
+        std::fs::write(
+            dir.join("userlist.txt"),
+            format!("\"postgres\" \"{PASSWORD}\"\n"),
+        )
+        .expect("write userlist");
+        let ini = dir.join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]\n\
+                 postgres = host=127.0.0.1 port={pgport} dbname=postgres user=postgres password={PASSWORD}\n\
+                 [pgbouncer]\n\
+                 listen_addr = 127.0.0.1\n\
+                 listen_port = {port}\n\
+                 unix_socket_dir =\n\
+                 auth_type = trust\n\
+                 auth_file = {users}\n\
+                 pool_mode = {pool_mode}\n\
+                 default_pool_size = 4\n\
+                 max_client_conn = 500\n\
+                 ignore_startup_parameters = extra_float_digits\n",
+                pgport = pg.port(),
+                users = dir.join("userlist.txt").display(),
+            ),
+        )
+        .expect("write pgbouncer.ini");
+        let (uid, gid) = postgres_ids();
+        let status = Command::new("chown")
+            .args(["-R", &format!("{uid}:{gid}")])
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(status.success());
+        let mut cmd = Command::new(bin);
+        cmd.arg(&ini).uid(uid).gid(gid);
+        let mut proc = super::Proc::spawn("pgbouncer", &mut cmd, &dir.join("pgbouncer.log"));
+        let up = super::wait_until(Duration::from_secs(20), || {
+            super::port_open(port) || !proc.alive()
+        });
+        assert!(
+            up && proc.alive(),
+            "pgbouncer did not start: {}",
+            std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()
+        );
+        PgBouncer { proc, port }
+    }
+
+    /// The port clients connect to.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A URL through the pooler (no password: it trusts its clients) with `schema` and `query`
+    /// (`&`-joined options).
+    pub fn url(&self, schema: &str, query: &str) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?schema={schema}{query}",
+            self.port
+        )
+    }
+}
+
+/// The test binary's shared pgbouncer in transaction mode, in front of [`shared`] (killed by
+/// the reaper when the test process exits).
+pub fn shared_bouncer() -> &'static PgBouncer {
+    static B: OnceLock<PgBouncer> = OnceLock::new();
+    B.get_or_init(|| PgBouncer::start(shared(), "transaction"))
+}
