@@ -179,11 +179,21 @@ impl Configurable for PostgresConfig {
         }
         let mut cfg = PostgresConfig::default();
         let hp = hosts[0];
-        let (host, port) = match hp.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || hp.starts_with('[') => (h, Some(p)),
-            _ => (hp, None),
+        // `host`, `host:port`, `[v6]`, `[v6]:port`.
+        let (host, port) = match hp.strip_prefix('[') {
+            Some(rest) => match rest.split_once(']') {
+                Some((h, "")) => (h, None),
+                Some((h, p)) => match p.strip_prefix(':') {
+                    Some(p) => (h, Some(p)),
+                    None => return Err(bad("malformed [address]:port")),
+                },
+                None => return Err(bad("malformed [address]")),
+            },
+            None => match hp.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (hp, None),
+            },
         };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
         if host.is_empty() {
             return Err(bad("the URL has no host"));
         }
@@ -308,10 +318,16 @@ mod tests {
         assert!(!format!("{c:?}").contains("s@cret"));
         let d = PostgresConfig::from_url_str("postgresql://h").unwrap();
         assert_eq!((d.port, d.database.as_str()), (5432, "postgres"));
+        let v6 = PostgresConfig::from_url_str("postgres://[::1]:7/db").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 7));
+        let v6 = PostgresConfig::from_url_str("postgres://[::1]/db").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 5432));
         for bad in [
             "postgres://",
             "postgres://h:0",
             "postgres://h:99999",
+            "postgres://[::1/db",
+            "postgres://[::1]x/db",
             "postgres://h1,h2/db",
             "postgres://h/a/b",
             "postgres://h?nosuch=1",
@@ -328,5 +344,26 @@ mod tests {
         }
         let e = PostgresConfig::from_url_str("postgres://u:topsecret@h?schema=X").unwrap_err();
         assert!(!e.to_string().contains("topsecret"), "{e}");
+    }
+
+    #[test]
+    fn toml_table() {
+        let t: toml::Table = toml::from_str(
+            "host = \"db\"\nport = 6432\npassword = \"pw\"\nschema = \"app\"\nsslmode = \"disable\"\nrequest_timeout = \"3s\"\nlisten = false\n",
+        )
+        .unwrap();
+        let c = PostgresConfig::from_table("postgres", t).unwrap();
+        assert_eq!(
+            (c.host.as_str(), c.port, c.schema.as_str()),
+            ("db", 6432, "app")
+        );
+        assert_eq!(c.sslmode, SslMode::Disable);
+        assert_eq!(c.request_timeout, Duration::from_secs(3));
+        assert!(!c.listen);
+        let t: toml::Table = toml::from_str("request_timeout = 3\n").unwrap();
+        let e = PostgresConfig::from_table("postgres", t).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidConfig);
+        let t: toml::Table = toml::from_str("nosuch = 1\n").unwrap();
+        assert!(PostgresConfig::from_table("postgres", t).is_err());
     }
 }
