@@ -86,8 +86,12 @@ pub(crate) fn map_err(e: tokio_postgres::Error, what: &str) -> Error {
 pub(crate) struct Wake {
     pub(crate) kv: watch::Sender<u64>,
     pub(crate) lock: watch::Sender<u64>,
-    /// Whether the listening connection currently listens.
+    /// Whether the listening connection currently listens (or gave up: see `broken`).
     listening: watch::Sender<bool>,
+    /// Bumped by the listener's own probe notification.
+    probe: watch::Sender<u64>,
+    /// Set when a probe sent after `LISTEN` never came back (a pooler in transaction mode).
+    broken: AtomicBool,
 }
 
 impl Wake {
@@ -96,6 +100,8 @@ impl Wake {
             kv: watch::channel(0).0,
             lock: watch::channel(0).0,
             listening: watch::channel(false).0,
+            probe: watch::channel(0).0,
+            broken: AtomicBool::new(false),
         }
     }
 
@@ -173,6 +179,8 @@ where
                     if let Some(w) = &wake {
                         if n.payload() == "lock" {
                             w.lock.send_modify(|c| *c += 1);
+                        } else if n.payload() == "probe" {
+                            w.probe.send_modify(|c| *c += 1);
                         } else {
                             w.kv.send_modify(|c| *c += 1);
                         }
@@ -305,6 +313,25 @@ impl PostgresStore {
     /// The configuration.
     pub fn config(&self) -> &PostgresConfig {
         &self.inner.cfg
+    }
+
+    /// Whether notifications reach this store: `None` before a watch or a waiting `lock()`
+    /// started the listening connection (or with `listen=false`), `Some(false)` when a probe
+    /// notification the listener sent itself after `LISTEN` never came back (watches and
+    /// waiters then look every `recheck`), `Some(true)` otherwise.
+    ///
+    /// # Contract
+    /// `Some(true)` says the probe came back once, not that every notification will: behind a
+    /// pooler in transaction mode an idle pool may pass the probe and lose later
+    /// notifications (set `listen=false` there); the recheck bounds the delay either way.
+    pub fn notifications_work(&self) -> Option<bool> {
+        if !self.inner.cfg.listen || !self.inner.listener_started.load(Ordering::SeqCst) {
+            return None;
+        }
+        if self.inner.wake.broken.load(Ordering::SeqCst) {
+            return Some(false);
+        }
+        self.inner.wake.listening.borrow().then_some(true)
     }
 
     pub(crate) fn caps() -> Capabilities {
@@ -462,6 +489,9 @@ impl Inner {
     }
 }
 
+/// How long the listener waits for its probe notification.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+
 /// The listening connection: `LISTEN` on the schema's channel, again after every reconnect
 /// (each reconnect wakes everyone, as notifications may have been missed meanwhile).
 async fn listen_loop(cfg: PostgresConfig, wake: Arc<Wake>, stop: CancellationToken) {
@@ -476,6 +506,30 @@ async fn listen_loop(cfg: PostgresConfig, wake: Arc<Wake>, stop: CancellationTok
             if let Ok(Ok(())) =
                 tokio::time::timeout(cfg.request_timeout, client.batch_execute(&listen)).await
             {
+                // A notification to itself must come back: behind a pooler in transaction mode
+                // the session that listens is handed back to the pool and it never does.
+                let mut probe = wake.probe.subscribe();
+                probe.borrow_and_update();
+                let channel = cfg.channel();
+                let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
+                    [(&channel, Type::TEXT)];
+                let sent = client.query_typed("SELECT pg_notify($1, 'probe')", &params);
+                let echoed = tokio::time::timeout(cfg.request_timeout.min(PROBE_WAIT), async {
+                    sent.await.is_ok() && probe.changed().await.is_ok()
+                })
+                .await
+                .unwrap_or(false);
+                if !echoed && !closed.is_cancelled() {
+                    tracing::warn!(
+                        "postgres: notifications do not come back on this connection (a pooler in \
+                         transaction mode?); watches and waiters look every {:?} instead",
+                        cfg.recheck
+                    );
+                    wake.broken.store(true, Ordering::SeqCst);
+                    wake.listening.send_replace(true);
+                    driver.abort();
+                    return;
+                }
                 wake.listening.send_replace(true);
                 wake.bump_all();
                 backoff = Duration::from_millis(50);
