@@ -32,7 +32,7 @@ async fn attempt(
 ) -> Result<Attempt> {
     let i = inner.clone();
     inner
-        .with_conn("lock", move |c| {
+        .with_lock_conn("lock", move |c| {
             Box::pin(async move {
                 let map = |e| map_err(e, "lock");
                 let tx = c.transaction().await.map_err(map)?;
@@ -86,7 +86,7 @@ async fn end_hold(inner: &Arc<Inner>, name: String, holder: String, token: i64) 
          SELECT pg_notify($4, 'lock') FROM u");
     let channel = inner.cfg.channel();
     inner
-        .run("release", move |c| {
+        .with_lock_conn("release", move |c| {
             Box::pin(async move {
                 c.query_typed(
                     &sql,
@@ -103,6 +103,7 @@ async fn end_hold(inner: &Arc<Inner>, name: String, holder: String, token: i64) 
             })
         })
         .await
+        .map(|_| ())
 }
 
 impl PostgresStore {
@@ -292,8 +293,8 @@ impl Renew for PgRenewer {
                  WHERE name = $1 AND holder = $2 AND token = $3 AND expires > clock_timestamp()",
             );
             let us = micros(ttl);
-            let n = inner
-                .run("renew", move |c| {
+            let (n, _) = inner
+                .with_lock_conn("renew", move |c| {
                     Box::pin(async move {
                         c.execute_typed(
                             &sql,

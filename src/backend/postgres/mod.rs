@@ -128,9 +128,9 @@ impl Drop for Live {
 
 /// A PostgreSQL-backed [`KvStore`](crate::KvStore) and [`DistLock`](crate::DistLock).
 ///
-/// Each store has one connection for its requests (they take turns on it) and, once a watch
-/// or a waiting `lock()` needs it and `listen` is on, a second one that listens for
-/// notifications. A connection that ends is opened again by the next request. Cloning gives
+/// Each store has one connection for its KV requests (they take turns on it), one for its
+/// lock grants, renewals and releases (opened on first use), and, once a watch or a waiting
+/// `lock()` needs it and `listen` is on, one that listens for notifications. A connection that ends is opened again by the next request. Cloning gives
 /// another handle on the same store.
 #[derive(Clone)]
 pub struct PostgresStore {
@@ -140,6 +140,9 @@ pub struct PostgresStore {
 pub(crate) struct Inner {
     cfg: PostgresConfig,
     conn: tokio::sync::Mutex<Option<Live>>,
+    /// The connection of lock grants, renewals and releases, opened on first use: a renewal
+    /// never waits behind a slow KV request or a watch's read.
+    lock_conn: tokio::sync::Mutex<Option<Live>>,
     wake: Arc<Wake>,
     listener_started: AtomicBool,
     /// Cancelled when the store is dropped: ends the listener.
@@ -283,6 +286,7 @@ impl PostgresStore {
             inner: Arc::new(Inner {
                 cfg,
                 conn: tokio::sync::Mutex::new(None),
+                lock_conn: tokio::sync::Mutex::new(None),
                 wake: Arc::new(Wake::new()),
                 listener_started: AtomicBool::new(false),
                 stop: CancellationToken::new(),
@@ -415,6 +419,30 @@ impl Inner {
     where
         F: for<'c> FnOnce(&'c mut Client) -> ConnFuture<'c, T>,
     {
+        self.on(&self.conn, what, f).await
+    }
+
+    /// [`with_conn`](Self::with_conn) on the locks' connection.
+    pub(crate) async fn with_lock_conn<T, F>(
+        &self,
+        what: &str,
+        f: F,
+    ) -> Result<(T, CancellationToken)>
+    where
+        F: for<'c> FnOnce(&'c mut Client) -> ConnFuture<'c, T>,
+    {
+        self.on(&self.lock_conn, what, f).await
+    }
+
+    async fn on<T, F>(
+        &self,
+        slot: &tokio::sync::Mutex<Option<Live>>,
+        what: &str,
+        f: F,
+    ) -> Result<(T, CancellationToken)>
+    where
+        F: for<'c> FnOnce(&'c mut Client) -> ConnFuture<'c, T>,
+    {
         let timeout = self.cfg.request_timeout;
         let deadline = Instant::now() + timeout;
         let late = || {
@@ -424,7 +452,7 @@ impl Inner {
                 format!("{what}: no answer within {timeout:?}"),
             )
         };
-        let mut guard = tokio::time::timeout_at(deadline, self.conn.lock())
+        let mut guard = tokio::time::timeout_at(deadline, slot.lock())
             .await
             .map_err(|_| late())?;
         if !matches!(guard.as_ref(), Some(l) if !l.client.is_closed()) {
