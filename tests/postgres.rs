@@ -61,6 +61,9 @@ async fn opening_gives_typed_errors() {
     let port = pg.port();
     let wrong = format!("postgres://postgres:not-the-password@127.0.0.1:{port}/postgres");
     open_fails(&wrong, ErrorKind::PermissionDenied, "not-the-password").await;
+    let nopw = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let msg = open_fails(&nopw, ErrorKind::PermissionDenied, PASSWORD).await;
+    assert!(msg.contains("password missing"), "{msg}");
     let nouser = format!("postgres://nosuchrole:{PASSWORD}@127.0.0.1:{port}/postgres");
     open_fails(&nouser, ErrorKind::PermissionDenied, PASSWORD).await;
     let nodb = format!("postgres://postgres:{PASSWORD}@127.0.0.1:{port}/nosuchdb");

@@ -66,10 +66,27 @@ pub(crate) fn map_err(e: tokio_postgres::Error, what: &str) -> Error {
         Some(c) if *c == SqlState::PROGRAM_LIMIT_EXCEEDED => ErrorKind::ValueTooLarge,
         Some(_) => ErrorKind::Backend,
         None => {
-            let io = std::error::Error::source(&e)
-                .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
-            if e.is_closed() || io || e.to_string().contains("connection") {
+            let shown = e.to_string();
+            let cause = std::error::Error::source(&e)
+                .map(|c| c.to_string())
+                .unwrap_or_default();
+            if e.is_closed()
+                || [
+                    "error communicating",
+                    "error connecting",
+                    "timeout waiting",
+                    "error performing TLS",
+                ]
+                .iter()
+                .any(|p| shown.starts_with(p))
+            {
                 ErrorKind::Unavailable
+            } else if shown.starts_with("authentication error") || cause == "password missing" {
+                // The server asked for a password the configuration lacks, or for a method the
+                // client refuses.
+                ErrorKind::PermissionDenied
+            } else if shown.starts_with("invalid configuration") {
+                ErrorKind::InvalidConfig
             } else {
                 ErrorKind::Backend
             }
@@ -77,7 +94,10 @@ pub(crate) fn map_err(e: tokio_postgres::Error, what: &str) -> Error {
     };
     let detail = match e.as_db_error() {
         Some(db) => format!("{} (SQLSTATE {})", db.message(), db.code().code()),
-        None => e.to_string(),
+        None => match std::error::Error::source(&e) {
+            Some(c) => format!("{e}: {c}"),
+            None => e.to_string(),
+        },
     };
     Error::new(kind, NAME, format!("{what}: {detail}"))
 }
