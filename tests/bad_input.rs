@@ -418,7 +418,8 @@ mod postgres {
             "postgres://127.0.0.1/db?request_timeout=banana",
             "postgres://127.0.0.1/db?no_such_option=1",
             "postgres://127.0.0.1/db?schema=x%22%3B%20DROP%20TABLE%20y",
-            "postgres://127.0.0.1/db?sslmode=verify-full",
+            "postgres://127.0.0.1/db?sslmode=verify-ca",
+            "postgres://127.0.0.1/db?sslrootcert=/ca.pem",
             "postgresql://127.0.0.1/a/b",
         ],
         unreachable: format!(

@@ -465,3 +465,78 @@ mod through_pgbouncer {
         }
     }
 }
+
+/// TLS (rustls): `require` and `prefer` encrypt (the server sees TLS sessions), `verify-full`
+/// checks the chain against `sslrootcert` and the host name; a certificate from another CA, a
+/// server without TLS under `require`, and a missing root file give typed errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_modes() {
+    let pg = PgServer::start_tls();
+    let ca = pg.ca().expect("TLS server").display().to_string();
+    let other = pg
+        .ca()
+        .unwrap()
+        .with_file_name("other-ca.pem")
+        .display()
+        .to_string();
+    let base = pg.url("tls");
+    let mut stores = Vec::new();
+    for q in [
+        "&sslmode=require".to_string(),
+        "&sslmode=prefer".to_string(),
+        format!("&sslmode=verify-full&sslrootcert={ca}"),
+    ] {
+        let s = open(&format!("{base}{q}")).await;
+        s.put("t", q.clone().into_bytes(), PutOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(
+            s.get("t", STRONG).await.unwrap().unwrap().value,
+            q.as_bytes()
+        );
+        stores.push(s);
+    }
+    let localhost = format!(
+        "postgres://postgres:{PASSWORD}@localhost:{}/postgres?schema=tls&sslmode=verify-full&sslrootcert={ca}",
+        pg.port()
+    );
+    stores.push(open(&localhost).await);
+    let encrypted = pg.psql(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name = 'coordkit' AND s.ssl",
+    );
+    assert!(encrypted.parse::<u32>().unwrap() >= 4, "{encrypted}");
+    let plain = pg.psql(
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+         WHERE a.application_name = 'coordkit' AND NOT s.ssl",
+    );
+    assert_eq!(plain, "0");
+
+    let msg = open_fails(
+        &format!("{base}&sslmode=verify-full&sslrootcert={other}"),
+        ErrorKind::Unavailable,
+        PASSWORD,
+    )
+    .await;
+    assert!(msg.contains("TLS"), "{msg}");
+    // The Web PKI roots do not know the test CA.
+    open_fails(
+        &format!("{base}&sslmode=verify-full"),
+        ErrorKind::Unavailable,
+        PASSWORD,
+    )
+    .await;
+    let msg = open_fails(
+        &format!("{}&sslmode=require", shared().url("tls")),
+        ErrorKind::Unavailable,
+        PASSWORD,
+    )
+    .await;
+    assert!(msg.contains("TLS"), "{msg}");
+    open_fails(
+        &format!("{base}&sslmode=verify-full&sslrootcert=/no/such/ca.pem"),
+        ErrorKind::InvalidConfig,
+        PASSWORD,
+    )
+    .await;
+}

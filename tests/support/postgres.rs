@@ -61,15 +61,28 @@ pub struct PgServer {
     port: u16,
     dir: PathBuf,
     data: PathBuf,
+    /// With TLS: the CA certificate (PEM) that signed the server's certificate.
+    ca: Option<PathBuf>,
 }
 
 impl PgServer {
     /// Makes a cluster and starts the server; panics (failing the test) if it is not ready
     /// within 60 s.
     pub fn start() -> PgServer {
+        Self::start_with(false)
+    }
+
+    /// [`start`](Self::start) with TLS on: a test CA (see [`ca`](Self::ca)) and a server
+    /// certificate for `localhost` and `127.0.0.1`, made with `openssl`.
+    pub fn start_tls() -> PgServer {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> PgServer {
         let dir = super::fresh_dir("postgres");
         let (uid, gid) = postgres_ids();
         let data = dir.join("data");
+        let ca = tls.then(|| make_certs(&dir));
         let pw = dir.join("pw");
         std::fs::write(&pw, PASSWORD).expect("write password file");
         let status = Command::new("chown")
@@ -107,9 +120,15 @@ impl PgServer {
             port,
             dir,
             data,
+            ca,
         };
         pg.run();
         pg
+    }
+
+    /// The test CA's certificate, with TLS on.
+    pub fn ca(&self) -> Option<&Path> {
+        self.ca.as_deref()
     }
 
     fn run(&mut self) {
@@ -125,9 +144,21 @@ impl PgServer {
             .args(["-c", "max_connections=400"])
             .args(["-c", "fsync=off"])
             .args(["-c", "full_page_writes=off"])
-            .args(["-c", "shared_buffers=32MB"])
-            .uid(uid)
-            .gid(gid);
+            .args(["-c", "shared_buffers=32MB"]);
+        if self.ca.is_some() {
+            cmd.args(["-c", "ssl=on"])
+                .arg("-c")
+                .arg(format!(
+                    "ssl_cert_file={}",
+                    self.dir.join("server.pem").display()
+                ))
+                .arg("-c")
+                .arg(format!(
+                    "ssl_key_file={}",
+                    self.dir.join("server.key").display()
+                ));
+        }
+        cmd.uid(uid).gid(gid);
         self.server.start(&mut cmd);
         let log = self.server.log();
         self.server.expect_ready(Duration::from_secs(60), || {
@@ -232,6 +263,80 @@ impl Drop for PgServer {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Makes a CA, a server certificate it signs (for `localhost` and `127.0.0.1`) and another CA
+/// (`other-ca.pem`, which signed nothing) in `dir`; gives the CA's certificate.
+fn make_certs(dir: &Path) -> PathBuf {
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("run openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    for (key, cert, cn) in [
+        ("ca.key", "ca.pem", "coordkit test CA"),
+        ("other-ca.key", "other-ca.pem", "another CA"),
+    ] {
+        let subj = format!("/CN={cn}");
+        let mut a = vec!["req", "-x509"];
+        a.extend(ec);
+        a.extend(["-keyout", key, "-out", cert, "-days", "3", "-subj", &subj]);
+        run(&a);
+    }
+    let mut a = vec!["req"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&a);
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .expect("ext");
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "3",
+        "-extfile",
+        "ext",
+    ]);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        dir.join("server.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .expect("chmod server.key");
+    dir.join("ca.pem")
 }
 
 static SHARED_PID: AtomicI32 = AtomicI32::new(0);

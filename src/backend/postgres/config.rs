@@ -12,23 +12,29 @@ use crate::config::duration;
 use crate::config::{BackendConfig, BackendUrl, Configurable};
 use crate::error::{Error, ErrorKind, Result};
 
-/// Whether the connection uses TLS. This build has no TLS connector: `disable` and `prefer`
-/// (which then connects in plain text) are accepted, anything stricter is refused.
+/// Whether and how the connection uses TLS (rustls), as libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum SslMode {
     /// Plain text.
     Disable,
-    /// TLS if both sides can; this build cannot, so plain text.
+    /// TLS if the server offers it, else plain text; the certificate is not checked.
     #[default]
     Prefer,
+    /// TLS or no connection; the certificate is not checked (encryption against eavesdropping,
+    /// not against an impostor).
+    Require,
+    /// TLS, with the server's certificate checked against `sslrootcert` (or the Web PKI roots
+    /// when it is unset) and its name against the host.
+    VerifyFull,
 }
 
 /// How to reach a PostgreSQL server and where in it to keep coordkit's tables.
 ///
 /// `postgres://[user[:password]@]host[:port][/database][?option=value&…]` (also
 /// `postgresql://`), or the `[postgres]` TOML table with the same field names. Options:
-/// `schema`, `sslmode` (`disable`, `prefer`), `connect_timeout`, `request_timeout`, `recheck`
+/// `schema`, `sslmode` (`disable`, `prefer`, `require`, `verify-full`), `sslrootcert` (a PEM
+/// file), `connect_timeout`, `request_timeout`, `recheck`
 /// (durations with a unit), `changes_kept` (a number), `listen` (`true`/`false`), `password`.
 ///
 /// `Debug` shows `password: "***"` when a password is set; it is never logged or put in an
@@ -51,6 +57,8 @@ pub struct PostgresConfig {
     pub schema: String,
     /// TLS mode (see [`SslMode`]). Default `prefer`.
     pub sslmode: SslMode,
+    /// The certificates (PEM) that `verify-full` trusts; unset: the Web PKI roots.
+    pub sslrootcert: Option<std::path::PathBuf>,
     /// Bound on establishing a connection. Default 5 s.
     #[serde(deserialize_with = "duration::de_unit_required")]
     pub connect_timeout: Duration,
@@ -81,6 +89,7 @@ impl Default for PostgresConfig {
             database: "postgres".into(),
             schema: "coordkit".into(),
             sslmode: SslMode::Prefer,
+            sslrootcert: None,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(5),
             recheck: Duration::from_secs(2),
@@ -100,6 +109,7 @@ impl fmt::Debug for PostgresConfig {
             .field("database", &self.database)
             .field("schema", &self.schema)
             .field("sslmode", &self.sslmode)
+            .field("sslrootcert", &self.sslrootcert)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("recheck", &self.recheck)
@@ -116,6 +126,7 @@ fn bad(msg: impl Into<String>) -> Error {
 const OPTIONS: &[&str] = &[
     "schema",
     "sslmode",
+    "sslrootcert",
     "connect_timeout",
     "request_timeout",
     "recheck",
@@ -226,13 +237,16 @@ impl Configurable for PostgresConfig {
                     cfg.sslmode = match v.as_str() {
                         "disable" => SslMode::Disable,
                         "prefer" => SslMode::Prefer,
+                        "require" => SslMode::Require,
+                        "verify-full" => SslMode::VerifyFull,
                         other => {
                             return Err(bad(format!(
-                                "sslmode {other:?}: this build has no TLS; use disable or prefer"
+                                "sslmode {other:?}: one of disable, prefer, require, verify-full"
                             )))
                         }
                     }
                 }
+                "sslrootcert" => cfg.sslrootcert = Some(v.into()),
                 "connect_timeout" => cfg.connect_timeout = dur()?,
                 "request_timeout" => cfg.request_timeout = dur()?,
                 "recheck" => cfg.recheck = dur()?,
@@ -278,6 +292,9 @@ impl Configurable for PostgresConfig {
                 self.schema.chars().take(60).collect::<String>()
             )));
         }
+        if self.sslrootcert.is_some() && self.sslmode != SslMode::VerifyFull {
+            return Err(bad("sslrootcert is used by sslmode=verify-full only"));
+        }
         for (what, d) in [
             ("connect_timeout", self.connect_timeout),
             ("request_timeout", self.request_timeout),
@@ -316,6 +333,14 @@ mod tests {
         assert_eq!(c.request_timeout, Duration::from_secs(2));
         assert!(!c.listen);
         assert!(!format!("{c:?}").contains("s@cret"));
+        let t =
+            PostgresConfig::from_url_str("postgres://h?sslmode=verify-full&sslrootcert=/ca.pem")
+                .unwrap();
+        assert_eq!(t.sslmode, SslMode::VerifyFull);
+        assert_eq!(
+            t.sslrootcert.as_deref(),
+            Some(std::path::Path::new("/ca.pem"))
+        );
         let d = PostgresConfig::from_url_str("postgresql://h").unwrap();
         assert_eq!((d.port, d.database.as_str()), (5432, "postgres"));
         let v6 = PostgresConfig::from_url_str("postgres://[::1]:7/db").unwrap();
@@ -333,7 +358,8 @@ mod tests {
             "postgres://h?nosuch=1",
             "postgres://h?schema=Bad-Name",
             "postgres://h?schema=pg_catalog",
-            "postgres://h?sslmode=require",
+            "postgres://h?sslmode=verify-ca",
+            "postgres://h?sslrootcert=/x.pem",
             "postgres://h?request_timeout=5",
             "postgres://h?changes_kept=0",
             "postgres://h?listen=maybe",

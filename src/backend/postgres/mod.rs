@@ -7,6 +7,7 @@
 mod config;
 mod kv;
 mod lock;
+mod tls;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -169,6 +170,8 @@ pub(crate) struct Inner {
     stop: CancellationToken,
     /// `"schema".`, prefixed to every table name.
     prefix: String,
+    /// The TLS connector (`None`: `sslmode=disable`).
+    tls: Option<tls::Tls>,
 }
 
 impl Drop for Inner {
@@ -221,9 +224,19 @@ where
     })
 }
 
+/// The TLS connector the configuration asks for (`None`: plain text).
+fn tls_for(cfg: &PostgresConfig) -> Result<Option<tls::Tls>> {
+    match cfg.sslmode {
+        SslMode::Disable => Ok(None),
+        SslMode::Prefer | SslMode::Require => tls::Tls::unverified().map(Some),
+        SslMode::VerifyFull => tls::Tls::verified(cfg.sslrootcert.as_deref()).map(Some),
+    }
+}
+
 /// Opens one connection, bounded by the connect timeout.
 async fn connect_raw(
     cfg: &PostgresConfig,
+    tls: Option<&tls::Tls>,
     wake: Option<Arc<Wake>>,
 ) -> Result<(Client, CancellationToken, tokio::task::JoinHandle<()>)> {
     let mut pg = tokio_postgres::Config::new();
@@ -238,6 +251,7 @@ async fn connect_raw(
         .ssl_mode(match cfg.sslmode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyFull => tokio_postgres::config::SslMode::Require,
         });
     if let Some(p) = &cfg.password {
         pg.password(p.as_bytes());
@@ -246,18 +260,30 @@ async fn connect_raw(
         "connecting to {}:{} as {} (database {})",
         cfg.host, cfg.port, cfg.user, cfg.database
     );
-    let (client, conn) = tokio::time::timeout(cfg.connect_timeout, pg.connect(NoTls))
-        .await
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::Unavailable,
-                NAME,
-                format!("{what}: no answer within {:?}", cfg.connect_timeout),
-            )
-        })?
-        .map_err(|e| map_err(e, &what))?;
+    let late = || {
+        Error::new(
+            ErrorKind::Unavailable,
+            NAME,
+            format!("{what}: no answer within {:?}", cfg.connect_timeout),
+        )
+    };
     let closed = CancellationToken::new();
-    let driver = drive(conn, closed.clone(), wake);
+    let (client, driver) = match tls {
+        None => {
+            let (client, conn) = tokio::time::timeout(cfg.connect_timeout, pg.connect(NoTls))
+                .await
+                .map_err(|_| late())?
+                .map_err(|e| map_err(e, &what))?;
+            (client, drive(conn, closed.clone(), wake))
+        }
+        Some(t) => {
+            let (client, conn) = tokio::time::timeout(cfg.connect_timeout, pg.connect(t.clone()))
+                .await
+                .map_err(|_| late())?
+                .map_err(|e| map_err(e, &what))?;
+            (client, drive(conn, closed.clone(), wake))
+        }
+    };
     Ok((client, closed, driver))
 }
 
@@ -295,13 +321,16 @@ impl PostgresStore {
     /// advisory lock, so that concurrent first opens do not race).
     ///
     /// # Errors
-    /// `InvalidConfig` for a bad configuration, a database that does not exist, or a schema
-    /// from another version; `PermissionDenied` for a wrong password or user, or a role without
-    /// the rights to create or use the schema's tables; `Unavailable` when the server cannot be
-    /// reached within the connect timeout.
+    /// `InvalidConfig` for a bad configuration (including an unreadable `sslrootcert`), a
+    /// database that does not exist, or a schema from another version; `PermissionDenied` for
+    /// a wrong or missing password or an unknown user, or a role without the rights to create
+    /// or use the schema's tables; `Unavailable` when the server cannot be reached within the
+    /// connect timeout, or the TLS handshake fails (no TLS on the server under `require`, a
+    /// certificate `verify-full` does not trust).
     pub async fn open(cfg: PostgresConfig) -> Result<PostgresStore> {
         crate::config::Configurable::validate(&cfg)?;
         let prefix = format!("{}.", cfg.schema_ident());
+        let tls = tls_for(&cfg)?;
         let store = PostgresStore {
             inner: Arc::new(Inner {
                 cfg,
@@ -311,6 +340,7 @@ impl PostgresStore {
                 listener_started: AtomicBool::new(false),
                 stop: CancellationToken::new(),
                 prefix,
+                tls,
             }),
         };
         let i = store.inner.clone();
@@ -477,11 +507,15 @@ impl Inner {
             .map_err(|_| late())?;
         if !matches!(guard.as_ref(), Some(l) if !l.client.is_closed()) {
             *guard = None;
-            let (client, closed, driver) =
-                match tokio::time::timeout_at(deadline, connect_raw(&self.cfg, None)).await {
-                    Ok(r) => r?,
-                    Err(_) => return Err(late()),
-                };
+            let (client, closed, driver) = match tokio::time::timeout_at(
+                deadline,
+                connect_raw(&self.cfg, self.tls.as_ref(), None),
+            )
+            .await
+            {
+                Ok(r) => r?,
+                Err(_) => return Err(late()),
+            };
             *guard = Some(Live {
                 client,
                 closed,
@@ -520,6 +554,7 @@ impl Inner {
         if self.cfg.listen && !self.listener_started.swap(true, Ordering::SeqCst) {
             tokio::spawn(listen_loop(
                 self.cfg.clone(),
+                self.tls.clone(),
                 self.wake.clone(),
                 self.stop.clone(),
             ));
@@ -542,13 +577,18 @@ const PROBE_WAIT: Duration = Duration::from_secs(2);
 
 /// The listening connection: `LISTEN` on the schema's channel, again after every reconnect
 /// (each reconnect wakes everyone, as notifications may have been missed meanwhile).
-async fn listen_loop(cfg: PostgresConfig, wake: Arc<Wake>, stop: CancellationToken) {
+async fn listen_loop(
+    cfg: PostgresConfig,
+    tls: Option<tls::Tls>,
+    wake: Arc<Wake>,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(50);
     let listen = format!("LISTEN \"{}\"", cfg.channel());
     loop {
         let r = tokio::select! {
             _ = stop.cancelled() => return,
-            r = connect_raw(&cfg, Some(wake.clone())) => r,
+            r = connect_raw(&cfg, tls.as_ref(), Some(wake.clone())) => r,
         };
         if let Ok((client, closed, driver)) = r {
             if let Ok(Ok(())) =
