@@ -18,7 +18,9 @@ command -v javac >/dev/null 2>&1 || need+=(openjdk-17-jdk-headless)
 # PostgreSQL's server binaries (initdb, postgres) and psql; the tests make their own clusters.
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
 command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
-# pgbouncer, for the PostgreSQL suite through a pooler in transaction mode.
+# openssl makes the test CA of the PostgreSQL TLS test; pgbouncer, for the PostgreSQL suite
+# through a pooler in transaction mode.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 [ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""

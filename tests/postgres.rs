@@ -391,6 +391,25 @@ async fn a_server_restart_fails_calls_and_everything_recovers() {
         }
     }
     assert_eq!(seen, [0, 1, 2, 3, 4, 5]);
+    // The listening connection is back: a change arrives by notification again, well before
+    // the 2 s recheck.
+    let back = Instant::now();
+    while b.notifications_work() != Some(true) && back.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(b.notifications_work(), Some(true));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let t2 = Instant::now();
+    a.put("r/k", vec![6], PutOptions::default()).await.unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), w.next()).await {
+        Ok(Some(Ok(WatchEvent::Put(e)))) => assert_eq!(e.value, [6]),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        t2.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t2.elapsed()
+    );
     let g2 = b
         .lock("r", &opts.clone().wait(Duration::from_secs(20)))
         .await

@@ -180,8 +180,10 @@ impl PostgresStore {
             let Some(w) = &mut wake else {
                 // The first wait: listen first, then look again at once (a release between
                 // the attempt and the LISTEN would otherwise be missed).
-                let rx = self.inner.wake().await.lock.subscribe();
-                wake = Some(rx);
+                match until(deadline, self.inner.wake()).await {
+                    Some(w) => wake = Some(w.lock.subscribe()),
+                    None => return Err(timeout()),
+                }
                 continue;
             };
             // Held: try again on a release notification, when the holder's lease runs out, or
