@@ -111,7 +111,8 @@ pub(crate) struct Wake {
     listening: watch::Sender<bool>,
     /// Bumped by the listener's own probe notification.
     probe: watch::Sender<u64>,
-    /// Set when a probe sent after `LISTEN` never came back (a pooler in transaction mode).
+    /// Set when the probe sent after the last `LISTEN` did not come back (a pooler in
+    /// transaction mode?).
     broken: AtomicBool,
 }
 
@@ -370,9 +371,9 @@ impl PostgresStore {
     }
 
     /// Whether notifications reach this store: `None` before a watch or a waiting `lock()`
-    /// started the listening connection (or with `listen=false`), `Some(false)` when a probe
-    /// notification the listener sent itself after `LISTEN` never came back (watches and
-    /// waiters then look every `recheck`), `Some(true)` otherwise.
+    /// started the listening connection (or with `listen=false`), `Some(false)` when the probe
+    /// notification the listener sent itself after its last `LISTEN` did not come back within
+    /// 2 s (watches and waiters then depend on their `recheck`), `Some(true)` otherwise.
     ///
     /// # Contract
     /// `Some(true)` says the probe came back once, not that every notification will: behind a
@@ -609,15 +610,14 @@ async fn listen_loop(
                 .unwrap_or(false);
                 if !echoed && !closed.is_cancelled() {
                     tracing::warn!(
-                        "postgres: notifications do not come back on this connection (a pooler in \
-                         transaction mode?); watches and waiters look every {:?} instead",
+                        "postgres: a notification did not come back on the listening connection \
+                         (a pooler in transaction mode?); watches and waiters look every {:?} \
+                         when none comes",
                         cfg.recheck
                     );
-                    wake.broken.store(true, Ordering::SeqCst);
-                    wake.listening.send_replace(true);
-                    driver.abort();
-                    return;
                 }
+                // Listening goes on either way: a notification that does arrive still wakes.
+                wake.broken.store(!echoed, Ordering::SeqCst);
                 wake.listening.send_replace(true);
                 wake.bump_all();
                 backoff = Duration::from_millis(50);
