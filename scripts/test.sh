@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need when it is missing (Debian packages for
-# the real etcd and ZooKeeper servers, protoc for the etcd client, Apache Curator for the
+# the real etcd, ZooKeeper and PostgreSQL servers, protoc for the etcd client, Apache Curator for the
 # ZooKeeper interop test, py-consul for the Consul simulator's fidelity test), then runs every
 # test with every feature.
 # Extra arguments go to `cargo test` (for example `scripts/test.sh --test conformance`).
@@ -15,6 +15,13 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/share/java/zookeeper.jar ] || need+=(zookeeper)
 [ -f /usr/share/java/curator-recipes.jar ] || need+=(libcurator-recipes-java)
 command -v javac >/dev/null 2>&1 || need+=(openjdk-17-jdk-headless)
+# PostgreSQL's server binaries (initdb, postgres) and psql; the tests make their own clusters.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need+=(postgresql)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
+# openssl makes the test CA of the PostgreSQL TLS test; pgbouncer, for the PostgreSQL suite
+# through a pooler in transaction mode.
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+[ -x /usr/sbin/pgbouncer ] || command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer)
 if [ ${#need[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo

@@ -550,3 +550,106 @@ mod embedded {
         }
     }
 }
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use crate::support::postgres::{fresh_schema, shared, PASSWORD};
+    use crate::support::proxy::Proxy;
+    use std::time::Duration;
+    use support::bad_input::{black_hole_cases, unreachable_case};
+
+    bad_input_matrix!(
+        postgres_bad_input_matrix,
+        "postgres",
+        server: _server = (),
+        url: shared().url(&fresh_schema("bad")),
+        bad_urls: [
+            "postgres://",
+            "postgres://127.0.0.1:notaport/db",
+            "postgres://127.0.0.1:99999/db",
+            "postgres://h1:5432,h2:5432/db",
+            "postgres://127.0.0.1/db?request_timeout=banana",
+            "postgres://127.0.0.1/db?no_such_option=1",
+            "postgres://127.0.0.1/db?schema=x%22%3B%20DROP%20TABLE%20y",
+            "postgres://127.0.0.1/db?sslmode=verify-ca",
+            "postgres://127.0.0.1/db?sslrootcert=/ca.pem",
+            "postgresql://127.0.0.1/a/b",
+        ],
+        unreachable: format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?connect_timeout=2s",
+            closed_port()
+        ),
+    );
+
+    /// Wrong credentials, a missing database and a schema the role may not use give typed
+    /// errors in bounded time; a black-holed server (through a stalled proxy) gives `Timeout`
+    /// or `Unavailable` on every call; nothing the refused calls attempted was written.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn postgres_credentials_databases_schemas_and_black_holes() {
+        let pg = shared();
+        let port = pg.port();
+        let schema = fresh_schema("badauth");
+        let store = coordkit::connect(&pg.url(&schema)).await.expect("connect");
+        store
+            .put("auth/k", b"v".to_vec(), coordkit::PutOptions::default())
+            .await
+            .expect("put");
+        pg.psql(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'outsider') THEN
+                 CREATE ROLE outsider LOGIN PASSWORD 'outsider-pw'; END IF; END $$;",
+        );
+        let mut m = Matrix {
+            label: "postgres-auth".into(),
+            ..Default::default()
+        };
+        let denied = [coordkit::ErrorKind::PermissionDenied];
+        for url in [
+            format!("postgres://postgres:wrong@127.0.0.1:{port}/postgres?schema={schema}"),
+            format!("postgres://nobody:pw@127.0.0.1:{port}/postgres?schema={schema}"),
+            format!("postgres://outsider:outsider-pw@127.0.0.1:{port}/postgres?schema={schema}"),
+        ] {
+            m.expect_err(format!("{url} put"), &denied, async {
+                let s = coordkit::connect(&url).await?;
+                s.put("auth/k", b"evil".to_vec(), coordkit::PutOptions::default())
+                    .await
+                    .map(|_| ())
+            })
+            .await;
+        }
+        m.expect_err(
+            "missing database",
+            &[coordkit::ErrorKind::InvalidConfig],
+            async {
+                coordkit::connect(&format!(
+                    "postgres://postgres:{PASSWORD}@127.0.0.1:{port}/no_such_db"
+                ))
+                .await
+                .map(|_| ())
+            },
+        )
+        .await;
+        m.expect_ok(
+            "read-back with the right credentials",
+            store.get("auth/k", coordkit::Consistency::Strong),
+            |e| e.as_ref().is_some_and(|e| e.value == b"v"),
+        )
+        .await;
+
+        let proxy = Proxy::to_port(port);
+        let through = coordkit::connect(&format!(
+            "{}&request_timeout=2s&connect_timeout=2s",
+            pg.url_at(proxy.port(), &schema)
+        ))
+        .await
+        .expect("connect through the proxy");
+        through
+            .get("auth/k", coordkit::Consistency::Strong)
+            .await
+            .expect("get through the proxy");
+        proxy.stall();
+        black_hole_cases(&mut m, &through, "bh/", Duration::from_secs(8)).await;
+        proxy.heal();
+        report(&m);
+    }
+}

@@ -1164,3 +1164,27 @@ mod file {
         super::waiting_and_watching_processes_are_idle(&url());
     }
 }
+
+/// PostgreSQL: the test binary's server, a schema of the module's own.
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::sync::OnceLock;
+
+    fn url() -> String {
+        static URL: OnceLock<String> = OnceLock::new();
+        URL.get_or_init(|| {
+            let pg = crate::support::postgres::shared();
+            pg.url(&crate::support::postgres::fresh_schema("cli"))
+        })
+        .clone()
+    }
+
+    backend_tests!(key_ttl: true);
+
+    #[test]
+    fn unreachable_server_fails_within_bound() {
+        super::unreachable_server_fails_within_bound(|port| {
+            format!("postgres://postgres@127.0.0.1:{port}/postgres?connect_timeout=2s")
+        });
+    }
+}

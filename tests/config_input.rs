@@ -52,6 +52,11 @@ fn duration_options() -> Vec<(&'static str, &'static [&'static str])> {
     ));
     #[cfg(feature = "sqlite")]
     v.push(("sqlite:///tmp/x.db", &["busy_timeout", "poll_interval"]));
+    #[cfg(feature = "postgres")]
+    v.push((
+        "postgres://127.0.0.1:1/db",
+        &["connect_timeout", "request_timeout", "recheck"],
+    ));
     v
 }
 
@@ -154,6 +159,12 @@ fn duration_settings() -> Vec<(&'static str, &'static str, &'static [&'static st
         "sqlite",
         "path = \"/tmp/x.db\"\n",
         &["busy_timeout", "poll_interval"],
+    ));
+    #[cfg(feature = "postgres")]
+    v.push((
+        "postgres",
+        "host = \"127.0.0.1\"\nport = 1\n",
+        &["connect_timeout", "request_timeout", "recheck"],
     ));
     v
 }

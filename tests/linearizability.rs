@@ -415,3 +415,17 @@ async fn file_histories_are_linearizable() {
     )
     .await;
 }
+
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_histories_are_linearizable() {
+    let pg = support::postgres::shared();
+    let url = pg.url(&support::postgres::fresh_schema("lin"));
+    record_and_check(
+        "postgres",
+        clients(&url, 6).await,
+        "lin/postgres/",
+        Consistency::Strong,
+    )
+    .await;
+}

@@ -320,6 +320,38 @@ mod file {
     });
 }
 
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use crate::support::postgres::PgServer;
+    use std::sync::Arc;
+
+    /// A server of this test's own, and its URL.
+    fn server() -> (PgServer, String) {
+        let pg = PgServer::start();
+        let url = pg.url("locks");
+        (pg, url)
+    }
+
+    process_tests!("postgres" {
+        postgres_processes: server(),
+        postgres_processes_under_faults: {
+            let (pg, url) = server();
+            let pg = Arc::new(Mutex::new(pg));
+            let p = pg.clone();
+            let restart = Fault::Custom(
+                "stop PostgreSQL as by a crash (immediate shutdown) and start it again".into(),
+                Box::new(move || {
+                    let mut pg = p.lock().unwrap_or_else(|e| e.into_inner());
+                    let took = pg.restart();
+                    format!("serving again after {:.2}s", took.as_secs_f64())
+                }),
+            );
+            (pg, url, vec![restart])
+        },
+    });
+}
+
 /// A sharded store over every backend of this build: the lock lives on one shard, picked by
 /// the hash of its name.
 #[cfg(all(feature = "etcd", feature = "zookeeper"))]

@@ -660,3 +660,45 @@ mod consul {
         assert!(failed.is_empty(), "{}", failed.join("\n"));
     }
 }
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use support::postgres::PgServer;
+
+    /// The PostgreSQL backend's default request timeout.
+    const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    fn pg_run(label: &str, query: &str, request_timeout: Duration, fault: Fault) {
+        let _turn = turn();
+        let pg = PgServer::start();
+        check(label, pg.port(), |proxy_port| Run {
+            label: label.into(),
+            through_proxy: format!("{}{query}", pg.url_at(proxy_port, "partition")),
+            direct: pg.url("partition"),
+            request_timeout,
+            fault,
+        });
+    }
+
+    #[test]
+    fn postgres_holder_partitioned_min_ttl() {
+        pg_run("postgres", "", DEFAULT_TIMEOUT, Fault::Stall);
+    }
+
+    #[test]
+    fn postgres_holder_partitioned_min_ttl_request_timeout_3x_ttl() {
+        // The smallest lock TTL is 1 s: a request timeout of 3 s.
+        pg_run(
+            "postgres-timeout-3s",
+            "&request_timeout=3s",
+            Duration::from_secs(3),
+            Fault::Stall,
+        );
+    }
+
+    #[test]
+    fn postgres_holder_connections_reset_min_ttl() {
+        pg_run("postgres-reset", "", DEFAULT_TIMEOUT, Fault::Reset);
+    }
+}

@@ -8,6 +8,7 @@
 //! | Consul | `consul` | `consul` (default) | `consul://host:port`, `consul+https://host:port` |
 //! | SQLite | `sqlite` | `sqlite` (default) | `sqlite:///abs/path/to.db` |
 //! | a shared directory | `file` | `file` (default) | `file:///abs/dir` |
+//! | PostgreSQL | `postgres` | `postgres` (default) | `postgres://user:password@host:port/db` |
 
 pub mod memory;
 
@@ -23,6 +24,8 @@ mod fs_events;
 mod host_clock;
 #[cfg(any(feature = "sqlite", feature = "file"))]
 mod lease_lock;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 #[cfg(feature = "zookeeper")]
@@ -41,6 +44,8 @@ crate::config::registry::registry! {
         sqlite::SqliteConfig;
     file: "file", schemes ["file"], table "file", feature "file",
         file::FileConfig;
+    postgres: "postgres", schemes ["postgres", "postgresql"], table "postgres", feature "postgres",
+        postgres::PostgresConfig;
     sharded: "sharded", schemes ["sharded", "sharded+<strategy>"], table "sharded",
         feature always, crate::shard::ShardedConfig;
 }

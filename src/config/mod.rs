@@ -24,6 +24,9 @@ pub const URL_ENV: &str = "COORDKIT_URL";
 /// - `etcd://host:port[,host:port…]` — etcd v3 (feature `etcd`);
 /// - `zk://host:port[,host:port…][/chroot]` — ZooKeeper (feature `zookeeper`);
 /// - `consul://host:port`, `consul+https://host:port` — Consul (feature `consul`);
+/// - `sqlite:///abs/path/to.db` — SQLite (feature `sqlite`);
+/// - `postgres://user:password@host:port/db?schema=…`, `postgresql://…` — PostgreSQL (feature
+///   `postgres`);
 /// - `sharded+<strategy>://?shard=<url>&shard=<url>…` — a
 ///   [`ShardedStore`](crate::shard::ShardedStore) over the given backends (see
 ///   [`ShardedConfig::from_url`](crate::shard::ShardedConfig::from_url)).

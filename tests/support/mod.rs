@@ -22,6 +22,7 @@ pub mod contention;
 pub mod etcd;
 pub mod fenced;
 pub mod linearizability;
+pub mod postgres;
 pub mod proxy;
 pub mod server;
 pub mod zookeeper;

@@ -120,12 +120,12 @@ fn attempt(inner: &Inner, name: &str, holder: &str, ttl: Duration) -> Result<Att
     })
 }
 
-fn blocking<T: Send + 'static>(
+async fn blocking<T: Send + 'static>(
     inner: Arc<Inner>,
     what: &'static str,
     f: impl FnOnce(&Inner) -> Result<T> + Send + 'static,
-) -> impl std::future::Future<Output = Result<T>> {
-    async move { inner.blocking(what, f).await }
+) -> Result<T> {
+    inner.blocking(what, f).await
 }
 
 #[async_trait]
