@@ -5,7 +5,8 @@
 //! cargo run --release --example bench --all-features [-- OPTIONS]
 //!
 //!   --quick             small operation counts (a smoke run, not figures)
-//!   --only a,b          backends to run: memory, etcd, zookeeper, consul, sqlite, file
+//!   --only a,b          backends to run: memory, etcd, zookeeper, consul, sqlite, file,
+//!                       postgres
 //!                       (default: all)
 //!   --no-peers          skip the Python peer libraries (kazoo, tooz, filelock)
 //!   --force             report a run on a loaded machine and exit 0 (it is still marked
@@ -34,6 +35,7 @@ mod etcdraw;
 mod harness;
 mod memraw;
 mod peers;
+mod pgraw;
 mod plot;
 mod report;
 mod rss;
@@ -394,11 +396,19 @@ async fn run(args: Args) -> R<Validity> {
             };
             vec![(scheme.to_string(), Some(spec))]
         }
-        None => ["memory", "etcd", "zookeeper", "consul", "sqlite", "file"]
-            .iter()
-            .filter(|b| wanted(b))
-            .map(|b| (b.to_string(), None))
-            .collect(),
+        None => [
+            "memory",
+            "etcd",
+            "zookeeper",
+            "consul",
+            "sqlite",
+            "file",
+            "postgres",
+        ]
+        .iter()
+        .filter(|b| wanted(b))
+        .map(|b| (b.to_string(), None))
+        .collect(),
     };
 
     for (name, spec) in specs {
@@ -509,6 +519,13 @@ async fn run(args: Args) -> R<Validity> {
                 Err(e) => Err(e),
             },
             ("sqlite", None) => bench_sqlite(args.counts).await,
+            ("postgres", None) => {
+                let py = peer_python(&mut Section::new("", ""));
+                let pg = tokio::task::block_in_place(support::postgres::PgServer::start);
+                let s = bench_postgres(&pg, args.counts, py, &args.out).await;
+                drop(pg);
+                s
+            }
             ("file", None) => {
                 let py = peer_python(&mut Section::new("", ""));
                 bench_file(args.counts, py, &args.out).await
@@ -891,6 +908,60 @@ async fn idle_cpu(url: &str, span: Duration) -> R<(Duration, Duration)> {
         }
     }
     Ok(used)
+}
+
+async fn bench_postgres(
+    pg: &support::postgres::PgServer,
+    c: Counts,
+    python: Option<PathBuf>,
+    out: &Path,
+) -> R<Section> {
+    let server = tokio::task::block_in_place(|| pg.psql("SHOW server_version"));
+    let server = format!(
+        "PostgreSQL {}",
+        server
+            .split_whitespace()
+            .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+            .unwrap_or("?")
+    );
+    let mut s = Section::new(
+        "PostgreSQL",
+        &format!("{server}, a cluster started by the benchmark"),
+    );
+    let conn = format!(
+        "host=127.0.0.1 port={} user=postgres password={} dbname=postgres",
+        pg.port(),
+        support::postgres::PASSWORD
+    );
+    let raw = Arc::new(pgraw::PgRaw::new(&conn, VALUE).await?);
+    let mut contenders: Vec<Arc<dyn Contender>> = Vec::new();
+    for _ in 0..CONTENDERS {
+        contenders.push(Arc::new(pgraw::AdvisoryContender(Arc::new(
+            pgraw::connect(&conn).await?,
+        ))));
+    }
+    let url = pg.url("bench_ck");
+    embedded_rows(&mut s, &url, raw, contenders, "pg_advisory_lock", c).await?;
+    if let Some(py) = python {
+        add_peer(
+            &mut s,
+            &py,
+            out,
+            "psycopg",
+            "psycopg pg_advisory_lock (Python)",
+            &conn,
+            c,
+        );
+    }
+    sort_rows(&mut s);
+    s.notes.push(
+        "The raw side is single statements through tokio-postgres on one connection (autocommit upserts, a CAS \
+         as one conditional UPDATE) and session advisory locks, which the server queues: no lease, no token, \
+         no store-wide revision, no change log. coordkit's writes take the revision counter row and log the \
+         change in the same transaction, and its lock is a lease row with a token."
+            .into(),
+    );
+    Ok(s)
 }
 
 async fn bench_sqlite(c: Counts) -> R<Section> {

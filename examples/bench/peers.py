@@ -1,7 +1,7 @@
 """Peer libraries on the same servers, with the same operation counts as the Rust side.
 
 Usage: peers.py MODE ADDR N_KV N_LOCK ROUNDS CONTENDERS
-MODE: kazoo | tooz-zk | tooz-etcd | filelock (ADDR: a directory). Prints one JSON object: {"rows": [...], "handoff": {...}}.
+MODE: kazoo | tooz-zk | tooz-etcd | filelock (ADDR: a directory) | psycopg (ADDR: a conninfo). Prints one JSON object: {"rows": [...], "handoff": {...}}.
 Latencies are in microseconds; "busy_s" is the wall time of the measured operations.
 """
 import json
@@ -146,6 +146,31 @@ elif mode == "filelock":
         return FileLock(os.path.join(addr, "contended.lock"), thread_local=False, is_singleton=False)
 
     result["handoff"] = handoff(make, rounds, contenders)
+elif mode == "psycopg":
+    import psycopg
+
+    conn = psycopg.connect(addr, autocommit=True)
+    rows.append(("lock+unlock", timed(lambda: (conn.execute("SELECT pg_advisory_lock(5151)"), conn.execute("SELECT pg_advisory_unlock(5151)")), n_lock)))
+    conns = []
+
+    class A:
+        def __init__(self, c):
+            self.c = c
+
+        def acquire(self):
+            self.c.execute("SELECT pg_advisory_lock(5252)")
+
+        def release(self):
+            self.c.execute("SELECT pg_advisory_unlock(5252)")
+
+    def make(i):
+        c = psycopg.connect(addr, autocommit=True)
+        conns.append(c)
+        return A(c)
+
+    result["handoff"] = handoff(make, rounds, contenders)
+    for c in conns + [conn]:
+        c.close()
 else:
     raise SystemExit("unknown mode " + mode)
 

@@ -10,7 +10,7 @@ use crate::report::Row;
 use crate::stats::Series;
 
 const SCRIPT: &str = include_str!("peers.py");
-const PACKAGES: &[&str] = &["kazoo", "tooz", "etcd3gw", "filelock"];
+const PACKAGES: &[&str] = &["kazoo", "tooz", "etcd3gw", "filelock", "psycopg[binary]"];
 
 /// A ready venv's python, or why there is none.
 pub fn prepare(venv: &Path) -> Result<PathBuf, String> {
