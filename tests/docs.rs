@@ -227,3 +227,96 @@ fn compose_readme_blocks() {
     }
     assert_eq!(docker_blocks, 3);
 }
+
+/// The README's command-line quick start runs as written with no server at all, on the two
+/// URLs it names for that (`sqlite://` and `file://` on local paths): its commands after the
+/// install and `export` lines, with a `nightly.sh` to run under the lock.
+#[cfg(all(feature = "sqlite", feature = "file", feature = "cli"))]
+#[test]
+fn readme_quick_start_runs_with_no_server() {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_coordkit"))
+        .parent()
+        .expect("bin dir")
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let section = &readme[readme
+        .find("## On the command line")
+        .expect("the README's command-line section")..];
+    let block = blocks_of(section)
+        .into_iter()
+        .find(|(lang, _)| lang == "sh")
+        .expect("a sh block")
+        .1;
+    let commands: String = block
+        .lines()
+        .filter(|l| !l.starts_with("cargo install") && !l.starts_with("export COORDKIT_URL"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(commands.contains("coordkit lock"), "{commands}");
+    for scheme in ["sqlite", "file"] {
+        let dir = support::fresh_dir("readme-sh");
+        let nightly = dir.join("nightly.sh");
+        std::fs::write(
+            &nightly,
+            "#!/bin/sh\ntest -n \"$COORDKIT_FENCING_TOKEN\"\necho ran > nightly.out\n",
+        )
+        .unwrap();
+        std::fs::set_permissions(
+            &nightly,
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let url = match scheme {
+            "sqlite" => format!("sqlite://{}", dir.join("coordkit.db").display()),
+            _ => format!("file://{}", dir.join("coordkit.d").display()),
+        };
+        // The background `watch` is stopped when the script ends.
+        let script = format!("trap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n{commands}");
+        let out = Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .current_dir(&dir)
+            .env("PATH", &path)
+            .env("COORDKIT_URL", &url)
+            .env_remove("COORDKIT_CONFIG")
+            .env_remove("COORDKIT_LOG")
+            .output()
+            .expect("run bash");
+        assert!(
+            out.status.success(),
+            "{scheme}: exit {:?}\nstdout: {}\nstderr: {}\n{script}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("postgres://db1/app"), "{scheme}: {stdout}");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("nightly.out")).unwrap_or_default(),
+            "ran\n",
+            "{scheme}: nightly.sh ran under the lock"
+        );
+    }
+}
+
+/// The fenced blocks of a markdown text: (language, text).
+fn blocks_of(text: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in text.lines() {
+        match (&mut current, line.strip_prefix("```")) {
+            (None, Some(lang)) => current = Some((lang.trim().to_string(), String::new())),
+            (Some(_), Some(_)) => out.extend(current.take()),
+            (Some((_, body)), None) => {
+                body.push_str(line);
+                body.push('\n');
+            }
+            (None, None) => {}
+        }
+    }
+    out
+}
