@@ -49,6 +49,7 @@ pub mod config;
 pub mod config_file;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod election;
 pub mod error;
 pub mod fencing;
 pub mod key;
@@ -62,6 +63,7 @@ pub use backend::memory::MemoryStore;
 pub use caps::{Capabilities, FencingScope};
 pub use config::{connect, connect_from_env};
 pub use config_file::connect_config;
+pub use election::{Election, Leader, LeaderGuard, LeaderHandle, LeaderStream};
 pub use error::{Error, ErrorKind, Result};
 pub use fencing::FencedResource;
 pub use kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream};
@@ -69,10 +71,14 @@ pub use lock::{
     DistLock, DistLockExt, FencingToken, JobContext, LockGuard, LockHandle, LockOptions,
 };
 
-/// A backend: key-value storage and locks from one client. What [`connect`] returns.
-pub trait Backend: KvStore + DistLock {}
+/// A backend: key-value storage, locks and leader election from one client. What [`connect`]
+/// returns.
+pub trait Backend: KvStore + DistLock + Election {}
 
-impl<T: KvStore + DistLock + ?Sized> Backend for T {}
+impl<T: KvStore + DistLock + Election + ?Sized> Backend for T {}
+
+#[doc(hidden)]
+pub use async_trait::async_trait as __async_trait;
 
 /// The README's code samples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -920,3 +920,5 @@ impl DistLock for EtcdStore {
         self.acquire(name, opts, true).await
     }
 }
+
+crate::election_via_lock!(EtcdStore);

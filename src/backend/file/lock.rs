@@ -357,3 +357,5 @@ impl LockHandle for FileLock {
         self.lease.suspend();
     }
 }
+
+crate::election_via_lock!(FileStore);

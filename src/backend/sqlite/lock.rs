@@ -259,3 +259,5 @@ impl LockHandle for SqliteLock {
         self.lease.suspend();
     }
 }
+
+crate::election_via_lock!(SqliteStore);

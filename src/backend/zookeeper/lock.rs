@@ -991,6 +991,8 @@ async fn sleep_until_opt(t: Option<Instant>) {
     }
 }
 
+crate::election_via_lock!(ZkStore);
+
 #[cfg(test)]
 mod tests {
     use super::*;
