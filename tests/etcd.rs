@@ -15,6 +15,7 @@ fn etcd() -> Harness {
 }
 
 coordkit::conformance_tests!(etcd());
+coordkit::election_conformance_tests!(etcd());
 
 use std::path::Path;
 use std::process::Command;
