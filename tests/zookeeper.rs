@@ -26,6 +26,7 @@ fn zookeeper() -> Harness {
 }
 
 coordkit::conformance_tests!(zookeeper());
+coordkit::election_conformance_tests!(zookeeper());
 
 const STRONG: Consistency = Consistency::Strong;
 
