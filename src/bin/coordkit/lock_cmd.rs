@@ -873,7 +873,7 @@ mod tests {
 
     /// A backend whose `lock` fails with `Timeout` after `after` (a request that got no
     /// answer); everything else is the memory store's.
-    #[derive(Debug)]
+    #[derive(Debug, Clone)]
     struct Unanswered {
         mem: MemoryStore,
         after: Duration,
@@ -944,6 +944,8 @@ mod tests {
             ))
         }
     }
+
+    coordkit::election_via_lock!(Unanswered);
 
     /// A request timeout while acquiring is not "not acquired within --wait" (124): it is exit
     /// 1, saying the backend did not answer. 124 only when the wait ran out.
