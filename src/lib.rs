@@ -9,6 +9,9 @@
 //! - [`DistLock`]: locks whose [`LockGuard`] carries a strictly increasing [`FencingToken`],
 //!   renews its lease in the background, and tells its holder when the lock is lost.
 //! - [`DistLockExt::run_locked`]: run a job while holding a lock.
+//! - [`Election`]: leader election whose [`LeaderGuard`] carries a strictly increasing term (a
+//!   fencing token), with the published leader value readable and observable by everyone; in
+//!   etcd's and Curator's own layouts on etcd and ZooKeeper (see `docs/recipes.md`).
 //! - [`connect`]: pick the backend from a URL (`memory://`, `etcd://…`, `zk://…`, `consul://…`,
 //!   or `sharded+ring://?shard=…&shard=…` for a [`shard::ShardedStore`] over several).
 //!
@@ -89,6 +92,11 @@ pub struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/locking.md")]
 pub struct LockingDocDoctests;
+
+/// The Rust samples of `docs/recipes.md`, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/recipes.md")]
+pub struct RecipesDocDoctests;
 
 /// The Rust samples of `docs/configuration.md`, compiled and run as doctests.
 #[cfg(doctest)]
