@@ -41,6 +41,17 @@ async fn failover_after_kill(backend: &str, url: &str) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    // `coordkit leader` prints the term and the value.
+    let out = Command::new(BIN)
+        .args(["--url", url, "leader", &name])
+        .output()
+        .expect("run coordkit leader");
+    assert!(out.status.success(), "[{backend}] coordkit leader: {out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("{term} {value}\n"),
+        "[{backend}] coordkit leader"
+    );
     // Renewed past its TTL: still the leader.
     tokio::time::sleep(TTL + TTL / 2).await;
     let still = store.leader(&name).await.expect("leader").map(|l| l.term);
@@ -77,6 +88,16 @@ async fn failover_after_kill(backend: &str, url: &str) {
         "[{backend}] leader() after failover"
     );
     g.resign().await.expect("resign");
+    let out = Command::new(BIN)
+        .args(["--url", url, "--json", "leader", &name])
+        .output()
+        .expect("run coordkit leader");
+    assert_eq!(out.status.code(), Some(3), "[{backend}] no leader: {out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#"{"leader":null}"#,
+        "[{backend}] coordkit --json leader"
+    );
 }
 
 #[cfg(feature = "sqlite")]

@@ -15,7 +15,11 @@
 //! readers take the record's term, never a stale lower one after a higher one.
 //!
 //! Between the new leader's lock grant and its first write, [`leader`] still shows the
-//! previous record (or none).
+//! previous record (or none). [`observe`] opens the watch of the record before reading it, so
+//! no change after the call is missed; but changes committed while the call is being set up
+//! (between opening the watch and reading the record) are delivered after the first item, which
+//! already reflects them, so an item can repeat an earlier state before the current one comes
+//! again.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
