@@ -9,6 +9,9 @@
 //! - [`DistLock`]: locks whose [`LockGuard`] carries a strictly increasing [`FencingToken`],
 //!   renews its lease in the background, and tells its holder when the lock is lost.
 //! - [`DistLockExt::run_locked`]: run a job while holding a lock.
+//! - [`Election`]: leader election whose [`LeaderGuard`] carries a strictly increasing term (a
+//!   fencing token), with the published leader value readable and observable by everyone; in
+//!   etcd's and Curator's own layouts on etcd and ZooKeeper (see `docs/recipes.md`).
 //! - [`connect`]: pick the backend from a URL (`memory://`, `etcd://…`, `zk://…`, `consul://…`,
 //!   or `sharded+ring://?shard=…&shard=…` for a [`shard::ShardedStore`] over several).
 //!
@@ -49,6 +52,7 @@ pub mod config;
 pub mod config_file;
 #[cfg(feature = "conformance")]
 pub mod conformance;
+pub mod election;
 pub mod error;
 pub mod fencing;
 pub mod key;
@@ -62,6 +66,7 @@ pub use backend::memory::MemoryStore;
 pub use caps::{Capabilities, FencingScope};
 pub use config::{connect, connect_from_env};
 pub use config_file::connect_config;
+pub use election::{Election, Leader, LeaderGuard, LeaderHandle, LeaderStream};
 pub use error::{Error, ErrorKind, Result};
 pub use fencing::FencedResource;
 pub use kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream};
@@ -69,10 +74,14 @@ pub use lock::{
     DistLock, DistLockExt, FencingToken, JobContext, LockGuard, LockHandle, LockOptions,
 };
 
-/// A backend: key-value storage and locks from one client. What [`connect`] returns.
-pub trait Backend: KvStore + DistLock {}
+/// A backend: key-value storage, locks and leader election from one client. What [`connect`]
+/// returns.
+pub trait Backend: KvStore + DistLock + Election {}
 
-impl<T: KvStore + DistLock + ?Sized> Backend for T {}
+impl<T: KvStore + DistLock + Election + ?Sized> Backend for T {}
+
+#[doc(hidden)]
+pub use async_trait::async_trait as __async_trait;
 
 /// The README's code samples, compiled and run as doctests.
 #[cfg(doctest)]
@@ -83,6 +92,11 @@ pub struct ReadmeDoctests;
 #[cfg(doctest)]
 #[doc = include_str!("../docs/locking.md")]
 pub struct LockingDocDoctests;
+
+/// The Rust samples of `docs/recipes.md`, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/recipes.md")]
+pub struct RecipesDocDoctests;
 
 /// The Rust samples of `docs/configuration.md`, compiled and run as doctests.
 #[cfg(doctest)]

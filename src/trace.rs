@@ -28,6 +28,7 @@ use tracing::field::Empty;
 use tracing::{debug_span, Instrument, Span};
 
 use crate::caps::Capabilities;
+use crate::election::{Election, Leader, LeaderGuard, LeaderStream};
 use crate::error::Result;
 use crate::kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchStream};
 use crate::lock::{DistLock, LockGuard, LockOptions};
@@ -196,6 +197,52 @@ impl<B: KvStore + DistLock + ?Sized> DistLock for Traced<B> {
                 span.record("token", g.token().get());
             }
         }
+        finish(&span, &r);
+        r
+    }
+}
+
+#[async_trait]
+impl<B: Election + KvStore + ?Sized> Election for Traced<B> {
+    async fn campaign(
+        &self,
+        name: &str,
+        value: Vec<u8>,
+        opts: &LockOptions,
+    ) -> Result<LeaderGuard> {
+        let span = debug_span!("coordkit.campaign", backend = self.backend, election = name, ttl = ?opts.ttl, wait = ?opts.wait, term = Empty, error = Empty);
+        let r = self
+            .inner
+            .campaign(name, value, opts)
+            .instrument(span.clone())
+            .await;
+        if let Ok(g) = &r {
+            span.record("term", g.term().get());
+        }
+        finish(&span, &r);
+        r
+    }
+
+    async fn leader(&self, name: &str) -> Result<Option<Leader>> {
+        let span = debug_span!(
+            "coordkit.leader",
+            backend = self.backend,
+            election = name,
+            error = Empty
+        );
+        let r = self.inner.leader(name).instrument(span.clone()).await;
+        finish(&span, &r);
+        r
+    }
+
+    async fn observe(&self, name: &str) -> Result<LeaderStream> {
+        let span = debug_span!(
+            "coordkit.observe",
+            backend = self.backend,
+            election = name,
+            error = Empty
+        );
+        let r = self.inner.observe(name).instrument(span.clone()).await;
         finish(&span, &r);
         r
     }

@@ -15,3 +15,4 @@ fn memory() -> Harness {
 }
 
 coordkit::conformance_tests!(memory());
+coordkit::election_conformance_tests!(memory());

@@ -15,6 +15,7 @@ fn etcd() -> Harness {
 }
 
 coordkit::conformance_tests!(etcd());
+coordkit::election_conformance_tests!(etcd());
 
 use std::path::Path;
 use std::process::Command;
@@ -484,4 +485,210 @@ fn server_is_the_requested_etcd_version() {
         version.starts_with(&want),
         "the etcd server is {version:?}, not {want}*"
     );
+}
+
+/// Starts `etcdctl elect elections/<name> <value>`: etcdctl prints its key and the value once
+/// it is leader, and resigns on SIGINT. The value names a path under the test directory.
+fn etcdctl_elect(name: &str, value: &str, dir: &Path, log: &str) -> Proc {
+    let mut cmd = Command::new(etcdctl_bin());
+    cmd.env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(shared().endpoints())
+        .args(["elect", &format!("elections/{name}"), value]);
+    Proc::spawn("etcdctl elect", &mut cmd, &dir.join(log))
+}
+
+fn log_has(dir: &Path, log: &str, needle: &str) -> bool {
+    std::fs::read_to_string(dir.join(log)).is_ok_and(|s| s.contains(needle))
+}
+
+fn election_keys(name: &str) -> Vec<(String, u64)> {
+    let (ok, out, err) = etcdctl(
+        &shared().endpoints(),
+        &[
+            "get",
+            "--prefix",
+            &format!("elections/{name}/"),
+            "-w",
+            "json",
+        ],
+    );
+    assert!(ok, "etcdctl get: {err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("etcdctl json");
+    v["kvs"]
+        .as_array()
+        .map(|kvs| {
+            kvs.iter()
+                .map(|kv| {
+                    let key = String::from_utf8(decode_b64(kv["key"].as_str().unwrap_or("")));
+                    (
+                        key.unwrap_or_default(),
+                        kv["create_revision"].as_u64().unwrap_or(0),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A leader elected through `etcdctl elect elections/NAME V` is coordkit's `leader()` of the
+/// election `NAME` (value and term = its key's create revision), excludes coordkit's
+/// campaign, and when it resigns (SIGINT) coordkit's waiting campaign takes over with a
+/// higher term; `observe` sees both leaders in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcdctl_elect_leader_is_seen_and_excludes_coordkit() {
+    use futures::StreamExt;
+    let store = coordkit::connect(&shared().url()).await.expect("connect");
+    let name = format!("interop-elect-a-{}", std::process::id());
+    let dir = fresh_dir("etcdctl-elect-a");
+    let value = dir.join("etcdctl-leader").display().to_string();
+    let mut leader = etcdctl_elect(&name, &value, &dir, "elect.log");
+    assert!(
+        wait_until(Duration::from_secs(10), || log_has(
+            &dir,
+            "elect.log",
+            &value
+        )),
+        "etcdctl did not become leader"
+    );
+    let keys = election_keys(&name);
+    assert_eq!(keys.len(), 1, "etcdctl's election key: {keys:?}");
+    let seen = store
+        .leader(&name)
+        .await
+        .expect("leader")
+        .expect("a leader");
+    assert_eq!(seen.value, value.as_bytes());
+    assert_eq!(
+        seen.term.get(),
+        keys[0].1,
+        "term = the key's create revision"
+    );
+    let mut events = store.observe(&name).await.expect("observe");
+    let first = events.next().await.expect("first item").expect("no error");
+    assert_eq!(first.as_ref(), Some(&seen));
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+    let r = store
+        .campaign(
+            &name,
+            b"ck".to_vec(),
+            &opts.clone().wait(Duration::from_millis(500)),
+        )
+        .await;
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::Timeout);
+    let waiter = {
+        let store = store.clone();
+        let (name, opts) = (name.clone(), opts.clone());
+        tokio::spawn(async move {
+            store
+                .campaign(&name, b"ck".to_vec(), &opts.wait(Duration::from_secs(20)))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "coordkit leader while etcdctl leads");
+    let resigned = Instant::now();
+    leader.interrupt();
+    let guard = tokio::time::timeout(Duration::from_secs(20), waiter)
+        .await
+        .expect("campaign finished")
+        .expect("campaign task")
+        .expect("leader after etcdctl resigned");
+    eprintln!(
+        "etcdctl resign -> coordkit leader: {:?}",
+        resigned.elapsed()
+    );
+    assert!(
+        guard.term() > seen.term,
+        "{} vs {}",
+        guard.term(),
+        seen.term
+    );
+    let next = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let item = events.next().await.expect("item").expect("no error");
+            if item.as_ref().is_some_and(|l| l.value == b"ck") {
+                return item;
+            }
+        }
+    })
+    .await
+    .expect("observe saw coordkit's leadership");
+    assert_eq!(next.map(|l| l.term), Some(guard.term()));
+    assert!(wait_until(Duration::from_secs(5), || !leader.alive()));
+    guard.resign().await.expect("resign");
+    assert!(election_keys(&name).is_empty(), "keys left behind");
+}
+
+/// coordkit's leader is `etcdctl elect -l`'s leader and excludes `etcdctl elect`, which takes
+/// over (with a higher create revision) when coordkit resigns; a proclaimed value reaches
+/// etcdctl's observer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordkit_leader_is_seen_and_excludes_etcdctl_elect() {
+    let store = coordkit::connect(&shared().url()).await.expect("connect");
+    let dir = fresh_dir("etcdctl-elect-b");
+    // The name is the test directory's path: etcdctl's command line names it (for the reaper).
+    let name = dir
+        .display()
+        .to_string()
+        .trim_start_matches('/')
+        .to_string();
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+    let guard = store
+        .campaign(&name, b"coordkit-1".to_vec(), &opts)
+        .await
+        .expect("campaign");
+    let mut cmd = Command::new(etcdctl_bin());
+    cmd.env("ETCDCTL_API", "3")
+        .arg("--endpoints")
+        .arg(shared().endpoints())
+        .args(["elect", "-l", &format!("elections/{name}")]);
+    let _listener = Proc::spawn("etcdctl elect -l", &mut cmd, &dir.join("listen.log"));
+    assert!(
+        wait_until(Duration::from_secs(10), || log_has(
+            &dir,
+            "listen.log",
+            "coordkit-1"
+        )),
+        "etcdctl elect -l did not see coordkit's leader"
+    );
+    guard
+        .proclaim(b"coordkit-2".to_vec())
+        .await
+        .expect("proclaim");
+    assert!(
+        wait_until(Duration::from_secs(10), || log_has(
+            &dir,
+            "listen.log",
+            "coordkit-2"
+        )),
+        "etcdctl elect -l did not see the proclaimed value"
+    );
+    let value = dir.join("etcdctl-leader").display().to_string();
+    let mut contender = etcdctl_elect(&name, &value, &dir, "elect.log");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !log_has(&dir, "elect.log", &value),
+        "etcdctl became leader while coordkit leads"
+    );
+    assert_eq!(election_keys(&name).len(), 2, "both contenders' keys");
+    let term = guard.term();
+    guard.resign().await.expect("resign");
+    assert!(
+        wait_until(Duration::from_secs(10), || log_has(
+            &dir,
+            "elect.log",
+            &value
+        )),
+        "etcdctl did not take over after coordkit resigned"
+    );
+    let now = store
+        .leader(&name)
+        .await
+        .expect("leader")
+        .expect("a leader");
+    assert_eq!(now.value, value.as_bytes());
+    assert!(now.term > term, "{} vs {term}", now.term);
+    contender.interrupt();
+    assert!(wait_until(Duration::from_secs(5), || !contender.alive()));
 }

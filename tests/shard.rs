@@ -23,6 +23,7 @@ fn sharded_memory() -> Harness {
 }
 
 coordkit::conformance_tests!(sharded_memory());
+coordkit::election_conformance_tests!(sharded_memory());
 
 mod sharding {
     use std::collections::{BTreeMap, HashSet};
@@ -161,6 +162,7 @@ mod sharding {
             self.inner.try_lock(name, o).await
         }
     }
+    coordkit::election_via_lock!(Probe);
 
     fn store(kind: StrategyKind, probes: &[(&str, Probe)]) -> ShardedStore {
         let shards = probes

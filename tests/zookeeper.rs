@@ -26,6 +26,7 @@ fn zookeeper() -> Harness {
 }
 
 coordkit::conformance_tests!(zookeeper());
+coordkit::election_conformance_tests!(zookeeper());
 
 const STRONG: Consistency = Consistency::Strong;
 
@@ -1302,4 +1303,164 @@ async fn expired_ttl_keys_vanish_at_their_ttl_before_the_reaper_runs() {
         s.get(&key, STRONG).await.expect("get").map(|e| e.value),
         Some(b"new".to_vec())
     );
+}
+
+// ---- Curator LeaderLatch interop -----------------------------------------------------------
+
+const LATCH: &str = r#"
+import java.util.concurrent.TimeUnit;
+import org.apache.curator.framework.CuratorFramework;
+import org.apache.curator.framework.CuratorFrameworkFactory;
+import org.apache.curator.framework.recipes.leader.LeaderLatch;
+import org.apache.curator.retry.RetryOneTime;
+
+public class Latch {
+    public static void main(String[] a) throws Exception {
+        String connect = a[0], path = a[1], id = a[2];
+        long waitMs = Long.parseLong(a[3]), holdMs = Long.parseLong(a[4]);
+        CuratorFramework c = CuratorFrameworkFactory.newClient(connect, 10000, 5000, new RetryOneTime(100));
+        c.start();
+        c.blockUntilConnected();
+        LeaderLatch l = new LeaderLatch(c, path, id);
+        l.start();
+        System.out.println("STARTED");
+        System.out.flush();
+        Thread.sleep(1000);
+        System.out.println("SEES " + l.getLeader().getId());
+        System.out.flush();
+        if (!l.await(waitMs, TimeUnit.MILLISECONDS)) {
+            System.out.println("TIMEOUT");
+            System.out.flush();
+            l.close();
+            c.close();
+            return;
+        }
+        System.out.println("LEADER");
+        System.out.flush();
+        Thread.sleep(holdMs);
+        l.close();
+        System.out.println("CLOSED");
+        System.out.flush();
+        c.close();
+    }
+}
+"#;
+
+fn compile_latch() -> PathBuf {
+    let dir = support::fresh_dir("curator-latch");
+    std::fs::write(dir.join("Latch.java"), LATCH).expect("write Latch.java");
+    let out = Command::new("javac")
+        .arg("-cp")
+        .arg(CURATOR_CP)
+        .arg("-d")
+        .arg(&dir)
+        .arg(dir.join("Latch.java"))
+        .output()
+        .expect("run javac (scripts/test.sh installs a JDK)");
+    assert!(
+        out.status.success(),
+        "javac failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}
+
+/// Starts a Curator `LeaderLatch` on `path` with participant id `id`: prints `SEES <leader
+/// id>` after a second, `LEADER` once leader (or `TIMEOUT` after `wait_ms`), and closes the
+/// latch `hold_ms` later.
+fn latch(
+    classes: &Path,
+    path: &str,
+    id: &str,
+    wait_ms: u64,
+    hold_ms: u64,
+) -> (support::Proc, PathBuf) {
+    let log = classes.join(format!("latch-{}.log", unique("")));
+    let mut cmd = Command::new("java");
+    cmd.arg("-cp")
+        .arg(format!("{}:{CURATOR_CP}", classes.display()))
+        .arg("Latch")
+        .arg(format!("127.0.0.1:{}", shared().port()))
+        .arg(path)
+        .arg(id)
+        .arg(wait_ms.to_string())
+        .arg(hold_ms.to_string());
+    (support::Proc::spawn("curator-latch", &mut cmd, &log), log)
+}
+
+/// coordkit's election `NAME` is Curator's `LeaderLatch` on `/elections/NAME`: Curator sees
+/// coordkit's leader (its value as participant id) and waits behind it; when coordkit
+/// resigns Curator leads, coordkit's `leader()` shows Curator's id with a higher term, and
+/// coordkit's campaign waits until Curator closes its latch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn curator_leader_latch_interoperates_both_ways() {
+    use coordkit::Election;
+    if !support::zookeeper::installed() {
+        panic!("ZooKeeper is not installed; run scripts/test.sh");
+    }
+    let classes = compile_latch();
+    let name = unique("latch");
+    let zk_path = format!("/elections/{name}");
+    let s = store("").await;
+    let opts = LockOptions::new().ttl(Duration::from_secs(10));
+
+    // 1. coordkit leads; Curator sees it and waits.
+    let lead = s
+        .campaign(&name, b"coordkit-1".to_vec(), &opts)
+        .await
+        .expect("campaign");
+    let (mut proc1, log1) = latch(&classes, &zk_path, "curator-1", 30_000, 3_000);
+    assert!(
+        wait_log(&log1, "SEES coordkit-1", Duration::from_secs(30))
+            .await
+            .is_some(),
+        "Curator did not see coordkit's leader"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !log_has(&log1, "LEADER"),
+        "Curator leads while coordkit does"
+    );
+    let term1 = lead.term();
+    let resigned = Instant::now();
+    lead.resign().await.expect("resign");
+    let took = wait_log(&log1, "LEADER", Duration::from_secs(10))
+        .await
+        .expect("Curator did not take over after coordkit resigned");
+    eprintln!(
+        "coordkit -> Curator LeaderLatch handoff: {:?}",
+        took - resigned
+    );
+
+    // 2. Curator leads; coordkit sees it, is excluded, and takes over after it.
+    let seen = s.leader(&name).await.expect("leader").expect("a leader");
+    assert_eq!(seen.value, b"curator-1");
+    assert!(seen.term > term1, "{} vs {term1}", seen.term);
+    let other = store("").await;
+    let e = other
+        .campaign(
+            &name,
+            b"coordkit-2".to_vec(),
+            &opts.clone().wait(Duration::from_millis(500)),
+        )
+        .await
+        .expect_err("bounded campaign while Curator leads");
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    let g = other
+        .campaign(
+            &name,
+            b"coordkit-2".to_vec(),
+            &opts.clone().wait(Duration::from_secs(20)),
+        )
+        .await
+        .expect("campaign after Curator");
+    assert!(
+        wait_log(&log1, "CLOSED", Duration::from_secs(5))
+            .await
+            .is_some(),
+        "coordkit led before Curator closed its latch"
+    );
+    assert!(g.term() > seen.term);
+    proc1.kill();
+    g.resign().await.expect("resign");
 }

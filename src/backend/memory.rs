@@ -654,6 +654,8 @@ impl LockHandle for MemoryLock {
     }
 }
 
+crate::election_via_lock!(MemoryStore);
+
 #[cfg(test)]
 mod tests {
     use super::*;

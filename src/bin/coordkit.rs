@@ -134,6 +134,23 @@ async fn dispatch(
             let signals = forward_signals()?;
             lock_cmd::run(b, &job, signals).await
         }
+        Command::Elect(e) => {
+            drop(out);
+            let job = lock_cmd::LockJob {
+                name: e.name,
+                ttl: e.ttl,
+                wait: e.wait,
+                kill_after: e.kill_after,
+                command: e.command,
+            };
+            let signals = forward_signals()?;
+            lock_cmd::run_elect(b, &job, e.value.as_bytes(), signals).await
+        }
+        Command::Leader { name, watch } => {
+            drop(out);
+            let mut out = std::io::stdout();
+            run::leader(b, &name, watch, cli.json, t, &mut out, interrupted()).await
+        }
     }
 }
 

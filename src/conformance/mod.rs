@@ -27,6 +27,7 @@
 //! optional capability (key TTLs, watch) check [`Capabilities`](crate::Capabilities) and test
 //! the declared error instead.
 
+mod election_tests;
 mod kv_tests;
 mod lock_tests;
 
@@ -36,6 +37,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use election_tests::*;
 pub use kv_tests::*;
 pub use lock_tests::*;
 
@@ -177,6 +179,39 @@ macro_rules! conformance_tests {
     };
 }
 
+/// As [`for_each_conformance_test!`], for the election tests ([`crate::Election`]): the one
+/// list of [`ELECTION`] and [`election_conformance_tests!`](crate::election_conformance_tests).
+#[macro_export]
+macro_rules! for_each_election_test {
+    ($callback:path, [$($prefix:tt)*]) => {
+        $callback! {
+            $($prefix)*
+            election_one_leader_at_a_time, election_failover_raises_the_term,
+            election_observe_in_order, election_proclaim_visible, election_wait_times_out,
+            election_bad_input
+        }
+    };
+}
+
+macro_rules! election_names {
+    ($($name:ident),* $(,)?) => {
+        /// The names of the election conformance tests, in the order
+        /// [`election_conformance_tests!`](crate::election_conformance_tests) runs them.
+        pub const ELECTION: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+crate::for_each_election_test!(election_names, []);
+
+/// Generates one `#[tokio::test]` per election conformance test (see
+/// [`conformance_tests!`](crate::conformance_tests)).
+#[macro_export]
+macro_rules! election_conformance_tests {
+    ($harness:expr) => {
+        $crate::for_each_election_test!($crate::conformance_tests, [@each $harness;]);
+    };
+}
+
 #[cfg(test)]
 mod tests {
     /// The suite's functions, as declared in its source files: `pub async fn NAME(h: &Harness)`.
@@ -207,6 +242,26 @@ mod tests {
         assert_eq!(
             listed, declared,
             "for_each_conformance_test! vs the suite's functions"
+        );
+    }
+
+    /// The same for the election list and `election_tests.rs`.
+    #[test]
+    fn the_election_list_names_every_election_test_once() {
+        let mut listed: Vec<String> = super::ELECTION.iter().map(|s| s.to_string()).collect();
+        listed.sort();
+        let mut declared: Vec<String> = include_str!("election_tests.rs")
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("pub async fn ")?;
+                let (name, args) = rest.split_once('(')?;
+                args.starts_with("h: &Harness)").then(|| name.to_string())
+            })
+            .collect();
+        declared.sort();
+        assert_eq!(
+            listed, declared,
+            "for_each_election_test! vs election_tests.rs"
         );
     }
 }

@@ -530,6 +530,45 @@ impl DistLock for ShardedStore {
     }
 }
 
+/// An election lives on the shard that owns the key `_elections/NAME`, with that shard's
+/// layout.
+#[async_trait]
+impl crate::Election for ShardedStore {
+    async fn campaign(
+        &self,
+        name: &str,
+        value: Vec<u8>,
+        opts: &LockOptions,
+    ) -> Result<crate::LeaderGuard> {
+        crate::election::validate_election_name(name)?;
+        self.inner.caps.check_lock(name, opts)?;
+        let (_, shard) = self.election_owner(name);
+        shard
+            .backend
+            .campaign(name, value, opts)
+            .await
+            .map_err(on_shard(shard))
+    }
+
+    async fn leader(&self, name: &str) -> Result<Option<crate::Leader>> {
+        crate::election::validate_election_name(name)?;
+        let (_, shard) = self.election_owner(name);
+        shard.backend.leader(name).await.map_err(on_shard(shard))
+    }
+
+    async fn observe(&self, name: &str) -> Result<crate::LeaderStream> {
+        crate::election::validate_election_name(name)?;
+        let (_, shard) = self.election_owner(name);
+        shard.backend.observe(name).await.map_err(on_shard(shard))
+    }
+}
+
+impl ShardedStore {
+    fn election_owner(&self, name: &str) -> (usize, &Shard) {
+        self.owner(&crate::election::via_lock::key_of(name))
+    }
+}
+
 /// The state of one merged watch, shared by its pump task and the handle's writes.
 struct WatchShared {
     prefix: String,

@@ -245,6 +245,18 @@ pub async fn run_matrix(
             .await;
         m.expect_err(format!("try_lock {what}"), ik, store.try_lock(&key, &opts))
             .await;
+        m.expect_err(
+            format!("campaign {what}"),
+            ik,
+            store.campaign(&key, b"v".to_vec(), &opts),
+        )
+        .await;
+        m.expect_err(format!("leader {what}"), ik, store.leader(&key))
+            .await;
+        m.expect_err(format!("observe {what}"), ik, async {
+            store.observe(&key).await.map(|_| ())
+        })
+        .await;
     }
     for p in ["/", "/a", "a//", "../", "a/../", "a b", "a\0"] {
         let p = if p.starts_with('/') || p.starts_with('.') {
@@ -418,6 +430,16 @@ pub async fn run_matrix(
         "try_lock with zero TTL",
         &[ErrorKind::InvalidArgument],
         store.try_lock(&lock_name, &LockOptions::new().ttl(Duration::ZERO)),
+    )
+    .await;
+    m.expect_err(
+        "campaign with zero TTL",
+        &[ErrorKind::InvalidArgument],
+        store.campaign(
+            &lock_name,
+            Vec::new(),
+            &LockOptions::new().ttl(Duration::ZERO),
+        ),
     )
     .await;
     if caps.min_lock_ttl > Duration::from_nanos(1) {

@@ -200,6 +200,11 @@ impl Proc {
         let _ = self.child.wait();
     }
 
+    /// SIGINT: asks the process to stop (as Ctrl-C would).
+    pub fn interrupt(&self) {
+        self.signal(libc::SIGINT);
+    }
+
     /// SIGSTOP: the process stops answering (a black hole).
     pub fn pause(&self) {
         self.signal(libc::SIGSTOP);

@@ -574,3 +574,5 @@ impl LockHandle for ConsulLock {
         self.session.lease.suspend();
     }
 }
+
+crate::election_via_lock!(ConsulStore);

@@ -163,7 +163,7 @@ impl Inner {
         }
     }
 
-    fn lock_dir(&self, name: &str) -> String {
+    pub(crate) fn lock_dir(&self, name: &str) -> String {
         format!("{}{name}/", self.lock_prefix)
     }
 }
@@ -171,7 +171,7 @@ impl Inner {
 /// Whether `key` is a contender key of the lock whose directory is `dir`: `dir` followed by a
 /// lease id, with no further `/`. Keys of locks nested below (`dir` + `b/<lease>` for lock
 /// `N/b`) share the prefix but are not contenders of this lock.
-fn is_contender(dir: &str, key: &[u8]) -> bool {
+pub(crate) fn is_contender(dir: &str, key: &[u8]) -> bool {
     key.strip_prefix(dir.as_bytes())
         .is_some_and(|rest| !rest.is_empty() && !rest.contains(&b'/'))
 }
@@ -201,6 +201,8 @@ struct Cleanup {
     /// The key's create revision if known: then only that incarnation is deleted.
     rev: Option<i64>,
     name: String,
+    /// The local queue (the contenders' directory) the place belongs to.
+    queue: String,
     session: Option<Arc<Session>>,
     /// The local queue place, given back once the key is gone.
     local: Option<OwnedMutexGuard<()>>,
@@ -250,7 +252,7 @@ fn spawn_cleanup(inner: &Arc<Inner>, mut c: Cleanup) {
             }
         }
         if let (Some(inner), Some(local)) = (weak.upgrade(), c.local.take()) {
-            inner.leave_local(&c.name, local);
+            inner.leave_local(&c.queue, local);
         }
     });
 }
@@ -288,6 +290,7 @@ async fn delete_key_rev(inner: &Inner, key: &str, rev: Option<i64>, name: &str) 
 struct Enqueued {
     inner: Arc<Inner>,
     name: String,
+    queue: String,
     key: String,
     session: Arc<Session>,
     local: Option<OwnedMutexGuard<()>>,
@@ -315,7 +318,7 @@ impl Enqueued {
         match done {
             Ok(Ok(())) => {
                 if let Some(g) = self.local.take() {
-                    self.inner.leave_local(&self.name, g);
+                    self.inner.leave_local(&self.queue, g);
                 }
             }
             Ok(Err(e)) => {
@@ -342,6 +345,7 @@ impl Drop for Enqueued {
                 key: std::mem::take(&mut self.key),
                 rev: None,
                 name: self.name.clone(),
+                queue: self.queue.clone(),
                 session: Some(self.session.clone()),
                 local: Some(local),
             },
@@ -432,7 +436,16 @@ fn lock_lost(name: &str, msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::LockLost, NAME, msg).with_key(name)
 }
 
-fn rev_token(rev: i64) -> FencingToken {
+/// A lock acquired by [`EtcdStore::acquire_in`]: its guard, own key, the key's create
+/// revision and the lease it is attached to.
+pub(crate) struct Held {
+    pub(crate) guard: LockGuard,
+    pub(crate) key: String,
+    pub(crate) rev: i64,
+    pub(crate) lease: i64,
+}
+
+pub(crate) fn rev_token(rev: i64) -> FencingToken {
     FencingToken::from_raw(u64::try_from(rev).unwrap_or(0))
 }
 
@@ -444,12 +457,32 @@ impl EtcdStore {
         try_only: bool,
     ) -> Result<Option<LockGuard>> {
         self.caps().check_lock(name, opts)?;
+        let dir = self.inner.lock_dir(name);
+        let held = self
+            .acquire_in(&dir, name, Vec::new(), opts, try_only)
+            .await?;
+        Ok(held.map(|h| h.guard))
+    }
+
+    /// Acquires the lock whose contenders are the keys `<dir><lease hex>`, putting `value` as
+    /// the own key's value: the lock of [`DistLock`] (directory `<namespace>locks/NAME/`,
+    /// empty values) and the election of [`crate::Election`] (`<namespace>elections/NAME/`,
+    /// the leader's value), which are etcd's `concurrency.Mutex` and `concurrency.Election`.
+    /// `name` and `opts` are checked by the caller; `name` is shown in errors.
+    pub(crate) async fn acquire_in(
+        &self,
+        dir: &str,
+        name: &str,
+        value: Vec<u8>,
+        opts: &LockOptions,
+        try_only: bool,
+    ) -> Result<Option<Held>> {
         let secs = ttl_secs(opts.ttl, "lock", name)?;
         let deadline = match (try_only, opts.wait) {
             (false, w) => deadline_after(w),
             _ => None,
         };
-        let queue = self.inner.local_queue(name);
+        let queue = self.inner.local_queue(dir);
         let local = if try_only {
             match queue.try_lock_owned() {
                 Ok(g) => g,
@@ -465,21 +498,24 @@ impl EtcdStore {
         };
         // The deadline is applied inside, where a key put by this attempt can be withdrawn
         // before `Timeout` is returned.
-        self.acquire_remote(name, secs, try_only, local, deadline, opts.wait)
+        self.acquire_remote(dir, name, value, secs, try_only, local, deadline, opts.wait)
             .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn acquire_remote(
         &self,
+        dir: &str,
         name: &str,
+        value: Vec<u8>,
         secs: i64,
         try_only: bool,
         local: OwnedMutexGuard<()>,
         deadline: Option<Instant>,
         wait: Option<Duration>,
-    ) -> Result<Option<LockGuard>> {
+    ) -> Result<Option<Held>> {
         let inner = &self.inner;
-        let dir = inner.lock_dir(name);
+        let dir = dir.to_string();
         let mut local = Some(local);
         let mut watch: Option<DirWatch> = None;
         let mut retried = false;
@@ -488,13 +524,13 @@ impl EtcdStore {
                 Some(Ok(s)) => s,
                 Some(Err(e)) => {
                     if let Some(l) = local.take() {
-                        inner.leave_local(name, l);
+                        inner.leave_local(&dir, l);
                     }
                     return Err(e);
                 }
                 None => {
                     if let Some(l) = local.take() {
-                        inner.leave_local(name, l);
+                        inner.leave_local(&dir, l);
                     }
                     return Err(timed_out(name, wait));
                 }
@@ -503,6 +539,7 @@ impl EtcdStore {
             let enq = Enqueued {
                 inner: inner.clone(),
                 name: name.to_string(),
+                queue: dir.clone(),
                 key: my_key.clone(),
                 session: session.clone(),
                 local: local.take(),
@@ -516,21 +553,25 @@ impl EtcdStore {
                     None => {
                         // Nothing put yet: only the local queue place is given back.
                         if let Some(l) = enq.into_local() {
-                            inner.leave_local(name, l);
+                            inner.leave_local(&dir, l);
                         }
                         return Err(timed_out(name, wait));
                     }
                 }
             }
-            let enqueued =
-                match until(deadline, self.enqueue(name, &dir, &my_key, session.id)).await {
-                    Some(r) => r,
-                    None => {
-                        // The put may have landed: withdraw before answering.
-                        enq.withdraw().await;
-                        return Err(timed_out(name, wait));
-                    }
-                };
+            let enqueued = match until(
+                deadline,
+                self.enqueue(name, &dir, &my_key, &value, session.id),
+            )
+            .await
+            {
+                Some(r) => r,
+                None => {
+                    // The put may have landed: withdraw before answering.
+                    enq.withdraw().await;
+                    return Err(timed_out(name, wait));
+                }
+            };
             match enqueued {
                 Ok((rev, ahead)) => break (session, enq, my_key, rev, ahead),
                 // The lease vanished (revoked, or expired before the keep-alive noticed):
@@ -556,7 +597,7 @@ impl EtcdStore {
             // issue 11456: after waiting, the lease may have expired).
             let waited = until(
                 deadline,
-                self.wait_predecessors(name, &my_key, my_rev, ahead, &mut watch, &session),
+                self.wait_predecessors(name, &dir, &my_key, my_rev, ahead, &mut watch, &session),
             )
             .await;
             match waited {
@@ -590,19 +631,25 @@ impl EtcdStore {
         let mut enq = enq;
         let local = enq.local.take();
         let lease = session.lease.clone();
+        let lease_id = session.id;
         let handle = EtcdLockHandle {
             inner: inner.clone(),
             name: name.to_string(),
-            key: my_key,
+            queue: dir.clone(),
+            key: my_key.clone(),
             rev: my_rev,
             session,
             stop,
             releasing,
             local,
         };
-        Ok(Some(
-            LockGuard::new(name, rev_token(my_rev), lost, Box::new(handle)).with_lease(&lease),
-        ))
+        Ok(Some(Held {
+            guard: LockGuard::new(name, rev_token(my_rev), lost, Box::new(handle))
+                .with_lease(&lease),
+            key: my_key,
+            rev: my_rev,
+            lease: lease_id,
+        }))
     }
 
     /// Puts the own key (unless it exists) and, in the same transaction, reads the queue.
@@ -614,6 +661,7 @@ impl EtcdStore {
         name: &str,
         dir: &str,
         my_key: &str,
+        value: &[u8],
         lease: i64,
     ) -> Result<(i64, BTreeSet<Vec<u8>>)> {
         let inner = &self.inner;
@@ -627,7 +675,7 @@ impl EtcdStore {
                 .and_then(vec![
                     TxnOp::put(
                         my_key.to_string(),
-                        Vec::new(),
+                        value.to_vec(),
                         Some(PutOptions::new().with_lease(lease)),
                     ),
                     TxnOp::get(
@@ -726,9 +774,11 @@ impl EtcdStore {
     /// trip beyond the holder's delete. Returns only while our own key still exists (the
     /// lesson of etcd issue 11456): its deletion would be in the same, revision-ordered stream
     /// before the last predecessor's.
+    #[allow(clippy::too_many_arguments)]
     async fn wait_predecessors(
         &self,
         name: &str,
+        dir: &str,
         my_key: &str,
         my_rev: i64,
         mut ahead: BTreeSet<Vec<u8>>,
@@ -736,7 +786,6 @@ impl EtcdStore {
         session: &Session,
     ) -> Result<()> {
         let inner = &self.inner;
-        let dir = inner.lock_dir(name);
         let mut as_of = my_rev;
         let lease_lost = session.lease.lost_token();
         while !ahead.is_empty() {
@@ -752,7 +801,7 @@ impl EtcdStore {
             };
             match step {
                 Step::Resynced => {
-                    (ahead, as_of) = self.read_queue(name, &dir, my_key, my_rev).await?;
+                    (ahead, as_of) = self.read_queue(name, dir, my_key, my_rev).await?;
                 }
                 Step::Events(events) => {
                     for ev in events {
@@ -838,6 +887,7 @@ async fn monitor(
 struct EtcdLockHandle {
     inner: Arc<Inner>,
     name: String,
+    queue: String,
     key: String,
     rev: i64,
     session: Arc<Session>,
@@ -860,6 +910,7 @@ impl EtcdLockHandle {
                 key: std::mem::take(&mut self.key),
                 rev: Some(self.rev),
                 name: self.name.clone(),
+                queue: self.queue.clone(),
                 session: Some(self.session.clone()),
                 local: self.local.take(),
             },
@@ -878,7 +929,7 @@ impl LockHandle for EtcdLockHandle {
             self.key.clear();
             self.stop.cancel();
             if let Some(g) = self.local.take() {
-                self.inner.leave_local(&self.name, g);
+                self.inner.leave_local(&self.queue, g);
             }
         }
         // On failure, dropping the handle hands the delete to the background cleanup: the key

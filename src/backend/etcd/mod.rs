@@ -3,6 +3,7 @@
 #![doc = include_str!("docs.md")]
 
 mod config;
+mod election;
 mod error;
 mod kv;
 mod lock;
@@ -55,6 +56,8 @@ pub(crate) struct Inner {
     pub(crate) kv_prefix: String,
     /// `<namespace>locks/`
     pub(crate) lock_prefix: String,
+    /// `<namespace>elections/`
+    pub(crate) election_prefix: String,
     /// One lease per distinct lock TTL (whole seconds), granted lazily.
     pub(crate) sessions: tokio::sync::Mutex<HashMap<i64, Arc<lock::Session>>>,
     /// Per lock name, a FIFO queue of this client's contenders (they share the lease, so
@@ -127,6 +130,7 @@ impl EtcdStore {
             lease,
             kv_prefix: format!("{}kv/", config.namespace),
             lock_prefix: format!("{}locks/", config.namespace),
+            election_prefix: format!("{}elections/", config.namespace),
             config,
             sessions: tokio::sync::Mutex::new(HashMap::new()),
             local: Mutex::new(HashMap::new()),

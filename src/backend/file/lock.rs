@@ -212,3 +212,5 @@ impl DistLock for FileStore {
         lease_lock::acquire(&self.inner, &Self::caps(), name, opts, true).await
     }
 }
+
+crate::election_via_lock!(FileStore);

@@ -350,3 +350,5 @@ impl LockHandle for PgLock {
         self.lease.suspend();
     }
 }
+
+crate::election_via_lock!(PostgresStore);

@@ -131,3 +131,5 @@ impl DistLock for SqliteStore {
         lease_lock::acquire(&self.inner, &Self::caps(), name, opts, true).await
     }
 }
+
+crate::election_via_lock!(SqliteStore);

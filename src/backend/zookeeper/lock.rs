@@ -38,26 +38,38 @@ pub const LOCK_NAME: &str = "lock-";
 /// Idle lock sessions kept per TTL.
 const POOL_MAX: usize = 8;
 
-/// Curator's `StandardLockInternalsDriver.fixForSorting`: the text after the last `lock-`, or
-/// the whole name.
-pub fn sort_key(name: &str) -> &str {
-    match name.rfind(LOCK_NAME) {
-        Some(i) => &name[i + LOCK_NAME.len()..],
+/// Curator's `StandardLockInternalsDriver.fixForSorting`: the text after the last `<node>`
+/// (`lock-` for locks, `latch-` for `LeaderLatch`), or the whole name.
+pub fn sort_key_for<'a>(node: &str, name: &'a str) -> &'a str {
+    match name.rfind(node) {
+        Some(i) => &name[i + node.len()..],
         None => name,
     }
 }
 
-/// Sorts contender names as Curator does (stable, by [`sort_key`]).
+/// Sorts contender names as Curator does (stable, by [`sort_key_for`]).
+#[cfg(test)]
 pub fn sort_contenders(children: &mut [String]) {
-    children.sort_by(|a, b| sort_key(a).cmp(sort_key(b)));
+    sort_contenders_for(LOCK_NAME, children)
+}
+
+/// [`sort_contenders`] for nodes named `…<node><seq>`.
+pub fn sort_contenders_for(node: &str, children: &mut [String]) {
+    children.sort_by(|a, b| sort_key_for(node, a).cmp(sort_key_for(node, b)));
 }
 
 /// Whether a child of a lock directory has the form of a contender node: Curator's
 /// `…lock-<sequence number>` (with or without the protected `_c_<uuid>-` prefix). Other
 /// children, such as the directory of a nested lock name, are not contenders.
+#[cfg(test)]
 pub fn is_contender_name(name: &str) -> bool {
-    let seq = match name.rfind(LOCK_NAME) {
-        Some(i) => &name[i + LOCK_NAME.len()..],
+    is_contender_name_for(LOCK_NAME, name)
+}
+
+/// [`is_contender_name`] for nodes named `…<node><seq>`.
+pub fn is_contender_name_for(node: &str, name: &str) -> bool {
+    let seq = match name.rfind(node) {
+        Some(i) => &name[i + node.len()..],
         None => return false,
     };
     !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())
@@ -66,21 +78,32 @@ pub fn is_contender_name(name: &str) -> bool {
 /// The contenders among `children`, sorted as Curator sorts them, without the names in
 /// `skip` (children found not to be contender nodes), and the index of the first that belongs
 /// to this attempt (starts with `protected`): every node with the attempt's uuid is its own.
+#[cfg(test)]
 pub fn queue(
+    children: Vec<String>,
+    protected: &str,
+    skip: &HashSet<String>,
+) -> (Vec<String>, Option<usize>) {
+    queue_for(LOCK_NAME, children, protected, skip)
+}
+
+/// [`queue`] for nodes named `…<node><seq>`.
+pub fn queue_for(
+    node: &str,
     children: Vec<String>,
     protected: &str,
     skip: &HashSet<String>,
 ) -> (Vec<String>, Option<usize>) {
     let mut contenders: Vec<String> = children
         .into_iter()
-        .filter(|c| is_contender_name(c) && !skip.contains(c))
+        .filter(|c| is_contender_name_for(node, c) && !skip.contains(c))
         .collect();
-    sort_contenders(&mut contenders);
+    sort_contenders_for(node, &mut contenders);
     let own = contenders.iter().position(|c| c.starts_with(protected));
     (contenders, own)
 }
 
-fn is(e: &Error, z: zk::Error) -> bool {
+pub(crate) fn is(e: &Error, z: zk::Error) -> bool {
     e_zk(e) == Some(&z)
 }
 
@@ -426,6 +449,7 @@ struct ZkContend<'a> {
     protected: &'a str,
     opts: &'a zk::CreateOptions<'a>,
     name: &'a str,
+    layout: &'a Layout,
 }
 
 #[async_trait]
@@ -436,7 +460,8 @@ impl Contend for ZkContend<'_> {
             .bounded(
                 "lock",
                 self.name,
-                self.client.create(self.prefix, b"", self.opts),
+                self.client
+                    .create(self.prefix, &self.layout.data, self.opts),
             )
             .await?;
         Ok((format!("{}{seq}", self.prefix), stat.czxid))
@@ -457,7 +482,8 @@ impl Contend for ZkContend<'_> {
             Err(e) if is(&e, zk::Error::NoNode) => return Ok(None),
             Err(e) => return Err(e),
         };
-        let (contenders, own) = queue(children, self.protected, &HashSet::new());
+        let (contenders, own) =
+            queue_for(self.layout.node, children, self.protected, &HashSet::new());
         let Some(i) = own else { return Ok(None) };
         let own = format!("{dir}/{}", contenders[i]);
         let stat = inner
@@ -473,16 +499,26 @@ impl Contend for ZkContend<'_> {
     }
 }
 
+/// Where and how a recipe's contenders are created: see [`ZkStore::acquire_in`].
+pub(crate) struct Layout {
+    /// The directory znode whose children are the contenders.
+    pub(crate) dir: String,
+    /// The recipe's name inside node names (`lock-`, `latch-`).
+    pub(crate) node: &'static str,
+    /// The contender nodes' data.
+    pub(crate) data: Vec<u8>,
+}
+
 #[derive(Clone, Copy)]
-enum Mode {
+pub(crate) enum Mode {
     Try,
     /// Wait at most this long (`None`: without bound).
     Wait(Option<Duration>),
 }
 
-struct Acquired {
+pub(crate) struct Acquired {
     client: zk::Client,
-    path: String,
+    pub(crate) path: String,
     czxid: i64,
     /// The send time of the last answered request on the lock session before the grant.
     sent: Instant,
@@ -511,7 +547,13 @@ impl ZkStore {
     }
 
     /// Whether any child of `dir` is a live contender node right now (for `try_lock`).
-    async fn has_contender(&self, client: &zk::Client, dir: &str, name: &str) -> Result<bool> {
+    async fn has_contender(
+        &self,
+        client: &zk::Client,
+        dir: &str,
+        node: &str,
+        name: &str,
+    ) -> Result<bool> {
         let children = match self
             .inner
             .bounded("lock", name, client.list_children(dir))
@@ -521,7 +563,7 @@ impl ZkStore {
             Err(e) if is(&e, zk::Error::NoNode) => return Ok(false),
             Err(e) => return Err(e),
         };
-        let (contenders, _) = queue(children, "\u{0}", &HashSet::new());
+        let (contenders, _) = queue_for(node, children, "\u{0}", &HashSet::new());
         for c in contenders {
             let path = format!("{dir}/{c}");
             if let (Some(true), _) = self.contender_stat(client, &path, name, false).await? {
@@ -532,13 +574,32 @@ impl ZkStore {
     }
 
     async fn acquire(&self, name: &str, ttl: Duration, mode: Mode) -> Result<Option<Acquired>> {
-        self.acquire_inner(name, ttl, mode)
+        let layout = Layout {
+            dir: path::lock_dir(&self.inner.root, name),
+            node: LOCK_NAME,
+            data: Vec::new(),
+        };
+        self.acquire_in(&layout, name, ttl, mode).await
+    }
+
+    /// Acquires the recipe laid out as `layout` (Curator's `InterProcessMutex` for locks,
+    /// `LeaderLatch` for elections): the contenders are the ephemeral sequential children
+    /// `_c_<uuid>-<node><seq>` of `layout.dir`, created with `layout.data`.
+    pub(crate) async fn acquire_in(
+        &self,
+        layout: &Layout,
+        name: &str,
+        ttl: Duration,
+        mode: Mode,
+    ) -> Result<Option<Acquired>> {
+        self.acquire_inner(layout, name, ttl, mode)
             .await
             .map_err(|e| lost_or(e, name))
     }
 
     async fn acquire_inner(
         &self,
+        layout: &Layout,
         name: &str,
         ttl: Duration,
         mode: Mode,
@@ -552,14 +613,15 @@ impl ZkStore {
             Some(r) => r?,
             None => return Err(timed_out(name, wait)),
         };
-        let dir = path::lock_dir(&inner.root, name);
-        if matches!(mode, Mode::Try) && self.has_contender(&client, &dir, name).await? {
+        let dir = layout.dir.clone();
+        if matches!(mode, Mode::Try) && self.has_contender(&client, &dir, layout.node, name).await?
+        {
             inner.return_session(ttl, client);
             return Ok(None);
         }
         let id = uuid::Uuid::new_v4();
         let protected = format!("_c_{id}-");
-        let prefix = format!("{dir}/{protected}{LOCK_NAME}");
+        let prefix = format!("{dir}/{protected}{}", layout.node);
         let opts = zk::CreateMode::EphemeralSequential.with_acls(inner.acls());
         // Armed before the create, so that a node whose create is cut short (timeout, error,
         // or this future dropped) is found by its uuid and deleted.
@@ -581,6 +643,7 @@ impl ZkStore {
             protected: &protected,
             opts: &opts,
             name,
+            layout,
         };
         let created = lease::until(
             deadline,
@@ -617,7 +680,7 @@ impl ZkStore {
                 None => return Err(guard.give_up(name, wait).await),
             };
             last_sent = sent;
-            let (contenders, idx) = queue(children, &protected, &not_contenders);
+            let (contenders, idx) = queue_for(layout.node, children, &protected, &not_contenders);
             let Some(idx) = idx else {
                 return Err(vanished(name));
             };
@@ -683,7 +746,7 @@ impl ZkStore {
         }
     }
 
-    fn make_guard(&self, name: &str, ttl: Duration, acq: Acquired) -> Result<LockGuard> {
+    pub(crate) fn make_guard(&self, name: &str, ttl: Duration, acq: Acquired) -> Result<LockGuard> {
         let timeout = acq.client.session_timeout();
         let session = Arc::new(Mutex::new(Some(acq.client.clone())));
         let renewer = SessionRenewer {

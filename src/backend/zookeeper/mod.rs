@@ -15,6 +15,7 @@
 #![doc = include_str!("docs.md")]
 
 mod config;
+mod election;
 mod error;
 mod kv;
 mod lock;

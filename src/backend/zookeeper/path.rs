@@ -134,6 +134,12 @@ pub fn lock_dir(root: &str, name: &str) -> String {
     format!("{root}/locks/{name}")
 }
 
+/// The directory znode of election `name` (Curator `LeaderLatch`'s latch path): its
+/// children are the contenders.
+pub fn election_dir(root: &str, name: &str) -> String {
+    format!("{root}/elections/{name}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,6 +127,50 @@ pub enum Command {
         after_help = "Example:\n  coordkit --url etcd://127.0.0.1:2379 lock jobs/nightly --ttl 30s --wait 1m -- ./nightly.sh"
     )]
     Lock(LockArgs),
+    /// Run CMD while leader of the election NAME
+    #[command(
+        long_about = "Run CMD while leader of the election NAME.\n\n\
+        coordkit campaigns with --value as the published value (see 'coordkit leader'), \
+        waits until it is leader, then runs CMD exactly as 'coordkit lock' does: CMD gets the \
+        leadership's term, which increases with every new leader, in COORDKIT_FENCING_TOKEN \
+        (and the election's name in COORDKIT_LOCK_NAME); it runs in its own process group; if \
+        the leadership is lost the group gets SIGTERM (SIGKILL after --kill-after) and \
+        coordkit exits 125; otherwise coordkit resigns when CMD's group is gone and exits \
+        with CMD's status. On etcd the election is etcd's own: \
+        'etcdctl elect <namespace>elections/NAME' takes part in it.",
+        after_help = "Example:\n  coordkit --url etcd://127.0.0.1:2379 elect services/scheduler --value host-a:8080 --ttl 10s -- ./scheduler"
+    )]
+    Elect(ElectArgs),
+    /// Print the leader of the election NAME: its term and value (exit 3 if there is none)
+    Leader {
+        /// The election's name
+        name: String,
+        /// Go on printing every change of leader or value, until interrupted
+        #[arg(long)]
+        watch: bool,
+    },
+}
+
+/// Arguments of `elect`.
+#[derive(Debug, Args)]
+pub struct ElectArgs {
+    /// The election's name, e.g. services/scheduler
+    pub name: String,
+    /// The value to publish while leader (for example this instance's address)
+    #[arg(long, value_name = "V", default_value = "")]
+    pub value: String,
+    /// Lease TTL: how long a crashed leader keeps others out
+    #[arg(long, value_name = "D", default_value = "15s", value_parser = duration)]
+    pub ttl: Duration,
+    /// Give up (exit 124) if not leader within this long [default: wait forever]
+    #[arg(long, value_name = "D", value_parser = wait_duration)]
+    pub wait: Option<Duration>,
+    /// How long CMD's process group has between SIGTERM and SIGKILL
+    #[arg(long, value_name = "D", default_value = "10s", value_parser = wait_duration)]
+    pub kill_after: Duration,
+    /// The command to run, after '--'
+    #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 /// Arguments of `lock`.
@@ -178,7 +222,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Parsed, CliError> {
             match e.kind() {
                 K::DisplayHelp | K::DisplayVersion => Ok(Parsed::Print(e.render().to_string())),
                 K::DisplayHelpOnMissingArgumentOrSubcommand => Err(CliError::usage(
-                    "no subcommand given; one of get, put, del, ls, watch, lock \
+                    "no subcommand given; one of get, put, del, ls, watch, lock, elect, leader \
                      (see 'coordkit --help')",
                 )),
                 kind => Err(clap_error(&args, kind, &e.render().to_string())),
@@ -187,26 +231,34 @@ pub fn parse(args: Vec<OsString>) -> Result<Parsed, CliError> {
     }
 }
 
-/// Whether the `lock` subcommand was given without `--` before its command.
-fn lock_without_separator(args: &[OsString]) -> bool {
+/// Whether the `lock` or `elect` subcommand (returned) was given without `--` before its
+/// command.
+fn lock_without_separator(args: &[OsString]) -> Option<&'static str> {
     let words: Vec<&str> = args.iter().skip(1).filter_map(|a| a.to_str()).collect();
-    let Some(pos) = words.iter().position(|w| *w == "lock") else {
-        return false;
-    };
-    !words[pos..].contains(&"--")
+    let (pos, sub) = words.iter().enumerate().find_map(|(i, w)| match *w {
+        "lock" => Some((i, "lock")),
+        "elect" => Some((i, "elect")),
+        _ => None,
+    })?;
+    (!words[pos..].contains(&"--")).then_some(sub)
 }
 
 fn clap_error(args: &[OsString], kind: clap::error::ErrorKind, rendered: &str) -> CliError {
     use clap::error::ErrorKind as K;
-    if lock_without_separator(args)
-        && matches!(
+    if let Some(sub) = lock_without_separator(args).filter(|_| {
+        matches!(
             kind,
             K::UnknownArgument | K::MissingRequiredArgument | K::TooManyValues
         )
-    {
-        return CliError::usage(
-            "lock: missing '--' before the command; use: coordkit lock NAME [--ttl D] [--wait D] -- CMD [ARGS...]",
-        );
+    }) {
+        let usage = if sub == "lock" {
+            "coordkit lock NAME [--ttl D] [--wait D] -- CMD [ARGS...]"
+        } else {
+            "coordkit elect NAME [--value V] [--ttl D] [--wait D] -- CMD [ARGS...]"
+        };
+        return CliError::usage(format!(
+            "{sub}: missing '--' before the command; use: {usage}"
+        ));
     }
     // clap's first line is the error; a "tip:" line may follow. Keep both, on one line.
     let mut parts: Vec<String> = Vec::new();
@@ -293,6 +345,17 @@ mod tests {
         assert_eq!(l.ttl, Duration::from_secs(5));
         assert_eq!(l.wait, Some(Duration::from_millis(500)));
         assert_eq!(l.command, vec!["sh", "-c", "true"]);
+        let c = cli("elect svc/a --value host:1 --ttl 5s -- ./run");
+        let Command::Elect(e) = c.command else {
+            panic!()
+        };
+        assert_eq!((e.name.as_str(), e.value.as_str()), ("svc/a", "host:1"));
+        assert_eq!(e.ttl, Duration::from_secs(5));
+        assert_eq!(e.command, vec!["./run"]);
+        assert!(matches!(
+            cli("leader svc/a --watch").command,
+            Command::Leader { watch: true, .. }
+        ));
     }
 
     #[test]
@@ -300,6 +363,7 @@ mod tests {
         assert!(usage_error("frobnicate").contains("unrecognized subcommand 'frobnicate'"));
         assert!(usage_error("lock jobs/x echo hi").contains("missing '--'"));
         assert!(usage_error("lock jobs/x").contains("missing '--'"));
+        assert!(usage_error("elect svc/a echo hi").contains("elect: missing '--'"));
         assert!(usage_error("lock jobs/x --").contains("CMD"));
         assert!(usage_error("put k v --ttl 10").contains("unit is missing"));
         assert!(usage_error("").contains("no subcommand"));

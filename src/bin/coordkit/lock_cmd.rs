@@ -1,4 +1,6 @@
-//! `coordkit lock NAME -- CMD`: run a command while holding a lock.
+//! `coordkit lock NAME -- CMD`: run a command while holding a lock; `coordkit elect NAME --
+//! CMD`: run a command while leader of an election (the same runner, with the leadership's
+//! term as the fencing token).
 //!
 //! CMD runs in a process group of its own, and the lock covers that whole group: when CMD
 //! exits, the processes it left behind in the group get `SIGTERM` (then `SIGKILL` after
@@ -6,13 +8,15 @@
 //! The same happens when the lock is lost, and on every other way out of `coordkit` while CMD
 //! runs (a failure, or an unwinding panic, which sends `SIGKILL`).
 
+use std::future::Future;
 use std::os::unix::process::ExitStatusExt;
+use std::pin::Pin;
 use std::process::ExitStatus;
 use std::time::Duration;
 
 use coordkit::config_file::format_duration;
 use coordkit::lease::deadline_after;
-use coordkit::{Backend, ErrorKind, LockGuard, LockOptions};
+use coordkit::{Backend, ErrorKind, FencingToken, LeaderGuard, LockGuard, LockOptions};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -40,6 +44,56 @@ const GROUP_POLL: Duration = Duration::from_millis(20);
 /// How long members of CMD's group may survive `SIGKILL` (stuck in the kernel, where they run
 /// no more of their own code) before coordkit stops waiting for them.
 const KILLED_BOUND: Duration = Duration::from_secs(10);
+
+/// What CMD runs under: a lock's guard or a leadership's.
+pub trait Held: Send + 'static {
+    /// The lock's or election's name.
+    fn name(&self) -> &str;
+    /// The fencing token (a leadership's term).
+    fn token(&self) -> FencingToken;
+    /// Whether it may no longer be held.
+    fn is_lost(&self) -> bool;
+    /// Resolves once it may no longer be held.
+    fn lost(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+    /// Releases (resigns).
+    fn release(self) -> Pin<Box<dyn Future<Output = coordkit::Result<()>> + Send + 'static>>;
+}
+
+impl Held for LockGuard {
+    fn name(&self) -> &str {
+        LockGuard::name(self)
+    }
+    fn token(&self) -> FencingToken {
+        LockGuard::token(self)
+    }
+    fn is_lost(&self) -> bool {
+        LockGuard::is_lost(self)
+    }
+    fn lost(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        Box::pin(LockGuard::lost(self))
+    }
+    fn release(self) -> Pin<Box<dyn Future<Output = coordkit::Result<()>> + Send + 'static>> {
+        Box::pin(LockGuard::release(self))
+    }
+}
+
+impl Held for LeaderGuard {
+    fn name(&self) -> &str {
+        LeaderGuard::name(self)
+    }
+    fn token(&self) -> FencingToken {
+        self.term()
+    }
+    fn is_lost(&self) -> bool {
+        LeaderGuard::is_lost(self)
+    }
+    fn lost(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
+        LeaderGuard::lost(self)
+    }
+    fn release(self) -> Pin<Box<dyn Future<Output = coordkit::Result<()>> + Send + 'static>> {
+        Box::pin(self.resign())
+    }
+}
 
 /// What `lock` runs.
 #[derive(Debug, Clone)]
@@ -244,7 +298,19 @@ pub async fn acquire_interruptible(
     job: &LockJob,
     signals: &mut mpsc::UnboundedReceiver<i32>,
 ) -> Result<LockGuard, CliError> {
-    let mut attempt = Box::pin(acquire(b, job));
+    interruptible(acquire(b, job), &job.name, signals).await
+}
+
+/// Awaits an acquisition, abandoned (withdrawn) when coordkit receives a signal.
+async fn interruptible<G, F>(
+    attempt: F,
+    name: &str,
+    signals: &mut mpsc::UnboundedReceiver<i32>,
+) -> Result<G, CliError>
+where
+    F: Future<Output = Result<G, CliError>>,
+{
+    let mut attempt = Box::pin(attempt);
     let sig = tokio::select! {
         biased;
         r = &mut attempt => return r,
@@ -255,7 +321,7 @@ pub async fn acquire_interruptible(
         None => attempt.await,
         Some(sig) => {
             abandon(attempt, Some(signals)).await;
-            Err(interrupted(sig, &job.name, "while waiting for"))
+            Err(interrupted(sig, name, "while waiting for"))
         }
     }
 }
@@ -406,8 +472,8 @@ async fn sleep_until(at: Option<Instant>) {
 ///
 /// The lock is released only once CMD's whole process group is gone: processes CMD left
 /// behind get SIGTERM when CMD exits, and SIGKILL `kill_after` later.
-pub async fn run_under(
-    guard: LockGuard,
+pub async fn run_under<G: Held>(
+    guard: G,
     job: &LockJob,
     mut signals: mpsc::UnboundedReceiver<i32>,
 ) -> Result<i32, CliError> {
@@ -564,7 +630,7 @@ pub async fn run_under(
     Ok(code)
 }
 
-async fn release(guard: LockGuard) {
+async fn release<G: Held>(guard: G) {
     let name = guard.name().to_string();
     let was_lost = guard.is_lost();
     match tokio::time::timeout(RELEASE_BOUND, guard.release()).await {
@@ -585,6 +651,58 @@ pub async fn run(
 ) -> Result<i32, CliError> {
     let guard = acquire_interruptible(b, job, &mut signals).await?;
     tracing::info!(lock = %job.name, token = guard.token().get(), "lock acquired");
+    run_under(guard, job, signals).await
+}
+
+/// Campaigns for the election `job.name` with `value`, honouring `--wait` as [`acquire`]
+/// does (exit 124 when the wait ran out).
+pub async fn campaign(
+    b: &dyn Backend,
+    job: &LockJob,
+    value: &[u8],
+) -> Result<LeaderGuard, CliError> {
+    let opts = LockOptions::new().ttl(job.ttl);
+    let timed_out = |w: Duration| {
+        CliError::new(
+            LOCK_TIMEOUT,
+            "election timeout",
+            format!(
+                "not elected leader of {:?} within {}",
+                job.name,
+                format_duration(w)
+            ),
+        )
+    };
+    match job.wait {
+        Some(w) if deadline_after(Some(w)).is_some() => {
+            let opts = opts.wait(w);
+            let mut attempt = Box::pin(b.campaign(&job.name, value.to_vec(), &opts));
+            let bound = deadline_after(w.checked_add(WAIT_GRACE));
+            match coordkit::lease::until(bound, &mut attempt).await {
+                None => {
+                    abandon(attempt, None).await;
+                    Err(timed_out(w))
+                }
+                Some(Err(e)) if e.is(ErrorKind::Timeout) => Err(timed_out(w)),
+                Some(r) => r.map_err(CliError::from),
+            }
+        }
+        _ => b
+            .campaign(&job.name, value.to_vec(), &opts)
+            .await
+            .map_err(CliError::from),
+    }
+}
+
+/// Campaigns and runs CMD while leader: what `coordkit elect` does.
+pub async fn run_elect(
+    b: &dyn Backend,
+    job: &LockJob,
+    value: &[u8],
+    mut signals: mpsc::UnboundedReceiver<i32>,
+) -> Result<i32, CliError> {
+    let guard = interruptible(campaign(b, job, value), &job.name, &mut signals).await?;
+    tracing::info!(election = %job.name, term = guard.term().get(), "elected leader");
     run_under(guard, job, signals).await
 }
 
@@ -649,6 +767,44 @@ mod tests {
              while [ ! -s {p} ]; do sleep 0.05; done; {then}",
             p = pidfile.display()
         )
+    }
+
+    /// `elect` runs CMD while leader, with the term in the environment and the value
+    /// published; it resigns when CMD exits, and a second `elect` behind a leader times out
+    /// with exit 124.
+    #[tokio::test]
+    async fn elect_runs_the_command_while_leader() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let dir = temp_dir("elect");
+        let out = dir.join("term");
+        let script = format!(
+            "echo \"$COORDKIT_FENCING_TOKEN $COORDKIT_LOCK_NAME\" > {}; exit 5",
+            out.display()
+        );
+        let code = run_elect(
+            &*b,
+            &job("e/a", &["sh", "-c", &script]),
+            b"me",
+            no_signals(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 5);
+        let text = std::fs::read_to_string(&out).unwrap();
+        let (term, name) = text.trim().split_once(' ').unwrap();
+        assert!(term.parse::<u64>().unwrap() > 0);
+        assert_eq!(name, "e/a");
+        assert_eq!(b.leader("e/a").await.unwrap(), None, "resigned after CMD");
+        let g = b
+            .campaign("e/a", b"other".to_vec(), &LockOptions::new())
+            .await
+            .unwrap();
+        assert!(g.term().get() > term.parse::<u64>().unwrap());
+        let mut j = job("e/a", &["true"]);
+        j.wait = Some(Duration::from_millis(200));
+        let e = run_elect(&*b, &j, b"me", no_signals()).await.unwrap_err();
+        assert_eq!(e.code, LOCK_TIMEOUT);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
@@ -873,7 +1029,7 @@ mod tests {
 
     /// A backend whose `lock` fails with `Timeout` after `after` (a request that got no
     /// answer); everything else is the memory store's.
-    #[derive(Debug)]
+    #[derive(Debug, Clone)]
     struct Unanswered {
         mem: MemoryStore,
         after: Duration,
@@ -944,6 +1100,8 @@ mod tests {
             ))
         }
     }
+
+    coordkit::election_via_lock!(Unanswered);
 
     /// A request timeout while acquiring is not "not acquired within --wait" (124): it is exit
     /// 1, saying the backend did not answer. 124 only when the wait ran out.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use coordkit::config_file::{process_env, ConfigFile, Env, RedactedUrl, Resolved};
-use coordkit::{Backend, Consistency, Entry, PutOptions, WatchEvent};
+use coordkit::{Backend, Consistency, Entry, Leader, PutOptions, WatchEvent};
 use futures::StreamExt;
 use serde_json::{json, Value};
 
@@ -264,6 +264,72 @@ pub async fn watch(
     }
 }
 
+/// One leader state as a human line: `TERM VALUE`, or `-` for no leader.
+pub fn leader_line(l: Option<&Leader>) -> String {
+    match l {
+        Some(l) => format!(
+            "{} {}",
+            l.term,
+            String::from_utf8_lossy(&l.value).escape_debug()
+        ),
+        None => "-".to_string(),
+    }
+}
+
+/// One leader state as JSON: `{"term": N, "value": "…"}` (`value_base64` for binary values),
+/// or `{"leader": null}`.
+pub fn leader_json(l: Option<&Leader>) -> Value {
+    match l {
+        Some(l) => {
+            let mut v = json!({ "term": l.term.get() });
+            match std::str::from_utf8(&l.value) {
+                Ok(s) => v["value"] = json!(s),
+                Err(_) => v["value_base64"] = json!(base64(&l.value)),
+            }
+            v
+        }
+        None => json!({ "leader": null }),
+    }
+}
+
+/// `leader`: the leader's term and value (exit 3 when there is none); with `watch`, every
+/// change after that too, until `stop`.
+pub async fn leader(
+    b: &dyn Backend,
+    name: &str,
+    watch: bool,
+    json: bool,
+    timeout: Duration,
+    out: &mut dyn Write,
+    stop: impl Future<Output = ()>,
+) -> Result<i32, CliError> {
+    let line = |l: Option<&Leader>| {
+        if json {
+            leader_json(l).to_string()
+        } else {
+            leader_line(l)
+        }
+    };
+    if !watch {
+        let l = bounded(timeout, "leader", b.leader(name)).await?;
+        write_out(out, format!("{}\n", line(l.as_ref())).as_bytes())?;
+        return Ok(if l.is_some() { OK } else { NOT_FOUND });
+    }
+    let mut stream = bounded(timeout, "observe", b.observe(name)).await?;
+    crate::exit::note!("coordkit: following the leader of {name:?} (Ctrl-C to stop)");
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return Ok(OK),
+            next = stream.next() => match next {
+                None => return Err(CliError::new(FAILED, "watch ended", "the watch ended")),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(l)) => write_out(out, format!("{}\n", line(l.as_ref())).as_bytes())?,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,6 +382,80 @@ mod tests {
         ] {
             assert_eq!(base64(i.as_bytes()), o);
         }
+    }
+
+    #[tokio::test]
+    async fn leader_prints_term_and_value() {
+        let b = coordkit::connect("memory://").await.unwrap();
+        let t = Duration::from_secs(5);
+        let mut out = Vec::new();
+        let e = leader(
+            &*b,
+            "e/x",
+            false,
+            false,
+            t,
+            &mut out,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((e, out.as_slice()), (NOT_FOUND, &b"-\n"[..]));
+        let g = b
+            .campaign("e/x", b"host:1".to_vec(), &coordkit::LockOptions::new())
+            .await
+            .unwrap();
+        out.clear();
+        leader(
+            &*b,
+            "e/x",
+            false,
+            false,
+            t,
+            &mut out,
+            std::future::pending(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("{} host:1\n", g.term())
+        );
+        out.clear();
+        leader(&*b, "e/x", false, true, t, &mut out, std::future::pending())
+            .await
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["term"], g.term().get());
+        assert_eq!(v["value"], "host:1");
+        // --watch: the current state, then the change, until stopped.
+        out.clear();
+        let stop = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        };
+        let proclaim = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            g.proclaim(b"host:2".to_vec()).await.unwrap();
+        };
+        let (code, ()) = tokio::join!(leader(&*b, "e/x", true, false, t, &mut out, stop), proclaim);
+        assert_eq!(code.unwrap(), OK);
+        let term = g.term();
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            format!("{term} host:1\n{term} host:2\n")
+        );
+        let e = leader(
+            &*b,
+            "/bad",
+            false,
+            false,
+            t,
+            &mut out,
+            std::future::pending(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code, crate::exit::USAGE);
     }
 
     #[tokio::test]
