@@ -980,7 +980,7 @@ async fn bench_sqlite(c: Counts) -> R<Section> {
     s.notes.push(
         "The raw side is the same statements through the same rusqlite crate (WAL, synchronous = FULL, \
          BEGIN IMMEDIATE for writes) on one connection; its contenders poll a lease row every millisecond, \
-         coordkit's every poll_interval (10 ms) when the files changed."
+         coordkit's waiters are woken by inotify when a write commits."
             .into(),
     );
     Ok(s)
