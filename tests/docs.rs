@@ -230,7 +230,8 @@ fn compose_readme_blocks() {
 
 /// The README's command-line quick start runs as written with no server at all, on the two
 /// URLs it names for that (`sqlite://` and `file://` on local paths): its commands after the
-/// install and `export` lines, with a `nightly.sh` to run under the lock.
+/// install and `export` lines, with the programs it names (`-- ./name`) to run under a lock or a
+/// leadership.
 #[cfg(all(feature = "sqlite", feature = "file", feature = "cli"))]
 #[test]
 fn readme_quick_start_runs_with_no_server() {
@@ -252,25 +253,37 @@ fn readme_quick_start_runs_with_no_server() {
         .find(|(lang, _)| lang == "sh")
         .expect("a sh block")
         .1;
+    // `coordkit leader` exits 3 when nobody leads, as its comment says: after the `elect`
+    // line has finished, nobody does.
     let commands: String = block
         .lines()
         .filter(|l| !l.starts_with("cargo install") && !l.starts_with("export COORDKIT_URL"))
-        .map(|l| format!("{l}\n"))
+        .map(|l| match l.strip_prefix("coordkit leader ") {
+            Some(rest) => {
+                let args = rest.split('#').next().unwrap_or("").trim();
+                format!("coordkit leader {args} || test $? -eq 3\n")
+            }
+            None => format!("{l}\n"),
+        })
         .collect();
     assert!(commands.contains("coordkit lock"), "{commands}");
+    // The programs the sample runs under a lock or a leadership (`-- ./name`).
+    let programs: Vec<String> = commands
+        .split("-- ./")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next().map(str::to_string))
+        .collect();
+    assert!(!programs.is_empty(), "{commands}");
     for scheme in ["sqlite", "file"] {
         let dir = support::fresh_dir("readme-sh");
-        let nightly = dir.join("nightly.sh");
-        std::fs::write(
-            &nightly,
-            "#!/bin/sh\ntest -n \"$COORDKIT_FENCING_TOKEN\"\necho ran > nightly.out\n",
-        )
-        .unwrap();
-        std::fs::set_permissions(
-            &nightly,
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .unwrap();
+        for p in &programs {
+            let path = dir.join(p);
+            let body =
+                format!("#!/bin/sh\ntest -n \"$COORDKIT_FENCING_TOKEN\"\necho ran > {p}.out\n");
+            std::fs::write(&path, body).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
         let url = match scheme {
             "sqlite" => format!("sqlite://{}", dir.join("coordkit.db").display()),
             _ => format!("file://{}", dir.join("coordkit.d").display()),
@@ -295,11 +308,13 @@ fn readme_quick_start_runs_with_no_server() {
         );
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(stdout.contains("postgres://db1/app"), "{scheme}: {stdout}");
-        assert_eq!(
-            std::fs::read_to_string(dir.join("nightly.out")).unwrap_or_default(),
-            "ran\n",
-            "{scheme}: nightly.sh ran under the lock"
-        );
+        for p in &programs {
+            assert_eq!(
+                std::fs::read_to_string(dir.join(format!("{p}.out"))).unwrap_or_default(),
+                "ran\n",
+                "{scheme}: {p} ran, with a fencing token"
+            );
+        }
     }
 }
 
