@@ -523,7 +523,13 @@ impl Inner {
                 driver,
             });
         }
-        let live = guard.as_mut().expect("connected above");
+        let Some(live) = guard.as_mut() else {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                NAME,
+                format!("{what}: no connection after connecting"),
+            ));
+        };
         let closed = live.closed.clone();
         match tokio::time::timeout_at(deadline, f(&mut live.client)).await {
             Ok(Ok(t)) => Ok((t, closed)),

@@ -325,7 +325,8 @@ impl Drop for NodeGuard {
                     Ok(Err(e)) if e_is_final(&e) => return,
                     _ => {}
                 }
-                if give_up.is_some_and(|g| Instant::now() + pause >= g) {
+                if give_up.is_some_and(|g| Instant::now().checked_add(pause).is_none_or(|t| t >= g))
+                {
                     break;
                 }
                 tokio::time::sleep(pause).await;
@@ -423,7 +424,7 @@ async fn create_protected(
                 Err(e) if e_zk(&e).is_some_and(e_is_final) => return Err(e),
                 Err(e) => last = e,
             }
-            if until.is_some_and(|u| Instant::now() + pause >= u) {
+            if until.is_some_and(|u| Instant::now().checked_add(pause).is_none_or(|t| t >= u)) {
                 return Err(err(
                     ErrorKind::Unavailable,
                     name,

@@ -86,6 +86,7 @@ pub(crate) async fn open_session(
     detached: bool,
 ) -> Result<zk::Client> {
     let hosts = cfg.hosts();
+    // connect_timeout is validated to at most 10 years: the sum cannot overflow.
     let deadline = tokio::time::Instant::now() + cfg.connect_timeout;
     let mut last: Option<zk::Error> = None;
     loop {
