@@ -12,6 +12,8 @@
 //! - [`Election`]: leader election whose [`LeaderGuard`] carries a strictly increasing term (a
 //!   fencing token), with the published leader value readable and observable by everyone; in
 //!   etcd's and Curator's own layouts on etcd and ZooKeeper (see `docs/recipes.md`).
+//! - [`DistSemaphore`] and [`DistRwLock`]: counting semaphores and read-write locks whose
+//!   holds carry fencing tokens and lost signals, built on each backend's locks.
 //! - [`connect`]: pick the backend from a URL (`memory://`, `etcd://…`, `zk://…`, `consul://…`,
 //!   or `sharded+ring://?shard=…&shard=…` for a [`shard::ShardedStore`] over several).
 //!
@@ -59,6 +61,8 @@ pub mod key;
 pub mod kv;
 pub mod lease;
 pub mod lock;
+pub mod rwlock;
+pub mod semaphore;
 pub mod shard;
 pub mod trace;
 
@@ -69,16 +73,18 @@ pub use config_file::connect_config;
 pub use election::{Election, Leader, LeaderGuard, LeaderHandle, LeaderStream};
 pub use error::{Error, ErrorKind, Result};
 pub use fencing::FencedResource;
+pub use rwlock::DistRwLock;
+pub use semaphore::{DistSemaphore, Permit};
 pub use kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream};
 pub use lock::{
     DistLock, DistLockExt, FencingToken, JobContext, LockGuard, LockHandle, LockOptions,
 };
 
-/// A backend: key-value storage, locks and leader election from one client. What [`connect`]
-/// returns.
-pub trait Backend: KvStore + DistLock + Election {}
+/// A backend: key-value storage, locks, leader election, semaphores and read-write locks from
+/// one client. What [`connect`] returns.
+pub trait Backend: KvStore + DistLock + Election + DistSemaphore + DistRwLock {}
 
-impl<T: KvStore + DistLock + Election + ?Sized> Backend for T {}
+impl<T: KvStore + DistLock + Election + DistSemaphore + DistRwLock + ?Sized> Backend for T {}
 
 #[doc(hidden)]
 pub use async_trait::async_trait as __async_trait;

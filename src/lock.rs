@@ -115,6 +115,13 @@ pub trait LockHandle: Send + Sync + 'static {
     /// `LockGuard::suspend_keep_alive` (feature `test-hooks`); not part of the API.
     #[doc(hidden)]
     fn suspend_keep_alive(&self);
+
+    /// Whether the backend already knows, without asking the server, that the lock may no
+    /// longer be held. [`LockGuard::is_lost`] consults it; the default is `false` (the backend
+    /// fires the guard's lost signal instead).
+    fn is_lost(&self) -> bool {
+        false
+    }
 }
 
 /// A held lock.
@@ -188,10 +195,9 @@ impl LockGuard {
     /// Whether the lock may no longer be held. Past the lease's deadline this is true even if
     /// the timer that fires [`lost`](Self::lost) has not run yet.
     pub fn is_lost(&self) -> bool {
-        if let Some(lease) = &self.lease {
-            if lease.is_lost() {
-                self.lost.cancel();
-            }
+        let lease_lost = self.lease.as_ref().is_some_and(|l| l.is_lost());
+        if lease_lost || self.handle.as_ref().is_some_and(|h| h.is_lost()) {
+            self.lost.cancel();
         }
         self.lost.is_cancelled()
     }
@@ -237,6 +243,58 @@ impl LockGuard {
             .with_key(self.name.clone()));
         }
         Ok(())
+    }
+}
+
+impl LockGuard {
+    /// One guard over several held locks (the parts of a recipe's hold): lost as soon as any
+    /// part is, released by releasing every part.
+    pub(crate) fn combine(name: &str, token: FencingToken, parts: Vec<LockGuard>) -> LockGuard {
+        let lost = CancellationToken::new();
+        let signals: Vec<_> = parts.iter().map(|g| Box::pin(g.lost())).collect();
+        let fire = lost.clone();
+        if !signals.is_empty() {
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = futures::future::select_all(signals) => fire.cancel(),
+                    _ = fire.cancelled() => {}
+                }
+            });
+        }
+        LockGuard::new(name, token, lost, Box::new(Parts(parts)))
+    }
+}
+
+/// The handle of a [`LockGuard::combine`]d guard.
+struct Parts(Vec<LockGuard>);
+
+#[async_trait]
+impl LockHandle for Parts {
+    async fn release(self: Box<Self>) -> Result<()> {
+        let results = futures::future::join_all(self.0.into_iter().map(|g| g.release())).await;
+        // A part that was lost made the whole guard lost, which its own release reports.
+        results
+            .into_iter()
+            .filter(|r| !r.as_ref().is_err_and(|e| e.is(ErrorKind::LockLost)))
+            .collect::<Result<Vec<()>>>()
+            .map(|_| ())
+    }
+
+    fn release_detached(self: Box<Self>) {
+        // Each part's drop releases it in the background.
+        drop(self);
+    }
+
+    fn suspend_keep_alive(&self) {
+        for p in &self.0 {
+            if let Some(h) = &p.handle {
+                h.suspend_keep_alive();
+            }
+        }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.0.iter().any(|p| p.is_lost())
     }
 }
 

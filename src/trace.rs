@@ -3,7 +3,9 @@
 //! [`connect`](crate::connect) wraps every backend it returns in [`Traced`], so each
 //! [`KvStore`] and [`DistLock`] call runs inside a `DEBUG` span named after the operation
 //! (`coordkit.get`, `coordkit.put`, `coordkit.delete`, `coordkit.cas`, `coordkit.list`,
-//! `coordkit.watch`, `coordkit.lock`, `coordkit.try_lock`) with the fields `backend` and `key`
+//! `coordkit.watch`, `coordkit.lock`, `coordkit.try_lock`, and for the recipes
+//! `coordkit.campaign`, `coordkit.leader`, `coordkit.observe`, `coordkit.acquire`,
+//! `coordkit.read_lock`, `coordkit.write_lock`) with the fields `backend` and `key`
 //! (or `prefix`, `lock`), and on completion `error` (the [`ErrorKind`](crate::ErrorKind)) or a
 //! result summary (`found`, `version`, `count`, `token`, `acquired`).
 //!
@@ -32,6 +34,8 @@ use crate::election::{Election, Leader, LeaderGuard, LeaderStream};
 use crate::error::Result;
 use crate::kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchStream};
 use crate::lock::{DistLock, LockGuard, LockOptions};
+use crate::rwlock::DistRwLock;
+use crate::semaphore::{DistSemaphore, Permit};
 use crate::Backend;
 
 /// A backend whose every call is wrapped in a `tracing` span (see the [module docs](self)).
@@ -243,6 +247,47 @@ impl<B: Election + KvStore + ?Sized> Election for Traced<B> {
             error = Empty
         );
         let r = self.inner.observe(name).instrument(span.clone()).await;
+        finish(&span, &r);
+        r
+    }
+}
+
+#[async_trait]
+impl<B: DistSemaphore + ?Sized> DistSemaphore for Traced<B> {
+    async fn acquire(&self, name: &str, permits: u32, opts: &LockOptions) -> Result<Permit> {
+        let span = debug_span!("coordkit.acquire", backend = self.backend, semaphore = name, permits, ttl = ?opts.ttl, wait = ?opts.wait, slot = Empty, token = Empty, error = Empty);
+        let r = self
+            .inner
+            .acquire(name, permits, opts)
+            .instrument(span.clone())
+            .await;
+        if let Ok(p) = &r {
+            span.record("slot", p.slot());
+            span.record("token", p.token().get());
+        }
+        finish(&span, &r);
+        r
+    }
+}
+
+#[async_trait]
+impl<B: DistRwLock + ?Sized> DistRwLock for Traced<B> {
+    async fn read(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
+        let span = debug_span!("coordkit.read_lock", backend = self.backend, rwlock = name, ttl = ?opts.ttl, wait = ?opts.wait, token = Empty, error = Empty);
+        let r = self.inner.read(name, opts).instrument(span.clone()).await;
+        if let Ok(g) = &r {
+            span.record("token", g.token().get());
+        }
+        finish(&span, &r);
+        r
+    }
+
+    async fn write(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
+        let span = debug_span!("coordkit.write_lock", backend = self.backend, rwlock = name, ttl = ?opts.ttl, wait = ?opts.wait, token = Empty, error = Empty);
+        let r = self.inner.write(name, opts).instrument(span.clone()).await;
+        if let Ok(g) = &r {
+            span.record("token", g.token().get());
+        }
         finish(&span, &r);
         r
     }

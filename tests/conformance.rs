@@ -16,3 +16,4 @@ fn memory() -> Harness {
 
 coordkit::conformance_tests!(memory());
 coordkit::election_conformance_tests!(memory());
+coordkit::recipe_conformance_tests!(memory());

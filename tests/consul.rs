@@ -37,6 +37,7 @@ fn simulated() -> Harness {
 mod simulator {
     coordkit::conformance_tests!(super::simulated());
     coordkit::election_conformance_tests!(super::simulated());
+    coordkit::recipe_conformance_tests!(super::simulated());
 }
 
 /// The same suite against a real Consul named by `CONSUL_HTTP_ADDR` (`host:port`, or an

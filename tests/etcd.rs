@@ -16,6 +16,7 @@ fn etcd() -> Harness {
 
 coordkit::conformance_tests!(etcd());
 coordkit::election_conformance_tests!(etcd());
+coordkit::recipe_conformance_tests!(etcd());
 
 use std::path::Path;
 use std::process::Command;

@@ -26,6 +26,7 @@ fn file() -> Harness {
 
 coordkit::conformance_tests!(file());
 coordkit::election_conformance_tests!(file());
+coordkit::recipe_conformance_tests!(file());
 
 #[tokio::test]
 async fn opening_bad_paths_gives_typed_errors() {

@@ -31,6 +31,7 @@ fn postgres() -> Harness {
 
 coordkit::conformance_tests!(postgres());
 coordkit::election_conformance_tests!(postgres());
+coordkit::recipe_conformance_tests!(postgres());
 
 async fn open(url: &str) -> PostgresStore {
     let cfg = PostgresConfig::from_url_str(url).expect("url");

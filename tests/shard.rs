@@ -24,6 +24,7 @@ fn sharded_memory() -> Harness {
 
 coordkit::conformance_tests!(sharded_memory());
 coordkit::election_conformance_tests!(sharded_memory());
+coordkit::recipe_conformance_tests!(sharded_memory());
 
 mod sharding {
     use std::collections::{BTreeMap, HashSet};
@@ -163,6 +164,7 @@ mod sharding {
         }
     }
     coordkit::election_via_lock!(Probe);
+    coordkit::recipes_via_lock!(Probe);
 
     fn store(kind: StrategyKind, probes: &[(&str, Probe)]) -> ShardedStore {
         let shards = probes

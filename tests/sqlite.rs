@@ -27,6 +27,7 @@ fn sqlite() -> Harness {
 
 coordkit::conformance_tests!(sqlite());
 coordkit::election_conformance_tests!(sqlite());
+coordkit::recipe_conformance_tests!(sqlite());
 
 #[tokio::test]
 async fn opening_bad_paths_gives_typed_errors() {

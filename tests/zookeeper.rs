@@ -27,6 +27,7 @@ fn zookeeper() -> Harness {
 
 coordkit::conformance_tests!(zookeeper());
 coordkit::election_conformance_tests!(zookeeper());
+coordkit::recipe_conformance_tests!(zookeeper());
 
 const STRONG: Consistency = Consistency::Strong;
 

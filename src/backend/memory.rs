@@ -727,3 +727,4 @@ mod tests {
             .is_empty());
     }
 }
+crate::recipes_via_lock!(MemoryStore);

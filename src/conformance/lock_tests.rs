@@ -9,7 +9,7 @@ use crate::error::ErrorKind;
 use crate::lock::{DistLockExt, FencingToken, LockOptions};
 
 /// A lock TTL short enough to test lapses, and long enough for the backend.
-fn short_ttl(min: Duration) -> Duration {
+pub(crate) fn short_ttl(min: Duration) -> Duration {
     min.max(Duration::from_secs(2))
 }
 

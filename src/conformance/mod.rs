@@ -30,6 +30,7 @@
 mod election_tests;
 mod kv_tests;
 mod lock_tests;
+mod recipe_tests;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -40,6 +41,7 @@ use std::time::Duration;
 pub use election_tests::*;
 pub use kv_tests::*;
 pub use lock_tests::*;
+pub use recipe_tests::*;
 
 use crate::error::Result;
 use crate::Backend;
@@ -212,6 +214,39 @@ macro_rules! election_conformance_tests {
     };
 }
 
+/// As [`for_each_conformance_test!`], for the semaphore and read-write lock tests: the one
+/// list of [`RECIPES`] and [`recipe_conformance_tests!`](crate::recipe_conformance_tests).
+#[macro_export]
+macro_rules! for_each_recipe_test {
+    ($callback:path, [$($prefix:tt)*]) => {
+        $callback! {
+            $($prefix)*
+            semaphore_bounds_holders, semaphore_permits_must_agree, semaphore_waits_and_times_out,
+            semaphore_bad_input_and_lost, rwlock_readers_share_writers_exclude,
+            rwlock_writer_not_starved, rwlock_mixed_and_lost
+        }
+    };
+}
+
+macro_rules! recipe_names {
+    ($($name:ident),* $(,)?) => {
+        /// The names of the semaphore and read-write lock conformance tests, in the order
+        /// [`recipe_conformance_tests!`](crate::recipe_conformance_tests) runs them.
+        pub const RECIPES: &[&str] = &[$(stringify!($name)),*];
+    };
+}
+
+crate::for_each_recipe_test!(recipe_names, []);
+
+/// Generates one `#[tokio::test]` per semaphore and read-write lock conformance test (see
+/// [`conformance_tests!`](crate::conformance_tests)).
+#[macro_export]
+macro_rules! recipe_conformance_tests {
+    ($harness:expr) => {
+        $crate::for_each_recipe_test!($crate::conformance_tests, [@each $harness;]);
+    };
+}
+
 #[cfg(test)]
 mod tests {
     /// The suite's functions, as declared in its source files: `pub async fn NAME(h: &Harness)`.
@@ -245,12 +280,18 @@ mod tests {
         );
     }
 
-    /// The same for the election list and `election_tests.rs`.
+    /// The same for the election list and `election_tests.rs`, and the recipe list and
+    /// `recipe_tests.rs`.
     #[test]
     fn the_election_list_names_every_election_test_once() {
-        let mut listed: Vec<String> = super::ELECTION.iter().map(|s| s.to_string()).collect();
+        check_list(super::ELECTION, include_str!("election_tests.rs"));
+        check_list(super::RECIPES, include_str!("recipe_tests.rs"));
+    }
+
+    fn check_list(list: &[&str], source: &str) {
+        let mut listed: Vec<String> = list.iter().map(|s| s.to_string()).collect();
         listed.sort();
-        let mut declared: Vec<String> = include_str!("election_tests.rs")
+        let mut declared: Vec<String> = source
             .lines()
             .filter_map(|line| {
                 let rest = line.strip_prefix("pub async fn ")?;
@@ -261,7 +302,7 @@ mod tests {
         declared.sort();
         assert_eq!(
             listed, declared,
-            "for_each_election_test! vs election_tests.rs"
+            "a recipe list vs its source file"
         );
     }
 }

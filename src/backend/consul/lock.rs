@@ -576,3 +576,4 @@ impl LockHandle for ConsulLock {
 }
 
 crate::election_via_lock!(ConsulStore);
+crate::recipes_via_lock!(ConsulStore);

@@ -971,3 +971,4 @@ impl DistLock for EtcdStore {
         self.acquire(name, opts, true).await
     }
 }
+crate::recipes_via_lock!(EtcdStore);

@@ -214,3 +214,4 @@ impl DistLock for FileStore {
 }
 
 crate::election_via_lock!(FileStore);
+crate::recipes_via_lock!(FileStore);

@@ -352,3 +352,4 @@ impl LockHandle for PgLock {
 }
 
 crate::election_via_lock!(PostgresStore);
+crate::recipes_via_lock!(PostgresStore);

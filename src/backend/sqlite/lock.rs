@@ -133,3 +133,4 @@ impl DistLock for SqliteStore {
 }
 
 crate::election_via_lock!(SqliteStore);
+crate::recipes_via_lock!(SqliteStore);

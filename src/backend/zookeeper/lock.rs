@@ -1228,3 +1228,4 @@ mod tests {
         assert_eq!(s.nodes.lock().unwrap().len(), 1);
     }
 }
+crate::recipes_via_lock!(ZkStore);

@@ -1102,6 +1102,7 @@ mod tests {
     }
 
     coordkit::election_via_lock!(Unanswered);
+    coordkit::recipes_via_lock!(Unanswered);
 
     /// A request timeout while acquiring is not "not acquired within --wait" (124): it is exit
     /// 1, saying the backend did not answer. 124 only when the wait ran out.
