@@ -1,20 +1,20 @@
 //! The in-memory backend: the reference implementation every other backend is measured against.
 //!
 //! Exact and single-process: all clones of a [`MemoryStore`] share one store; nothing survives
-//! the process. Key TTLs expire on time (watchers see the delete), locks have leases renewed by
-//! a background task per guard, waiters are served first-in first-out and woken by a channel,
-//! never by polling. Fencing tokens and versions come from one store-wide revision counter, like
+//! the process. Key TTLs expire on time (watchers see the delete). A held lock lasts until its
+//! guard releases it: the store is in the holder's process, so renewal is implicit and no task
+//! runs per lock; when the fault-test hook stops renewal, the TTL runs as on a server. Waiters
+//! are served first-in first-out and woken by a channel, never by polling. Fencing tokens and versions come from one store-wide revision counter, like
 //! etcd's revision, so tokens are comparable across locks.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::caps::Capabilities;
 use crate::error::{Error, ErrorKind, Result};
@@ -22,7 +22,6 @@ use crate::key::{matches_prefix, validate_key, validate_prefix};
 use crate::kv::{
     Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream,
 };
-use crate::lease::{Lease, Renew, RenewPolicy, Renewal};
 use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
 
 const NAME: &str = "memory";
@@ -120,24 +119,20 @@ struct LockState {
     waiters: VecDeque<Waiter>,
 }
 
-/// The store's side of a held lock: it expires at `deadline` (the "server" clock), which
-/// renewals push forward; the holder's lease clock fires its lost signal a margin earlier.
+/// The store's side of a held lock. The store lives in the holder's process, so nothing can cut
+/// a holder off: a hold lasts until it is released, or, once its renewal was stopped (the
+/// fault-test hook), until its TTL runs out (see [`MemoryLock::suspend_keep_alive`]).
 struct Holder {
     id: u64,
-    ttl: Duration,
-    deadline: Instant,
 }
 
 struct Waiter {
     id: u64,
-    ttl: Duration,
     tx: oneshot::Sender<Grant>,
 }
 
 struct Grant {
     token: u64,
-    /// When the store granted the lock and started its expiry clock.
-    granted_at: Instant,
 }
 
 impl State {
@@ -179,25 +174,38 @@ impl State {
     ) -> (u64, Option<Instant>) {
         let version = self.next_rev();
         let expires = ttl.map(|t| deadline_after(Instant::now(), t));
-        if let Some(old) = self.data.get(key).and_then(|i| i.expires) {
-            self.expiries.remove(&(old, key.to_string()));
+        if self
+            .watchers
+            .iter()
+            .any(|w| w.tx.is_closed() || matches_prefix(key, &w.prefix))
+        {
+            self.notify(&WatchEvent::Put(Entry {
+                key: key.to_string(),
+                value: value.clone(),
+                version: Version::from_raw(version),
+            }));
         }
-        if let Some(at) = expires {
-            self.expiries.insert((at, key.to_string()));
+        let item = Item {
+            value,
+            version,
+            expires,
+        };
+        // An existing key is updated in place: no new key string.
+        let old = match self.data.get_mut(key) {
+            Some(slot) => std::mem::replace(slot, item).expires,
+            None => {
+                self.data.insert(key.to_string(), item);
+                None
+            }
+        };
+        if old != expires {
+            if let Some(old) = old {
+                self.expiries.remove(&(old, key.to_string()));
+            }
+            if let Some(at) = expires {
+                self.expiries.insert((at, key.to_string()));
+            }
         }
-        self.notify(&WatchEvent::Put(Entry {
-            key: key.to_string(),
-            value: value.clone(),
-            version: Version::from_raw(version),
-        }));
-        self.data.insert(
-            key.to_string(),
-            Item {
-                value,
-                version,
-                expires,
-            },
-        );
         (version, expires)
     }
 
@@ -223,22 +231,39 @@ impl State {
             return;
         }
         while let Some(w) = ls.waiters.pop_front() {
-            let now = Instant::now();
-            let grant = Grant {
-                token,
-                granted_at: now,
-            };
-            if w.tx.send(grant).is_ok() {
-                ls.holder = Some(Holder {
-                    id: w.id,
-                    ttl: w.ttl,
-                    deadline: deadline_after(now, w.ttl),
-                });
+            if w.tx.send(Grant { token }).is_ok() {
+                ls.holder = Some(Holder { id: w.id });
                 self.rev = token;
                 return;
             }
         }
         self.locks.remove(name);
+    }
+
+    /// Takes the lock `name` for a new holder if nobody holds or waits for it; the holder's id
+    /// and token.
+    fn take_free(&mut self, name: &str) -> Option<(u64, u64)> {
+        if self
+            .locks
+            .get(name)
+            .is_some_and(|ls| ls.holder.is_some() || !ls.waiters.is_empty())
+        {
+            return None;
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        let token = self.next_rev();
+        let ls = LockState {
+            holder: Some(Holder { id }),
+            waiters: VecDeque::new(),
+        };
+        match self.locks.get_mut(name) {
+            Some(slot) => *slot = ls,
+            None => {
+                self.locks.insert(name.to_string(), ls);
+            }
+        }
+        Some((id, token))
     }
 
     /// Ends the holding `id` of lock `name` (release or expiry), waking the next waiter.
@@ -271,7 +296,12 @@ impl MemoryStore {
     }
 
     /// What the store supports; every argument check goes through these limits.
-    fn caps() -> Capabilities {
+    fn caps() -> &'static Capabilities {
+        static CAPS: std::sync::OnceLock<Capabilities> = std::sync::OnceLock::new();
+        CAPS.get_or_init(Self::make_caps)
+    }
+
+    fn make_caps() -> Capabilities {
         let mut caps = Capabilities::new(NAME);
         caps.key_ttl = true;
         caps.min_ttl = Duration::from_millis(1);
@@ -290,7 +320,9 @@ impl MemoryStore {
 
     fn state(&self) -> MutexGuard<'_, State> {
         let mut state = self.shared.lock();
-        state.purge_expired(Instant::now());
+        if !state.expiries.is_empty() {
+            state.purge_expired(Instant::now());
+        }
         state
     }
 
@@ -304,30 +336,19 @@ impl MemoryStore {
         });
     }
 
-    fn guard(&self, name: &str, id: u64, ttl: Duration, grant: Grant) -> LockGuard {
-        let renewer = MemoryRenewer {
-            shared: Arc::downgrade(&self.shared),
-            name: name.to_string(),
-            id,
-        };
-        let policy = RenewPolicy {
-            attempt_timeout: ttl,
-        };
-        let lease = Lease::start(renewer, grant.granted_at, ttl, policy);
-        spawn_reaper(Arc::downgrade(&self.shared), name.to_string(), id);
+    fn guard(&self, name: &str, id: u64, ttl: Duration, token: u64) -> LockGuard {
+        let lost = CancellationToken::new();
         let handle = MemoryLock {
-            shared: Arc::downgrade(&self.shared),
-            name: name.to_string(),
-            id,
-            lease: lease.clone(),
+            hold: Arc::new(Hold {
+                shared: Arc::downgrade(&self.shared),
+                name: name.to_string(),
+                id,
+                ttl,
+                lost: lost.clone(),
+                stopped_at: Mutex::new(None),
+            }),
         };
-        LockGuard::new(
-            name,
-            FencingToken::from_raw(grant.token),
-            lease.lost_token().child_token(),
-            Box::new(handle),
-        )
-        .with_lease(&lease)
+        LockGuard::new(name, FencingToken::from_raw(token), lost, Box::new(handle))
     }
 }
 
@@ -416,7 +437,7 @@ impl KvStore for MemoryStore {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Self::caps()
+        Self::caps().clone()
     }
 }
 
@@ -464,6 +485,10 @@ impl DistLock for MemoryStore {
         let (tx, rx) = oneshot::channel();
         let id = {
             let mut state = self.state();
+            if let Some((id, token)) = state.take_free(name) {
+                drop(state);
+                return Ok(self.guard(name, id, opts.ttl, token));
+            }
             state.next_id += 1;
             let id = state.next_id;
             state
@@ -471,11 +496,7 @@ impl DistLock for MemoryStore {
                 .entry(name.to_string())
                 .or_default()
                 .waiters
-                .push_back(Waiter {
-                    id,
-                    ttl: opts.ttl,
-                    tx,
-                });
+                .push_back(Waiter { id, tx });
             state.grant_next(name);
             id
         };
@@ -495,7 +516,7 @@ impl DistLock for MemoryStore {
         match granted {
             Ok(Ok(grant)) => {
                 ticket.rx = None;
-                Ok(self.guard(name, id, opts.ttl, grant))
+                Ok(self.guard(name, id, opts.ttl, grant.token))
             }
             Ok(Err(_)) => Err(Error::new(
                 ErrorKind::Unavailable,
@@ -507,7 +528,7 @@ impl DistLock for MemoryStore {
                 // Granted at the very deadline? Then take it rather than waste it.
                 if let Some(Ok(grant)) = ticket.rx.as_mut().map(|rx| rx.try_recv()) {
                     ticket.rx = None;
-                    return Ok(self.guard(name, id, opts.ttl, grant));
+                    return Ok(self.guard(name, id, opts.ttl, grant.token));
                 }
                 Err(Error::new(
                     ErrorKind::Timeout,
@@ -524,133 +545,82 @@ impl DistLock for MemoryStore {
 
     async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
         Self::caps().check_lock(name, opts)?;
-        let (tx, mut rx) = oneshot::channel();
-        let id = {
-            let mut state = self.state();
-            let busy = state
-                .locks
-                .get(name)
-                .is_some_and(|ls| ls.holder.is_some() || !ls.waiters.is_empty());
-            if busy {
-                return Ok(None);
-            }
-            state.next_id += 1;
-            let id = state.next_id;
-            state
-                .locks
-                .entry(name.to_string())
-                .or_default()
-                .waiters
-                .push_back(Waiter {
-                    id,
-                    ttl: opts.ttl,
-                    tx,
-                });
-            state.grant_next(name);
-            id
-        };
-        match rx.try_recv() {
-            Ok(grant) => Ok(Some(self.guard(name, id, opts.ttl, grant))),
-            Err(_) => Err(
-                Error::new(ErrorKind::Backend, NAME, "free lock was not granted").with_key(name),
-            ),
-        }
+        let taken = self.state().take_free(name);
+        Ok(taken.map(|(id, token)| self.guard(name, id, opts.ttl, token)))
     }
 }
 
-/// The memory backend's side of a held lock.
-struct MemoryLock {
+/// One hold of a lock, shared by its guard's handle and, once renewal was stopped, the task
+/// that lets it lapse.
+struct Hold {
     shared: Weak<Shared>,
     name: String,
     id: u64,
-    lease: Lease,
+    ttl: Duration,
+    lost: CancellationToken,
+    /// When renewal was stopped: the TTL runs from then.
+    stopped_at: Mutex<Option<Instant>>,
 }
 
-/// Renews a held lock in the store: pushes the holder's expiry one TTL past now.
-struct MemoryRenewer {
-    shared: Weak<Shared>,
-    name: String,
-    id: u64,
-}
-
-impl Renew for MemoryRenewer {
-    fn renew(&mut self) -> Pin<Box<dyn Future<Output = Result<Renewal>> + Send + '_>> {
-        let r = (|| {
-            let shared = self.shared.upgrade()?;
-            let mut state = shared.lock();
-            let holder = state
-                .locks
-                .get_mut(&self.name)
-                .and_then(|ls| ls.holder.as_mut())
-                .filter(|h| h.id == self.id)?;
-            let now = Instant::now();
-            if holder.deadline <= now {
-                return None;
-            }
-            holder.deadline = deadline_after(now, holder.ttl);
-            Some(holder.ttl)
-        })();
-        Box::pin(async move {
-            Ok(match r {
-                Some(ttl) => Renewal::Confirmed(ttl),
-                None => Renewal::Gone("the lock expired in the store".into()),
-            })
-        })
-    }
-}
-
-/// The store's expiry of a held lock, independent of the holder: ends the hold when its
-/// deadline passes without a renewal.
-fn spawn_reaper(shared: Weak<Shared>, name: String, id: u64) {
-    tokio::spawn(async move {
-        loop {
-            let at = {
-                let Some(shared) = shared.upgrade() else {
-                    return;
-                };
-                let mut state = shared.lock();
-                let Some(holder) = state
-                    .locks
-                    .get(&name)
-                    .and_then(|ls| ls.holder.as_ref())
-                    .filter(|h| h.id == id)
-                else {
-                    return;
-                };
-                let at = holder.deadline;
-                if at <= Instant::now() {
-                    state.end_hold(&name, id);
-                    return;
-                }
-                at
-            };
-            tokio::time::sleep_until(at).await;
-        }
-    });
-}
-
-impl MemoryLock {
-    fn release_now(&self) {
-        self.lease.stop();
+impl Hold {
+    fn end(&self) {
         if let Some(shared) = self.shared.upgrade() {
             shared.lock().end_hold(&self.name, self.id);
         }
     }
 }
 
+/// The memory backend's side of a held lock.
+///
+/// The store is in the holder's process, so a hold is renewed for as long as its guard lives,
+/// with nothing to send: no renewal task runs. When renewal is stopped
+/// ([`suspend_keep_alive`](LockHandle::suspend_keep_alive), the fault-test hook), the TTL
+/// starts: `lost()` fires at the lease clock's deadline for a renewal confirmed at that
+/// instant ([`crate::lease::deadline`]), and the store frees the lock at the end of the TTL.
+struct MemoryLock {
+    hold: Arc<Hold>,
+}
+
 #[async_trait]
 impl LockHandle for MemoryLock {
     async fn release(self: Box<Self>) -> Result<()> {
-        self.release_now();
+        self.hold.end();
         Ok(())
     }
 
     fn release_detached(self: Box<Self>) {
-        self.release_now();
+        self.hold.end();
     }
 
     fn suspend_keep_alive(&self) {
-        self.lease.suspend();
+        let now = Instant::now();
+        {
+            let mut at = self
+                .hold
+                .stopped_at
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if at.is_some() {
+                return;
+            }
+            *at = Some(now);
+        }
+        let hold = self.hold.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(crate::lease::deadline(now, hold.ttl)).await;
+            hold.lost.cancel();
+            tokio::time::sleep_until(deadline_after(now, hold.ttl)).await;
+            hold.end();
+        });
+    }
+
+    fn is_lost(&self) -> bool {
+        let at = *self
+            .hold
+            .stopped_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        at.is_some_and(|at| Instant::now() >= crate::lease::deadline(at, self.hold.ttl))
     }
 }
 
@@ -684,6 +654,51 @@ mod tests {
             t.await.unwrap();
         }
         assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    /// Holding locks costs no task (the store is in the process: renewal is implicit), and a
+    /// stopped renewal still lets the hold lapse: `lost()` first, then the store frees it.
+    #[tokio::test]
+    async fn held_locks_run_no_task_until_renewal_stops() {
+        let store = MemoryStore::new();
+        let metrics = tokio::runtime::Handle::current().metrics();
+        let before = metrics.num_alive_tasks();
+        let ttl = Duration::from_millis(300);
+        let mut guards = Vec::new();
+        for i in 0..50 {
+            guards.push(
+                store
+                    .lock(&format!("l/{i}"), &LockOptions::new().ttl(ttl))
+                    .await
+                    .unwrap(),
+            );
+        }
+        assert_eq!(metrics.num_alive_tasks(), before, "tasks per held lock");
+        tokio::time::sleep(ttl * 2).await;
+        assert!(guards.iter().all(|g| !g.is_lost()), "a held lock lapsed");
+        let g = guards.pop().unwrap();
+        let stopped = Instant::now();
+        g.suspend_keep_alive();
+        g.lost().await;
+        let lost_after = stopped.elapsed();
+        assert!(
+            lost_after >= ttl - crate::lease::margin(ttl),
+            "{lost_after:?}"
+        );
+        assert!(
+            store
+                .try_lock("l/49", &LockOptions::new())
+                .await
+                .unwrap()
+                .is_none(),
+            "freed before the TTL ran out"
+        );
+        tokio::time::sleep(ttl).await;
+        let next = store.try_lock("l/49", &LockOptions::new()).await.unwrap();
+        assert!(
+            next.is_some_and(|n| n.token() > g.token()),
+            "not freed after the TTL"
+        );
     }
 
     #[tokio::test]
