@@ -22,8 +22,8 @@ Exit codes:
   2    usage or configuration error (bad option, missing --, bad URL or config, bad key;
        lock: --permits 0 or above 256, or not the number the semaphore's holders use)
   3    get: the key does not exist
-  124  lock: not acquired within --wait (the wait ran out; also a permit of the semaphore,
-       a side of the read-write lock)
+  124  lock: the lock (permit, shared or exclusive hold) was not acquired within --wait
+       (the wait ran out)
   125  lock: lost while CMD ran (CMD's process group was sent SIGTERM), or lost before
        CMD could start (CMD was not run)
   126  lock: CMD could not be executed
@@ -428,7 +428,7 @@ mod tests {
         }
         assert!(usage_error("lock jobs/x --permits 2 echo hi").contains("missing '--'"));
         assert!(usage_error("lock jobs/x --shared").contains("--shared | --exclusive"));
-        assert!(usage_error("lock jobs/x --permits -1 -- true").contains("--permits"));
+        assert!(usage_error("lock jobs/x --permits x -- true").contains("--permits <N>"));
         assert!(usage_error("put k v --ttl 10").contains("unit is missing"));
         assert!(usage_error("").contains("no subcommand"));
         assert!(usage_error("get").contains("KEY"));

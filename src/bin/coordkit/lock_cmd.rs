@@ -1208,24 +1208,145 @@ mod tests {
     /// 1, saying the backend did not answer. 124 only when the wait ran out.
     #[tokio::test]
     async fn request_timeout_is_not_a_wait_timeout() {
-        let b = Unanswered {
-            mem: MemoryStore::new(),
-            after: Duration::from_millis(100),
-        };
-        let mut j = job("j/m", &["true"]);
-        for wait in [Some(Duration::from_secs(60)), None, Some(Duration::ZERO)] {
-            j.wait = wait;
+        for hold in [Hold::Lock, Hold::Permits(2), Hold::Shared, Hold::Exclusive] {
+            let b = Unanswered {
+                mem: MemoryStore::new(),
+                after: Duration::from_millis(100),
+            };
+            let mut j = job("j/m", &["true"]);
+            j.hold = hold;
+            for wait in [Some(Duration::from_secs(60)), None, Some(Duration::ZERO)] {
+                j.wait = wait;
+                let e = run(&b, &j, no_signals()).await.unwrap_err();
+                assert_eq!(e.code, FAILED, "{hold:?} {wait:?}: {e:?}");
+                assert!(e.message.contains("did not answer"), "{}", e.message);
+            }
+            // The same error once the wait has run out: 124.
+            let b = Unanswered {
+                mem: MemoryStore::new(),
+                after: Duration::from_millis(300),
+            };
+            j.wait = Some(Duration::from_millis(200));
             let e = run(&b, &j, no_signals()).await.unwrap_err();
-            assert_eq!(e.code, FAILED, "{wait:?}: {e:?}");
-            assert!(e.message.contains("did not answer"), "{}", e.message);
+            assert_eq!(e.code, LOCK_TIMEOUT, "{hold:?}: {e:?}");
         }
-        // The same error once the wait has run out: 124.
-        let b = Unanswered {
-            mem: MemoryStore::new(),
-            after: Duration::from_millis(300),
+    }
+
+    /// Waits until `path` exists.
+    async fn appears(path: &Path) -> bool {
+        for _ in 0..1000 {
+            if path.exists() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// A shell command that records its slot and token in `DIR/NAME` (as `SLOT TOKEN`), waits
+    /// for the file `DIR/OTHER` (at most 10 s: exit 9 if it never comes), then for `DIR/go`.
+    fn meet(dir: &Path, name: &str, other: &str) -> String {
+        format!(
+            "echo \"$COORDKIT_PERMIT_SLOT $COORDKIT_FENCING_TOKEN $COORDKIT_LOCK_NAME\" > {d}/{name}.tmp; \
+             mv {d}/{name}.tmp {d}/{name}; n=0; \
+             while [ ! -e {d}/{other} ]; do n=$((n+1)); [ $n -gt 200 ] && exit 9; sleep 0.05; done; \
+             while [ ! -e {d}/go ]; do sleep 0.05; done",
+            d = dir.display()
+        )
+    }
+
+    /// `--permits 2`: two holders run at once, in slots 0 and 1, with the slot in the
+    /// environment; a third trying once gets 124; another number of permits while held is
+    /// refused as an invalid argument (exit 2) naming the semaphore.
+    #[tokio::test]
+    async fn permits_let_that_many_run_at_once() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let dir = temp_dir("permits");
+        let spawn = |me: &str, other: &str| {
+            let mut j = job("pool/a", &["sh", "-c", &meet(&dir, me, other)]);
+            j.hold = Hold::Permits(2);
+            let b = b.clone();
+            tokio::spawn(async move { run(&*b, &j, no_signals()).await })
         };
-        j.wait = Some(Duration::from_millis(200));
-        let e = run(&b, &j, no_signals()).await.unwrap_err();
+        let first = spawn("a", "b");
+        let second = spawn("b", "a");
+        assert!(appears(&dir.join("a")).await && appears(&dir.join("b")).await);
+        let mut j = job("pool/a", &["true"]);
+        j.hold = Hold::Permits(2);
+        j.wait = Some(Duration::ZERO);
+        let e = run(&*b, &j, no_signals()).await.unwrap_err();
         assert_eq!(e.code, LOCK_TIMEOUT, "{e:?}");
+        assert!(e.message.contains("semaphore \"pool/a\""), "{}", e.message);
+        j.hold = Hold::Permits(3);
+        let e = run(&*b, &j, no_signals()).await.unwrap_err();
+        assert_eq!(e.code, crate::exit::USAGE, "{e:?}");
+        assert!(e.message.contains("\"pool/a\""), "{}", e.message);
+        std::fs::write(dir.join("go"), "").unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 0);
+        assert_eq!(second.await.unwrap().unwrap(), 0);
+        let mut slots: Vec<String> = ["a", "b"]
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(dir.join(f)).unwrap();
+                let v: Vec<&str> = text.split_whitespace().collect();
+                assert_eq!(v.len(), 3, "{text:?}");
+                assert!(v[1].parse::<u64>().unwrap() > 0, "{text:?}");
+                assert_eq!(v[2], "pool/a");
+                v[0].to_string()
+            })
+            .collect();
+        slots.sort();
+        assert_eq!(slots, ["0", "1"]);
+        // Released: both permits are free again, and a plain lock holder has no slot.
+        j.hold = Hold::Permits(2);
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+        let out = dir.join("plain");
+        let script = format!("echo \"[$COORDKIT_PERMIT_SLOT]\" > {}", out.display());
+        let plain = job("pool/a", &["sh", "-c", &script]);
+        assert_eq!(run(&*b, &plain, no_signals()).await.unwrap(), 0);
+        assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "[]");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `--shared` holders run together; `--exclusive` tried once while they run gets 124, and
+    /// so does `--shared` tried once while an exclusive holder runs. The plain lock of the same
+    /// name is another object.
+    #[tokio::test]
+    async fn shared_and_exclusive_holds() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let dir = temp_dir("rw");
+        let spawn = |hold: Hold, me: &str, other: &str| {
+            let mut j = job("data/x", &["sh", "-c", &meet(&dir, me, other)]);
+            j.hold = hold;
+            let b = b.clone();
+            tokio::spawn(async move { run(&*b, &j, no_signals()).await })
+        };
+        let r1 = spawn(Hold::Shared, "a", "b");
+        let r2 = spawn(Hold::Shared, "b", "a");
+        assert!(appears(&dir.join("a")).await && appears(&dir.join("b")).await);
+        let mut j = job("data/x", &["true"]);
+        j.wait = Some(Duration::ZERO);
+        j.hold = Hold::Exclusive;
+        let e = run(&*b, &j, no_signals()).await.unwrap_err();
+        assert_eq!(e.code, LOCK_TIMEOUT, "{e:?}");
+        assert!(e.message.contains("(exclusive)"), "{}", e.message);
+        j.hold = Hold::Lock;
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+        std::fs::write(dir.join("go"), "").unwrap();
+        assert_eq!(r1.await.unwrap().unwrap(), 0);
+        assert_eq!(r2.await.unwrap().unwrap(), 0);
+        std::fs::remove_file(dir.join("go")).unwrap();
+        // The exclusive holder meets nobody: it waits for `go` alone.
+        std::fs::write(dir.join("none"), "").unwrap();
+        let w = spawn(Hold::Exclusive, "c", "none");
+        assert!(appears(&dir.join("c")).await);
+        j.hold = Hold::Shared;
+        let e = run(&*b, &j, no_signals()).await.unwrap_err();
+        assert_eq!(e.code, LOCK_TIMEOUT, "{e:?}");
+        assert!(e.message.contains("(shared)"), "{}", e.message);
+        std::fs::write(dir.join("go"), "").unwrap();
+        assert_eq!(w.await.unwrap().unwrap(), 0);
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
