@@ -1349,4 +1349,71 @@ mod tests {
         assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// A permit or a read-write hold is run as a lock is: a signal while waiting ends the wait
+    /// (128 + the signal) and withdraws the attempt; one lost while CMD runs stops CMD (125).
+    #[tokio::test]
+    async fn recipe_holds_are_interrupted_and_lost_as_locks() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let opts = LockOptions::new();
+        let held = b.acquire("r/p", 1, &opts).await.unwrap();
+        let writer = b.write("r/w", &opts).await.unwrap();
+        for (name, hold) in [
+            ("r/p", Hold::Permits(1)),
+            ("r/w", Hold::Shared),
+            ("r/w", Hold::Exclusive),
+        ] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut j = job(name, &["true"]);
+            j.hold = hold;
+            let runner = {
+                let (b, j) = (b.clone(), j.clone());
+                tokio::spawn(async move { run(&*b, &j, rx).await })
+            };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            tx.send(libc::SIGINT).unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(5), runner)
+                .await
+                .expect("the wait ends on the signal")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(e.code, SIGNAL_BASE + libc::SIGINT, "{hold:?}: {e:?}");
+            assert!(
+                e.message
+                    .contains(&format!("while waiting for {}", hold.describe(name))),
+                "{}",
+                e.message
+            );
+        }
+        drop((held, writer));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Nothing was left queued: both are free at once.
+        let mut j = job("r/p", &["true"]);
+        j.wait = Some(Duration::ZERO);
+        j.hold = Hold::Permits(1);
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+        j.name = "r/w".into();
+        j.hold = Hold::Exclusive;
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+
+        #[cfg(feature = "test-hooks")]
+        for hold in [Hold::Permits(2), Hold::Shared, Hold::Exclusive] {
+            let mut j = job("r/lost", &["sleep", "30"]);
+            j.hold = hold;
+            j.ttl = Duration::from_millis(300);
+            let guard = acquire(&*b, &j).await.unwrap();
+            guard.guard.suspend_keep_alive();
+            let e =
+                tokio::time::timeout(Duration::from_secs(10), run_under(guard, &j, no_signals()))
+                    .await
+                    .expect("the lost hold stops the command")
+                    .unwrap_err();
+            assert_eq!(e.code, LOCK_LOST, "{hold:?}: {e:?}");
+            assert!(
+                e.message.contains(&hold.describe("r/lost")),
+                "{}",
+                e.message
+            );
+        }
+    }
 }
