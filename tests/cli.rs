@@ -132,6 +132,8 @@ fn help_reads_well() {
         ("ls", "--long"),
         ("watch", "PREFIX"),
         ("lock", "COORDKIT_FENCING_TOKEN"),
+        ("lock", "COORDKIT_PERMIT_SLOT"),
+        ("lock", "--exclusive"),
     ] {
         let out = run_cmd(ck(&[sub, "--help"]), None);
         assert_eq!(out.code, 0, "{sub} --help");
@@ -151,6 +153,63 @@ fn usage_errors_exit_2_with_one_line() {
             "missing '--' before the command",
         ),
         (&["--url", "memory://", "lock", "jobs/x"], "missing '--'"),
+        (
+            &[
+                "--url",
+                "memory://",
+                "lock",
+                "jobs/x",
+                "--permits",
+                "2",
+                "--shared",
+                "--",
+                "true",
+            ],
+            "'--permits <N>' cannot be used with '--shared'",
+        ),
+        (
+            &[
+                "--url",
+                "memory://",
+                "lock",
+                "jobs/x",
+                "--shared",
+                "--exclusive",
+                "--",
+                "true",
+            ],
+            "cannot be used with",
+        ),
+        (
+            &[
+                "--url",
+                "memory://",
+                "lock",
+                "jobs/x",
+                "--permits",
+                "0",
+                "--",
+                "true",
+            ],
+            "permits must be between 1 and 256, not 0",
+        ),
+        (
+            &[
+                "--url",
+                "memory://",
+                "lock",
+                "jobs/x",
+                "--permits",
+                "257",
+                "--",
+                "true",
+            ],
+            "permits must be between 1 and 256, not 257",
+        ),
+        (
+            &["--url", "memory://", "lock", "jobs/x", "--shared", "true"],
+            "missing '--' before the command",
+        ),
         (&["--url", "memory://", "get"], "<KEY>"),
         (
             &["--url", "memory://", "put", "k", "v", "--ttl", "10"],
@@ -814,6 +873,199 @@ fn huge_durations(url: &str) {
     assert_eq!(out.code, 5, "{out:?}");
 }
 
+/// A shell command for a holder that must run alongside another: it writes `SLOT TOKEN NAME`
+/// (from its environment) to `DIR/ME`, waits (at most 20 s, else exit 9) for the file
+/// `DIR/OTHER`, then (at most 60 s, else exit 8) for `DIR/go`.
+fn meet_script(dir: &std::path::Path, me: &str, other: &str) -> String {
+    format!(
+        "echo \"$COORDKIT_PERMIT_SLOT $COORDKIT_FENCING_TOKEN $COORDKIT_LOCK_NAME\" > {d}/{me}.tmp; \
+         mv {d}/{me}.tmp {d}/{me}; n=0; \
+         while [ ! -e {d}/{other} ]; do n=$((n+1)); [ $n -gt 400 ] && exit 9; sleep 0.05; done; \
+         n=0; while [ ! -e {d}/go ]; do n=$((n+1)); [ $n -gt 1200 ] && exit 8; sleep 0.05; done",
+        d = dir.display()
+    )
+}
+
+/// Starts `coordkit lock NAME FLAGS -- sh -c SCRIPT` in the background.
+fn spawn_lock(url: &str, name: &str, flags: &[&str], script: &str) -> Child {
+    let mut args = vec!["--url", url, "lock", name, "--ttl", "10s"];
+    args.extend_from_slice(flags);
+    args.extend(["--", "sh", "-c", script]);
+    ck(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start coordkit lock")
+}
+
+/// Lets the holders started at `started` go on (creates `DIR/go`) and checks they all exit 0.
+fn let_go(dir: &std::path::Path, holders: Vec<Child>, started: Instant) {
+    std::fs::write(dir.join("go"), "").unwrap();
+    for h in holders {
+        let out = wait_bounded(h, started);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    std::fs::remove_file(dir.join("go")).unwrap();
+}
+
+/// `lock --permits 2`: two processes hold a permit each at once (each waits for the other's
+/// file), in slots 0 and 1 given in COORDKIT_PERMIT_SLOT; a third trying once exits 124;
+/// another number of permits while held exits 2 with one line naming the semaphore.
+fn lock_permits_across_processes(url: &str) {
+    let name = format!("{}/pool", unique("permits"));
+    let dir = support::fresh_dir("cli-permits");
+    let started = Instant::now();
+    let holders: Vec<Child> = [("a", "b"), ("b", "a")]
+        .iter()
+        .map(|(me, other)| {
+            spawn_lock(
+                url,
+                &name,
+                &["--permits", "2"],
+                &meet_script(&dir, me, other),
+            )
+        })
+        .collect();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || dir.join("a").exists()
+            && dir.join("b").exists()),
+        "the two permit holders did not run at once"
+    );
+    let out = run(
+        url,
+        &[
+            "lock",
+            &name,
+            "--permits",
+            "2",
+            "--wait",
+            "0s",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.code, 124, "{out:?}");
+    assert_one_line_error(&out);
+    assert!(
+        out.stderr.contains(&format!("semaphore {name:?}")),
+        "{}",
+        out.stderr
+    );
+    let out = run(
+        url,
+        &[
+            "lock",
+            &name,
+            "--permits",
+            "3",
+            "--wait",
+            "10s",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.code, 2, "{out:?}");
+    assert_one_line_error(&out);
+    assert!(out.stderr.contains("invalid argument"), "{}", out.stderr);
+    assert!(out.stderr.contains(&format!("{name:?}")), "{}", out.stderr);
+    let_go(&dir, holders, started);
+    let mut slots: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|f| {
+            let text = std::fs::read_to_string(dir.join(f)).unwrap();
+            let v: Vec<&str> = text.split_whitespace().collect();
+            assert_eq!(v.len(), 3, "slot, token, name: {text:?}");
+            assert!(v[1].parse::<u64>().expect("numeric token") > 0);
+            assert_eq!(v[2], name);
+            v[0].to_string()
+        })
+        .collect();
+    slots.sort();
+    assert_eq!(slots, ["0", "1"]);
+    // Both permits are free again.
+    let out = run(
+        url,
+        &[
+            "lock",
+            &name,
+            "--permits",
+            "2",
+            "--wait",
+            "0s",
+            "--",
+            "true",
+        ],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+/// `lock --shared` twice at once (each waits for the other's file); `--exclusive --wait 0s`
+/// while they run exits 124; `--shared --wait 0s` while an exclusive holder runs exits 124.
+fn lock_shared_exclusive_across_processes(url: &str) {
+    let name = format!("{}/data", unique("rwlock"));
+    let dir = support::fresh_dir("cli-rwlock");
+    let started = Instant::now();
+    let readers: Vec<Child> = [("a", "b"), ("b", "a")]
+        .iter()
+        .map(|(me, other)| spawn_lock(url, &name, &["--shared"], &meet_script(&dir, me, other)))
+        .collect();
+    assert!(
+        support::wait_until(Duration::from_secs(30), || dir.join("a").exists()
+            && dir.join("b").exists()),
+        "the two shared holders did not run at once"
+    );
+    let out = run(
+        url,
+        &["lock", &name, "--exclusive", "--wait", "0s", "--", "true"],
+    );
+    assert_eq!(out.code, 124, "{out:?}");
+    assert_one_line_error(&out);
+    assert!(out.stderr.contains("(exclusive)"), "{}", out.stderr);
+    let_go(&dir, readers, started);
+    // An exclusive holder (it meets nobody: `none` exists already).
+    std::fs::write(dir.join("none"), "").unwrap();
+    let writer = spawn_lock(
+        url,
+        &name,
+        &["--exclusive"],
+        &meet_script(&dir, "c", "none"),
+    );
+    assert!(
+        support::wait_until(Duration::from_secs(30), || dir.join("c").exists()),
+        "the exclusive holder never ran"
+    );
+    let out = run(
+        url,
+        &["lock", &name, "--shared", "--wait", "0s", "--", "true"],
+    );
+    assert_eq!(out.code, 124, "{out:?}");
+    assert_one_line_error(&out);
+    assert!(out.stderr.contains("(shared)"), "{}", out.stderr);
+    let_go(&dir, vec![writer], started);
+    let out = run(
+        url,
+        &["lock", &name, "--shared", "--wait", "0s", "--", "true"],
+    );
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+/// The `lock --permits` and `lock --shared/--exclusive` tests, one `#[test]` each, in a
+/// backend module (as [`backend_tests!`]).
+macro_rules! recipe_tests {
+    () => {
+        backend_tests!(@each
+            lock_permits_across_processes(),
+            lock_shared_exclusive_across_processes(),
+        );
+    };
+}
+
 /// The tests every backend that spans processes runs, one `#[test]` each, calling the shared
 /// test function of the same name with the backend module's `url()` (as
 /// `coordkit::conformance_tests!` does for the library). `key_ttl`: whether the backend has key
@@ -859,6 +1111,7 @@ mod etcd {
     }
 
     backend_tests!(key_ttl: true);
+    recipe_tests!();
 
     #[test]
     fn watch_prints_json_events() {
@@ -1129,6 +1382,7 @@ mod sqlite {
     }
 
     backend_tests!(key_ttl: true);
+    recipe_tests!();
 
     #[test]
     fn watch_prints_json_events() {
@@ -1153,6 +1407,7 @@ mod file {
     }
 
     backend_tests!(key_ttl: true);
+    recipe_tests!();
 
     #[test]
     fn watch_prints_json_events() {

@@ -1,5 +1,6 @@
 //! The `coordkit` command-line tool: get, put, del, ls and watch keys, and run commands under
-//! a fenced distributed lock, on any backend coordkit supports.
+//! a fenced distributed lock (or a semaphore's permit, or a read-write lock), on any backend
+//! coordkit supports.
 //!
 //! `coordkit --help` describes the usage and the exit codes; `docs/cli.md` more fully.
 
@@ -125,6 +126,7 @@ async fn dispatch(
         Command::Lock(l) => {
             drop(out);
             let job = lock_cmd::LockJob {
+                hold: l.hold(),
                 name: l.name,
                 ttl: l.ttl,
                 wait: l.wait,
@@ -138,6 +140,7 @@ async fn dispatch(
             drop(out);
             let job = lock_cmd::LockJob {
                 name: e.name,
+                hold: lock_cmd::Hold::Lock,
                 ttl: e.ttl,
                 wait: e.wait,
                 kill_after: e.kill_after,

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::exit::{one_line, CliError};
+use crate::lock_cmd::Hold;
 
 const AFTER_HELP: &str = "\
 Backend: --url, else --config (or COORDKIT_CONFIG), else COORDKIT_URL.
@@ -18,9 +19,11 @@ Exit codes:
   0    success
   1    the operation failed (backend unreachable, timeout, permission, conflict, ...);
        lock: also when the backend did not answer while the lock was being acquired
-  2    usage or configuration error (bad option, missing --, bad URL or config, bad key)
+  2    usage or configuration error (bad option, missing --, bad URL or config, bad key;
+       lock: --permits 0 or above 256, or not the number the semaphore's holders use)
   3    get: the key does not exist
-  124  lock: not acquired within --wait (the wait ran out)
+  124  lock: the lock (permit, shared or exclusive hold) was not acquired within --wait
+       (the wait ran out)
   125  lock: lost while CMD ran (CMD's process group was sent SIGTERM), or lost before
        CMD could start (CMD was not run)
   126  lock: CMD could not be executed
@@ -108,12 +111,22 @@ pub enum Command {
         #[arg(default_value = "", hide_default_value = true)]
         prefix: String,
     },
-    /// Run CMD while holding the lock NAME
+    /// Run CMD while holding the lock NAME (or a permit of a semaphore, or a read-write lock)
     #[command(
         long_about = "Run CMD while holding the lock NAME.\n\n\
         CMD gets the lock's fencing token in the environment variable COORDKIT_FENCING_TOKEN \
         (and the name in COORDKIT_LOCK_NAME): pass it with every write to the resource the \
         lock protects, which must reject tokens lower than the highest it has seen.\n\n\
+        With --permits N, CMD runs holding one of the N permits of the semaphore NAME: at most \
+        N holders run at once, and every user of the semaphore must give the same N. CMD also \
+        gets the permit's slot (0 to N-1) in COORDKIT_PERMIT_SLOT; the token in \
+        COORDKIT_FENCING_TOKEN is that slot's, increasing with every holder of the slot. With \
+        --shared or --exclusive, CMD holds the read side or the write side of the read-write \
+        lock NAME: shared holders run together (up to 16 at once), an exclusive holder runs \
+        alone, and once an exclusive holder waits, later shared ones wait behind it. The lock \
+        NAME, the semaphore NAME and the read-write lock NAME are three different objects: a \
+        plain 'coordkit lock NAME' does not exclude '--shared' or '--exclusive' holders of \
+        NAME, nor permit holders.\n\n\
         CMD runs in its own process group, and the lock covers the whole group: when CMD \
         exits, processes it left running in the group get SIGTERM (SIGKILL after \
         --kill-after), and the lock is released only once none of them runs any more. \
@@ -124,7 +137,10 @@ pub enum Command {
         (the queued attempt is withdrawn) and coordkit exits 128+N without running CMD. \
         Otherwise coordkit releases the lock and exits with CMD's status (see \
         'coordkit --help' for every exit code).",
-        after_help = "Example:\n  coordkit --url etcd://127.0.0.1:2379 lock jobs/nightly --ttl 30s --wait 1m -- ./nightly.sh"
+        after_help = "Examples:\n  coordkit --url etcd://127.0.0.1:2379 lock jobs/nightly --ttl 30s --wait 1m -- ./nightly.sh\n  \
+        coordkit --url etcd://127.0.0.1:2379 lock pools/gpu --permits 4 -- ./train.sh\n  \
+        coordkit --url etcd://127.0.0.1:2379 lock data/index --shared -- ./query.sh\n  \
+        coordkit --url etcd://127.0.0.1:2379 lock data/index --exclusive -- ./reindex.sh"
     )]
     Lock(LockArgs),
     /// Run CMD while leader of the election NAME
@@ -176,8 +192,19 @@ pub struct ElectArgs {
 /// Arguments of `lock`.
 #[derive(Debug, Args)]
 pub struct LockArgs {
-    /// The lock's name, e.g. jobs/nightly
+    /// The lock's name, e.g. jobs/nightly (the semaphore's, with --permits; the read-write
+    /// lock's, with --shared or --exclusive)
     pub name: String,
+    /// Hold one of the N permits of the semaphore NAME instead of the lock NAME (1 to 256;
+    /// every user of the semaphore must give the same N)
+    #[arg(long, value_name = "N", conflicts_with_all = ["shared", "exclusive"])]
+    pub permits: Option<u32>,
+    /// Hold the read-write lock NAME shared (with other shared holders), not the lock NAME
+    #[arg(long, conflicts_with = "exclusive")]
+    pub shared: bool,
+    /// Hold the read-write lock NAME exclusively (no other holder, shared or exclusive)
+    #[arg(long)]
+    pub exclusive: bool,
     /// Lease TTL: how long a crashed holder keeps others out
     #[arg(long, value_name = "D", default_value = "15s", value_parser = duration)]
     pub ttl: Duration,
@@ -192,6 +219,18 @@ pub struct LockArgs {
     /// The command to run, after '--'
     #[arg(last = true, required = true, num_args = 1.., value_name = "CMD")]
     pub command: Vec<String>,
+}
+
+impl LockArgs {
+    /// What the options say to take of NAME.
+    pub fn hold(&self) -> Hold {
+        match (self.permits, self.shared, self.exclusive) {
+            (Some(n), _, _) => Hold::Permits(n),
+            (None, true, _) => Hold::Shared,
+            (None, false, true) => Hold::Exclusive,
+            (None, false, false) => Hold::Lock,
+        }
+    }
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -252,7 +291,7 @@ fn clap_error(args: &[OsString], kind: clap::error::ErrorKind, rendered: &str) -
         )
     }) {
         let usage = if sub == "lock" {
-            "coordkit lock NAME [--ttl D] [--wait D] -- CMD [ARGS...]"
+            "coordkit lock NAME [--permits N | --shared | --exclusive] [--ttl D] [--wait D] -- CMD [ARGS...]"
         } else {
             "coordkit elect NAME [--value V] [--ttl D] [--wait D] -- CMD [ARGS...]"
         };
@@ -345,6 +384,20 @@ mod tests {
         assert_eq!(l.ttl, Duration::from_secs(5));
         assert_eq!(l.wait, Some(Duration::from_millis(500)));
         assert_eq!(l.command, vec!["sh", "-c", "true"]);
+        assert_eq!(l.hold(), Hold::Lock);
+        for (flags, hold) in [
+            ("--permits 3", Hold::Permits(3)),
+            ("--permits 0", Hold::Permits(0)),
+            ("--shared", Hold::Shared),
+            ("--exclusive", Hold::Exclusive),
+        ] {
+            let Command::Lock(l) = cli(&format!("lock pools/x {flags} --wait 0s -- true")).command
+            else {
+                panic!()
+            };
+            assert_eq!(l.hold(), hold, "{flags}");
+            assert_eq!(l.wait, Some(Duration::ZERO));
+        }
         let c = cli("elect svc/a --value host:1 --ttl 5s -- ./run");
         let Command::Elect(e) = c.command else {
             panic!()
@@ -365,6 +418,17 @@ mod tests {
         assert!(usage_error("lock jobs/x").contains("missing '--'"));
         assert!(usage_error("elect svc/a echo hi").contains("elect: missing '--'"));
         assert!(usage_error("lock jobs/x --").contains("CMD"));
+        for flags in [
+            "--permits 2 --shared",
+            "--permits 2 --exclusive",
+            "--shared --exclusive",
+        ] {
+            let e = usage_error(&format!("lock jobs/x {flags} -- true"));
+            assert!(e.contains("cannot be used with"), "{flags}: {e}");
+        }
+        assert!(usage_error("lock jobs/x --permits 2 echo hi").contains("missing '--'"));
+        assert!(usage_error("lock jobs/x --shared").contains("--shared | --exclusive"));
+        assert!(usage_error("lock jobs/x --permits x -- true").contains("--permits <N>"));
         assert!(usage_error("put k v --ttl 10").contains("unit is missing"));
         assert!(usage_error("").contains("no subcommand"));
         assert!(usage_error("get").contains("KEY"));

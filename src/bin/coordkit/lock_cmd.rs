@@ -1,6 +1,7 @@
-//! `coordkit lock NAME -- CMD`: run a command while holding a lock; `coordkit elect NAME --
-//! CMD`: run a command while leader of an election (the same runner, with the leadership's
-//! term as the fencing token).
+//! `coordkit lock NAME -- CMD`: run a command while holding a lock, a permit of a semaphore
+//! (`--permits N`) or a side of a read-write lock (`--shared`, `--exclusive`); `coordkit elect
+//! NAME -- CMD`: run a command while leader of an election (the same runner, with the
+//! leadership's term as the fencing token).
 //!
 //! CMD runs in a process group of its own, and the lock covers that whole group: when CMD
 //! exits, the processes it left behind in the group get `SIGTERM` (then `SIGKILL` after
@@ -16,7 +17,10 @@ use std::time::Duration;
 
 use coordkit::config_file::format_duration;
 use coordkit::lease::deadline_after;
-use coordkit::{Backend, ErrorKind, FencingToken, LeaderGuard, LockGuard, LockOptions};
+use coordkit::{
+    Backend, DistRwLock, DistSemaphore, ErrorKind, FencingToken, LeaderGuard, LockGuard,
+    LockOptions,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -28,6 +32,8 @@ use crate::exit::{
 pub const TOKEN_ENV: &str = "COORDKIT_FENCING_TOKEN";
 /// The environment variable holding the lock's name for CMD.
 pub const NAME_ENV: &str = "COORDKIT_LOCK_NAME";
+/// The environment variable holding the slot of the permit CMD runs under (`--permits`).
+pub const SLOT_ENV: &str = "COORDKIT_PERMIT_SLOT";
 
 /// Extra time, beyond `--wait`, granted to a backend to report its own timeout.
 const WAIT_GRACE: Duration = Duration::from_secs(5);
@@ -51,6 +57,10 @@ pub trait Held: Send + 'static {
     fn name(&self) -> &str;
     /// The fencing token (a leadership's term).
     fn token(&self) -> FencingToken;
+    /// The slot of a semaphore's permit; `None` for everything else.
+    fn slot(&self) -> Option<u32> {
+        None
+    }
     /// Whether it may no longer be held.
     fn is_lost(&self) -> bool;
     /// Resolves once it may no longer be held.
@@ -59,21 +69,57 @@ pub trait Held: Send + 'static {
     fn release(self) -> Pin<Box<dyn Future<Output = coordkit::Result<()>> + Send + 'static>>;
 }
 
-impl Held for LockGuard {
+/// What `lock` takes of NAME.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hold {
+    /// The lock NAME.
+    #[default]
+    Lock,
+    /// One of the given number of permits of the semaphore NAME.
+    Permits(u32),
+    /// The shared (read) side of the read-write lock NAME.
+    Shared,
+    /// The exclusive (write) side of the read-write lock NAME.
+    Exclusive,
+}
+
+impl Hold {
+    /// What is taken of `name`, as messages say it.
+    pub fn describe(self, name: &str) -> String {
+        match self {
+            Hold::Lock => format!("lock {name:?}"),
+            Hold::Permits(_) => format!("a permit of semaphore {name:?}"),
+            Hold::Shared => format!("read-write lock {name:?} (shared)"),
+            Hold::Exclusive => format!("read-write lock {name:?} (exclusive)"),
+        }
+    }
+}
+
+/// A hold taken by [`acquire`]: its guard, under the name CMD is given, and a permit's slot.
+pub struct Taken {
+    guard: LockGuard,
+    name: String,
+    slot: Option<u32>,
+}
+
+impl Held for Taken {
     fn name(&self) -> &str {
-        LockGuard::name(self)
+        &self.name
     }
     fn token(&self) -> FencingToken {
-        LockGuard::token(self)
+        self.guard.token()
+    }
+    fn slot(&self) -> Option<u32> {
+        self.slot
     }
     fn is_lost(&self) -> bool {
-        LockGuard::is_lost(self)
+        self.guard.is_lost()
     }
     fn lost(&self) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>> {
-        Box::pin(LockGuard::lost(self))
+        Box::pin(self.guard.lost())
     }
     fn release(self) -> Pin<Box<dyn Future<Output = coordkit::Result<()>> + Send + 'static>> {
-        Box::pin(LockGuard::release(self))
+        Box::pin(self.guard.release())
     }
 }
 
@@ -98,8 +144,10 @@ impl Held for LeaderGuard {
 /// What `lock` runs.
 #[derive(Debug, Clone)]
 pub struct LockJob {
-    /// The lock's name.
+    /// The lock's name (the semaphore's, the read-write lock's).
     pub name: String,
+    /// What is taken of `name` (`elect` ignores it).
+    pub hold: Hold,
     /// Lease TTL.
     pub ttl: Duration,
     /// Bound on waiting for the lock; `None` waits forever; zero only tries once. A wait too
@@ -133,11 +181,12 @@ fn signal_name(sig: i32) -> String {
 }
 
 /// The error for a signal that ended `lock` before CMD started: exit 128 + the signal.
-fn interrupted(sig: i32, name: &str, what: &str) -> CliError {
+/// `held` is what was being taken, as [`Hold::describe`] says it.
+fn interrupted(sig: i32, held: &str, what: &str) -> CliError {
     CliError::new(
         SIGNAL_BASE + sig,
         "interrupted",
-        format!("interrupted by {} {what} lock {name:?}", signal_name(sig)),
+        format!("interrupted by {} {what} {held}", signal_name(sig)),
     )
 }
 
@@ -224,21 +273,62 @@ fn parked_count(_metrics: &tokio::runtime::RuntimeMetrics) -> Option<u64> {
     None
 }
 
-/// Acquires the lock, honouring `--wait`.
+/// Takes `job.hold` of `job.name`, waiting as `opts.wait` says.
+async fn take(b: &dyn Backend, job: &LockJob, opts: &LockOptions) -> coordkit::Result<Taken> {
+    let name = job.name.as_str();
+    let taken = |guard, slot| Taken {
+        guard,
+        name: name.to_string(),
+        slot,
+    };
+    Ok(match job.hold {
+        Hold::Lock => taken(b.lock(name, opts).await?, None),
+        Hold::Permits(n) => {
+            let permit = DistSemaphore::acquire(b, name, n, opts).await?;
+            let slot = permit.slot();
+            taken(permit.into_guard(), Some(slot))
+        }
+        Hold::Shared => taken(DistRwLock::read(b, name, opts).await?, None),
+        Hold::Exclusive => taken(DistRwLock::write(b, name, opts).await?, None),
+    })
+}
+
+/// Tries once to take `job.hold` of `job.name`: `None` when others hold it.
+///
+/// A recipe tried once reports "held by others" as a `Timeout` of its own (from coordkit, not
+/// from the backend); a `Timeout` from the backend is a request that got no answer.
+async fn take_once(
+    b: &dyn Backend,
+    job: &LockJob,
+    opts: &LockOptions,
+) -> coordkit::Result<Option<Taken>> {
+    if job.hold == Hold::Lock {
+        return Ok(b.try_lock(&job.name, opts).await?.map(|guard| Taken {
+            guard,
+            name: job.name.clone(),
+            slot: None,
+        }));
+    }
+    match take(b, job, &opts.clone().wait(Duration::ZERO)).await {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.is(ErrorKind::Timeout) && e.backend() == "coordkit" => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Acquires what `job.hold` says (the lock, a permit of the semaphore, a side of the
+/// read-write lock), honouring `--wait`.
 ///
 /// Exit 124 only when the wait really ran out; a backend request that got no answer before
 /// that (a `Timeout` error while time was left) is exit 1 with a message saying so.
-pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<LockGuard, CliError> {
+pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<Taken, CliError> {
     let opts = LockOptions::new().ttl(job.ttl);
+    let held = job.hold.describe(&job.name);
     let timed_out = |w: Duration| {
         CliError::new(
             LOCK_TIMEOUT,
             "lock timeout",
-            format!(
-                "lock {:?} was not acquired within {}",
-                job.name,
-                format_duration(w)
-            ),
+            format!("{held} was not acquired within {}", format_duration(w)),
         )
     };
     let started = Instant::now();
@@ -248,16 +338,15 @@ pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<LockGuard, CliErr
             FAILED,
             "timeout",
             format!(
-                "the backend did not answer while acquiring lock {:?} (after {}): {}",
-                job.name,
+                "the backend did not answer while acquiring {held} (after {}): {}",
                 format_duration(started.elapsed()),
                 e.message
             ),
         )
     };
     match job.wait {
-        Some(w) if w.is_zero() => match b.try_lock(&job.name, &opts).await {
-            Ok(Some(g)) => Ok(g),
+        Some(w) if w.is_zero() => match take_once(b, job, &opts).await {
+            Ok(Some(t)) => Ok(t),
             Ok(None) => Err(timed_out(w)),
             Err(e) if e.is(ErrorKind::Timeout) => Err(no_answer(e)),
             Err(e) => Err(e.into()),
@@ -265,7 +354,7 @@ pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<LockGuard, CliErr
         // A wait too large to represent as a deadline waits without bound.
         Some(w) if deadline_after(Some(w)).is_some() => {
             let opts = opts.wait(w);
-            let mut attempt = Box::pin(b.lock(&job.name, &opts));
+            let mut attempt = Box::pin(take(b, job, &opts));
             let bound = deadline_after(w.checked_add(WAIT_GRACE));
             let result = coordkit::lease::until(bound, &mut attempt).await;
             match result {
@@ -283,8 +372,8 @@ pub async fn acquire(b: &dyn Backend, job: &LockJob) -> Result<LockGuard, CliErr
                 Some(r) => r.map_err(CliError::from),
             }
         }
-        _ => match b.lock(&job.name, &opts).await {
-            Ok(g) => Ok(g),
+        _ => match take(b, job, &opts).await {
+            Ok(t) => Ok(t),
             Err(e) if e.is(ErrorKind::Timeout) => Err(no_answer(e)),
             Err(e) => Err(e.into()),
         },
@@ -297,14 +386,16 @@ pub async fn acquire_interruptible(
     b: &dyn Backend,
     job: &LockJob,
     signals: &mut mpsc::UnboundedReceiver<i32>,
-) -> Result<LockGuard, CliError> {
-    interruptible(acquire(b, job), &job.name, signals).await
+) -> Result<Taken, CliError> {
+    let held = job.hold.describe(&job.name);
+    interruptible(acquire(b, job), &held, signals).await
 }
 
-/// Awaits an acquisition, abandoned (withdrawn) when coordkit receives a signal.
+/// Awaits an acquisition of `held` (as [`Hold::describe`] says it), abandoned (withdrawn) when
+/// coordkit receives a signal.
 async fn interruptible<G, F>(
     attempt: F,
-    name: &str,
+    held: &str,
     signals: &mut mpsc::UnboundedReceiver<i32>,
 ) -> Result<G, CliError>
 where
@@ -321,7 +412,7 @@ where
         None => attempt.await,
         Some(sig) => {
             abandon(attempt, Some(signals)).await;
-            Err(interrupted(sig, name, "while waiting for"))
+            Err(interrupted(sig, held, "while waiting for"))
         }
     }
 }
@@ -477,25 +568,23 @@ pub async fn run_under<G: Held>(
     job: &LockJob,
     mut signals: mpsc::UnboundedReceiver<i32>,
 ) -> Result<i32, CliError> {
+    let held = job.hold.describe(&job.name);
     let Some((program, args)) = job.command.split_first() else {
-        release(guard).await;
+        release(guard, &held).await;
         return Err(CliError::usage("lock: no command given after '--'"));
     };
     // A signal that came while the lock was being granted: do not start CMD.
     if let Ok(sig) = signals.try_recv() {
-        release(guard).await;
-        return Err(interrupted(sig, &job.name, "after acquiring"));
+        release(guard, &held).await;
+        return Err(interrupted(sig, &held, "after acquiring"));
     }
     // The lock may have been lost since it was granted: never start CMD without it.
     if guard.is_lost() {
-        release(guard).await;
+        release(guard, &held).await;
         return Err(CliError::new(
             LOCK_LOST,
             "lock lost",
-            format!(
-                "lock {:?} was lost before the command started; the command was not run",
-                job.name
-            ),
+            format!("{held} was lost before the command started; the command was not run"),
         ));
     }
     let mut cmd = tokio::process::Command::new(program);
@@ -503,11 +592,16 @@ pub async fn run_under<G: Held>(
         .env(TOKEN_ENV, guard.token().to_string())
         .env(NAME_ENV, guard.name())
         .process_group(0);
+    // Only a permit's holder has a slot; none is passed on from an enclosing one.
+    match guard.slot() {
+        Some(slot) => cmd.env(SLOT_ENV, slot.to_string()),
+        None => cmd.env_remove(SLOT_ENV),
+    };
     die_with_parent(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
-            release(guard).await;
+            release(guard, &held).await;
             let code = if e.kind() == std::io::ErrorKind::NotFound {
                 NOT_FOUND_CMD
             } else {
@@ -564,8 +658,7 @@ pub async fn run_under<G: Held>(
             _ = &mut lost, if !lost_seen => {
                 lost_seen = true;
                 crate::exit::note!(
-                    "coordkit: lock {:?} lost while the command ran; sending SIGTERM to its process group",
-                    job.name
+                    "coordkit: {held} lost while the command ran; sending SIGTERM to its process group"
                 );
                 if !terminating {
                     terminating = true;
@@ -606,7 +699,7 @@ pub async fn run_under<G: Held>(
     let status = match status.unwrap_or_else(|| Err(std::io::Error::other("not waited for"))) {
         Ok(s) => s,
         Err(e) => {
-            release(guard).await;
+            release(guard, &held).await;
             return Err(CliError::new(
                 FAILED,
                 "command",
@@ -616,29 +709,28 @@ pub async fn run_under<G: Held>(
     };
     let code = status_code(status);
     if lost_seen || guard.is_lost() {
-        release(guard).await;
+        release(guard, &held).await;
         return Err(CliError::new(
             LOCK_LOST,
             "lock lost",
             format!(
-                "lock {:?} was lost while the command ran (the command exited with status {code})",
-                job.name
+                "{held} was lost while the command ran (the command exited with status {code})"
             ),
         ));
     }
-    release(guard).await;
+    release(guard, &held).await;
     Ok(code)
 }
 
-async fn release<G: Held>(guard: G) {
-    let name = guard.name().to_string();
+/// Releases `guard`, which holds `held` (as [`Hold::describe`] says it); failures are warnings.
+async fn release<G: Held>(guard: G, held: &str) {
     let was_lost = guard.is_lost();
     match tokio::time::timeout(RELEASE_BOUND, guard.release()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) if was_lost && e.is(ErrorKind::LockLost) => {}
-        Ok(Err(e)) => crate::exit::note!("coordkit: warning: releasing lock {name:?}: {e}"),
+        Ok(Err(e)) => crate::exit::note!("coordkit: warning: releasing {held}: {e}"),
         Err(_) => crate::exit::note!(
-            "coordkit: warning: releasing lock {name:?} timed out; its lease will expire by itself"
+            "coordkit: warning: releasing {held} timed out; its lease will expire by itself"
         ),
     }
 }
@@ -650,7 +742,13 @@ pub async fn run(
     mut signals: mpsc::UnboundedReceiver<i32>,
 ) -> Result<i32, CliError> {
     let guard = acquire_interruptible(b, job, &mut signals).await?;
-    tracing::info!(lock = %job.name, token = guard.token().get(), "lock acquired");
+    tracing::info!(
+        lock = %job.name,
+        hold = ?job.hold,
+        token = guard.token().get(),
+        slot = guard.slot(),
+        "lock acquired"
+    );
     run_under(guard, job, signals).await
 }
 
@@ -701,7 +799,8 @@ pub async fn run_elect(
     value: &[u8],
     mut signals: mpsc::UnboundedReceiver<i32>,
 ) -> Result<i32, CliError> {
-    let guard = interruptible(campaign(b, job, value), &job.name, &mut signals).await?;
+    let held = Hold::Lock.describe(&job.name);
+    let guard = interruptible(campaign(b, job, value), &held, &mut signals).await?;
     tracing::info!(election = %job.name, term = guard.term().get(), "elected leader");
     run_under(guard, job, signals).await
 }
@@ -716,6 +815,7 @@ mod tests {
     fn job(name: &str, cmd: &[&str]) -> LockJob {
         LockJob {
             name: name.into(),
+            hold: Hold::Lock,
             ttl: Duration::from_secs(5),
             wait: None,
             kill_after: Duration::from_secs(5),
@@ -884,7 +984,7 @@ mod tests {
             let mut j = job("j/f", &["sleep", "30"]);
             j.ttl = Duration::from_millis(300);
             let guard = acquire(&*b, &j).await.unwrap();
-            guard.suspend_keep_alive();
+            guard.guard.suspend_keep_alive();
             let started = std::time::Instant::now();
             let e = run_under(guard, &j, no_signals()).await.unwrap_err();
             assert_eq!(e.code, LOCK_LOST, "{e:?}");
@@ -938,7 +1038,7 @@ mod tests {
         j.kill_after = Duration::from_millis(300);
         let guard = acquire(&*b, &j).await.unwrap();
         // The holder stops renewing: the lock is lost once the TTL runs out.
-        guard.suspend_keep_alive();
+        guard.guard.suspend_keep_alive();
         let runner = {
             let j = j.clone();
             tokio::spawn(async move { run_under(guard, &j, no_signals()).await })
@@ -967,7 +1067,7 @@ mod tests {
         let mut j = job("j/i", &["sh", "-c", &script]);
         j.ttl = Duration::from_millis(200);
         let guard = acquire(&*b, &j).await.unwrap();
-        guard.suspend_keep_alive();
+        guard.guard.suspend_keep_alive();
         tokio::time::sleep(Duration::from_millis(600)).await;
         let e = run_under(guard, &j, no_signals()).await.unwrap_err();
         assert_eq!(e.code, LOCK_LOST, "{e:?}");
@@ -1108,24 +1208,212 @@ mod tests {
     /// 1, saying the backend did not answer. 124 only when the wait ran out.
     #[tokio::test]
     async fn request_timeout_is_not_a_wait_timeout() {
-        let b = Unanswered {
-            mem: MemoryStore::new(),
-            after: Duration::from_millis(100),
-        };
-        let mut j = job("j/m", &["true"]);
-        for wait in [Some(Duration::from_secs(60)), None, Some(Duration::ZERO)] {
-            j.wait = wait;
+        for hold in [Hold::Lock, Hold::Permits(2), Hold::Shared, Hold::Exclusive] {
+            let b = Unanswered {
+                mem: MemoryStore::new(),
+                after: Duration::from_millis(100),
+            };
+            let mut j = job("j/m", &["true"]);
+            j.hold = hold;
+            for wait in [Some(Duration::from_secs(60)), None, Some(Duration::ZERO)] {
+                j.wait = wait;
+                let e = run(&b, &j, no_signals()).await.unwrap_err();
+                assert_eq!(e.code, FAILED, "{hold:?} {wait:?}: {e:?}");
+                assert!(e.message.contains("did not answer"), "{}", e.message);
+            }
+            // The same error once the wait has run out: 124.
+            let b = Unanswered {
+                mem: MemoryStore::new(),
+                after: Duration::from_millis(300),
+            };
+            j.wait = Some(Duration::from_millis(200));
             let e = run(&b, &j, no_signals()).await.unwrap_err();
-            assert_eq!(e.code, FAILED, "{wait:?}: {e:?}");
-            assert!(e.message.contains("did not answer"), "{}", e.message);
+            assert_eq!(e.code, LOCK_TIMEOUT, "{hold:?}: {e:?}");
         }
-        // The same error once the wait has run out: 124.
-        let b = Unanswered {
-            mem: MemoryStore::new(),
-            after: Duration::from_millis(300),
+    }
+
+    /// Waits until `path` exists.
+    async fn appears(path: &Path) -> bool {
+        for _ in 0..1000 {
+            if path.exists() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        false
+    }
+
+    /// A shell command that records its slot and token in `DIR/NAME` (as `SLOT TOKEN`), waits
+    /// for the file `DIR/OTHER` (at most 10 s: exit 9 if it never comes), then for `DIR/go`.
+    fn meet(dir: &Path, name: &str, other: &str) -> String {
+        format!(
+            "echo \"$COORDKIT_PERMIT_SLOT $COORDKIT_FENCING_TOKEN $COORDKIT_LOCK_NAME\" > {d}/{name}.tmp; \
+             mv {d}/{name}.tmp {d}/{name}; n=0; \
+             while [ ! -e {d}/{other} ]; do n=$((n+1)); [ $n -gt 200 ] && exit 9; sleep 0.05; done; \
+             while [ ! -e {d}/go ]; do sleep 0.05; done",
+            d = dir.display()
+        )
+    }
+
+    /// `--permits 2`: two holders run at once, in slots 0 and 1, with the slot in the
+    /// environment; a third trying once gets 124; another number of permits while held is
+    /// refused as an invalid argument (exit 2) naming the semaphore.
+    #[tokio::test]
+    async fn permits_let_that_many_run_at_once() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let dir = temp_dir("permits");
+        let spawn = |me: &str, other: &str| {
+            let mut j = job("pool/a", &["sh", "-c", &meet(&dir, me, other)]);
+            j.hold = Hold::Permits(2);
+            let b = b.clone();
+            tokio::spawn(async move { run(&*b, &j, no_signals()).await })
         };
-        j.wait = Some(Duration::from_millis(200));
-        let e = run(&b, &j, no_signals()).await.unwrap_err();
+        let first = spawn("a", "b");
+        let second = spawn("b", "a");
+        assert!(appears(&dir.join("a")).await && appears(&dir.join("b")).await);
+        let mut j = job("pool/a", &["true"]);
+        j.hold = Hold::Permits(2);
+        j.wait = Some(Duration::ZERO);
+        let e = run(&*b, &j, no_signals()).await.unwrap_err();
         assert_eq!(e.code, LOCK_TIMEOUT, "{e:?}");
+        assert!(e.message.contains("semaphore \"pool/a\""), "{}", e.message);
+        j.hold = Hold::Permits(3);
+        let e = run(&*b, &j, no_signals()).await.unwrap_err();
+        assert_eq!(e.code, crate::exit::USAGE, "{e:?}");
+        assert!(e.message.contains("\"pool/a\""), "{}", e.message);
+        std::fs::write(dir.join("go"), "").unwrap();
+        assert_eq!(first.await.unwrap().unwrap(), 0);
+        assert_eq!(second.await.unwrap().unwrap(), 0);
+        let mut slots: Vec<String> = ["a", "b"]
+            .iter()
+            .map(|f| {
+                let text = std::fs::read_to_string(dir.join(f)).unwrap();
+                let v: Vec<&str> = text.split_whitespace().collect();
+                assert_eq!(v.len(), 3, "{text:?}");
+                assert!(v[1].parse::<u64>().unwrap() > 0, "{text:?}");
+                assert_eq!(v[2], "pool/a");
+                v[0].to_string()
+            })
+            .collect();
+        slots.sort();
+        assert_eq!(slots, ["0", "1"]);
+        // Released: both permits are free again, and a plain lock holder has no slot.
+        j.hold = Hold::Permits(2);
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+        let out = dir.join("plain");
+        let script = format!("echo \"[$COORDKIT_PERMIT_SLOT]\" > {}", out.display());
+        let plain = job("pool/a", &["sh", "-c", &script]);
+        assert_eq!(run(&*b, &plain, no_signals()).await.unwrap(), 0);
+        assert_eq!(std::fs::read_to_string(&out).unwrap().trim(), "[]");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `--shared` holders run together; `--exclusive` tried once while they run gets 124, and
+    /// so does `--shared` tried once while an exclusive holder runs. The plain lock of the same
+    /// name is another object.
+    #[tokio::test]
+    async fn shared_and_exclusive_holds() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let dir = temp_dir("rw");
+        let spawn = |hold: Hold, me: &str, other: &str| {
+            let mut j = job("data/x", &["sh", "-c", &meet(&dir, me, other)]);
+            j.hold = hold;
+            let b = b.clone();
+            tokio::spawn(async move { run(&*b, &j, no_signals()).await })
+        };
+        let r1 = spawn(Hold::Shared, "a", "b");
+        let r2 = spawn(Hold::Shared, "b", "a");
+        assert!(appears(&dir.join("a")).await && appears(&dir.join("b")).await);
+        let mut j = job("data/x", &["true"]);
+        j.wait = Some(Duration::ZERO);
+        j.hold = Hold::Exclusive;
+        let e = run(&*b, &j, no_signals()).await.unwrap_err();
+        assert_eq!(e.code, LOCK_TIMEOUT, "{e:?}");
+        assert!(e.message.contains("(exclusive)"), "{}", e.message);
+        j.hold = Hold::Lock;
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+        std::fs::write(dir.join("go"), "").unwrap();
+        assert_eq!(r1.await.unwrap().unwrap(), 0);
+        assert_eq!(r2.await.unwrap().unwrap(), 0);
+        std::fs::remove_file(dir.join("go")).unwrap();
+        // The exclusive holder meets nobody: it waits for `go` alone.
+        std::fs::write(dir.join("none"), "").unwrap();
+        let w = spawn(Hold::Exclusive, "c", "none");
+        assert!(appears(&dir.join("c")).await);
+        j.hold = Hold::Shared;
+        let e = run(&*b, &j, no_signals()).await.unwrap_err();
+        assert_eq!(e.code, LOCK_TIMEOUT, "{e:?}");
+        assert!(e.message.contains("(shared)"), "{}", e.message);
+        std::fs::write(dir.join("go"), "").unwrap();
+        assert_eq!(w.await.unwrap().unwrap(), 0);
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A permit or a read-write hold is run as a lock is: a signal while waiting ends the wait
+    /// (128 + the signal) and withdraws the attempt; one lost while CMD runs stops CMD (125).
+    #[tokio::test]
+    async fn recipe_holds_are_interrupted_and_lost_as_locks() {
+        let b: Arc<dyn Backend> = Arc::new(MemoryStore::new());
+        let opts = LockOptions::new();
+        let held = b.acquire("r/p", 1, &opts).await.unwrap();
+        let writer = b.write("r/w", &opts).await.unwrap();
+        for (name, hold) in [
+            ("r/p", Hold::Permits(1)),
+            ("r/w", Hold::Shared),
+            ("r/w", Hold::Exclusive),
+        ] {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut j = job(name, &["true"]);
+            j.hold = hold;
+            let runner = {
+                let (b, j) = (b.clone(), j.clone());
+                tokio::spawn(async move { run(&*b, &j, rx).await })
+            };
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            tx.send(libc::SIGINT).unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(5), runner)
+                .await
+                .expect("the wait ends on the signal")
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(e.code, SIGNAL_BASE + libc::SIGINT, "{hold:?}: {e:?}");
+            assert!(
+                e.message
+                    .contains(&format!("while waiting for {}", hold.describe(name))),
+                "{}",
+                e.message
+            );
+        }
+        drop((held, writer));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Nothing was left queued: both are free at once.
+        let mut j = job("r/p", &["true"]);
+        j.wait = Some(Duration::ZERO);
+        j.hold = Hold::Permits(1);
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+        j.name = "r/w".into();
+        j.hold = Hold::Exclusive;
+        assert_eq!(run(&*b, &j, no_signals()).await.unwrap(), 0);
+
+        #[cfg(feature = "test-hooks")]
+        for hold in [Hold::Permits(2), Hold::Shared, Hold::Exclusive] {
+            let mut j = job("r/lost", &["sleep", "30"]);
+            j.hold = hold;
+            j.ttl = Duration::from_millis(300);
+            let guard = acquire(&*b, &j).await.unwrap();
+            guard.guard.suspend_keep_alive();
+            let e =
+                tokio::time::timeout(Duration::from_secs(10), run_under(guard, &j, no_signals()))
+                    .await
+                    .expect("the lost hold stops the command")
+                    .unwrap_err();
+            assert_eq!(e.code, LOCK_LOST, "{hold:?}: {e:?}");
+            assert!(
+                e.message.contains(&hold.describe("r/lost")),
+                "{}",
+                e.message
+            );
+        }
     }
 }
