@@ -143,12 +143,23 @@ fn wall_ms() -> i64 {
 
 impl Inner {
     async fn sync(&self, client: &zk::Client, key: &str) -> Result<()> {
+        self.synced(client, key).await
+    }
+
+    /// Sends a sync of the root at once (before the returned future is polled), so that
+    /// requests sent after this call are answered after the sync.
+    fn synced<'a>(
+        &'a self,
+        client: &'a zk::Client,
+        key: &'a str,
+    ) -> impl std::future::Future<Output = Result<()>> + 'a {
         let at = if self.root.is_empty() {
             "/"
         } else {
             &self.root
         };
-        self.bounded("sync", key, client.sync(at)).await
+        let sent = client.sync(at);
+        self.bounded("sync", key, sent)
     }
 
     /// Records a server-time sample: the `mtime` of a write whose answer just arrived.
@@ -540,11 +551,20 @@ impl Inner {
 
     async fn read(&self, key: &str, consistency: Consistency) -> Result<Option<Entry>> {
         let client = self.client().await?;
-        if consistency == Consistency::Strong {
-            self.sync(&client, key).await?;
-        }
         let path = path::key_path(&self.root, key);
-        let Some(node) = self.read_node(&client, key, &path, true).await? else {
+        let node = if consistency == Consistency::Strong {
+            // Pipelined: the sync is sent now, the reads right behind it on the same session;
+            // the server answers a session's requests in order, so the reads see everything
+            // committed before the sync. One round trip instead of two.
+            let synced = self.synced(&client, key);
+            let read = self.read_node(&client, key, &path, true);
+            let (synced, node) = futures::join!(synced, read);
+            synced?;
+            node?
+        } else {
+            self.read_node(&client, key, &path, true).await?
+        };
+        let Some(node) = node else {
             return Ok(None);
         };
         if node.kind != Kind::Permanent && node.expired(self.server_now_ms(&client, key).await) {

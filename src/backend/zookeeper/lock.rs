@@ -37,6 +37,9 @@ use crate::lock::{DistLock, FencingToken, LockGuard, LockHandle, LockOptions};
 pub const LOCK_NAME: &str = "lock-";
 /// Idle lock sessions kept per TTL.
 const POOL_MAX: usize = 8;
+/// How long a lock is held before its node is watched for deletion by others (see
+/// [`Monitor`]).
+const ARM_DELAY: Duration = Duration::from_millis(100);
 
 /// Curator's `StandardLockInternalsDriver.fixForSorting`: the text after the last `<node>`
 /// (`lock-` for locks, `latch-` for `LeaderLatch`), or the whole name.
@@ -934,7 +937,9 @@ impl LockHandle for ZkLock {
 
 /// Watches a held lock and declares its lease lost early: at the deletion of the own node or
 /// the end of the lock session. Otherwise the lease clock decides (a disconnected session is
-/// not lost before the lease's deadline).
+/// not lost before the lease's deadline). The node's watch is set [`ARM_DELAY`] after the
+/// grant, so a deletion of the node by someone else (an operator; no coordkit client deletes
+/// another's node) is noticed up to that much later in the first moments of a hold.
 struct Monitor {
     session: Weak<Mutex<Option<zk::Client>>>,
     path: String,
@@ -984,6 +989,17 @@ impl Monitor {
     /// suspended, dropped, or the lease clock already fired).
     async fn watch(&mut self) -> Option<String> {
         let lost = self.lease.lost_token();
+        // The watch is armed only once the lock has been held for `ARM_DELAY`: a short hold
+        // (lock, work, release) costs no packet for it. Until then a deleted node or an ended
+        // session is noticed by the next renewal or the session's state, and the lease clock
+        // bounds everything as always.
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => return None,
+            _ = self.suspend.cancelled() => return None,
+            _ = lost.cancelled() => return None,
+            _ = tokio::time::sleep(ARM_DELAY) => {}
+        }
         let mut node = Some(self.arm()?);
         let mut retry_at: Option<Instant> = None;
         loop {
