@@ -146,8 +146,8 @@ fn parse_args() -> Result<Args, String> {
     if a.permits.is_some() && a.rw.is_some() {
         return Err("--permits and --rw exclude each other".into());
     }
-    if (a.permits.is_some() || a.rw.is_some()) && (a.no_lock || a.slow_every > 0) {
-        return Err("--permits and --rw go without --no-lock and --slow-every".into());
+    if (a.permits.is_some() || a.rw.is_some()) && a.slow_every > 0 {
+        return Err("--permits and --rw go without --slow-every".into());
     }
     Ok(a)
 }
@@ -194,6 +194,9 @@ async fn run(args: &Args, log: &mut Log) -> i32 {
             return 3;
         }
     };
+    if args.no_lock && (args.permits.is_some() || args.rw.is_some()) {
+        return run_recipe(args, log, &mut fence, None).await;
+    }
     if args.no_lock {
         return run_without_lock(args, log, &mut fence).await;
     }
@@ -201,7 +204,7 @@ async fn run(args: &Args, log: &mut Log) -> i32 {
         return 3;
     };
     if args.permits.is_some() || args.rw.is_some() {
-        return run_recipe(args, log, &mut fence, &*store).await;
+        return run_recipe(args, log, &mut fence, Some(&*store)).await;
     }
     let factor = store.capabilities().lease_expiry_factor.max(1);
     let opts = LockOptions::new()
@@ -341,12 +344,13 @@ impl Hold {
     }
 }
 
-/// The rounds of a `--permits` or `--rw` contender.
+/// The rounds of a `--permits` or `--rw` contender; without a store (`--no-lock`, the control),
+/// it announces holds it never took: slot `round % permits`, token `round + 1`.
 async fn run_recipe(
     args: &Args,
     log: &mut Log,
     fence: &mut FenceClient,
-    store: &dyn coordkit::Backend,
+    store: Option<&dyn coordkit::Backend>,
 ) -> i32 {
     let opts = LockOptions::new()
         .ttl(args.ttl)
@@ -360,6 +364,27 @@ async fn run_recipe(
             (None, _) => HoldKind::Read,
         };
         let last_progress = Instant::now();
+        let Some(store) = store else {
+            let permits = u64::from(args.permits.unwrap_or(1));
+            let slot = if kind == HoldKind::Permit {
+                (round % permits) as u32
+            } else {
+                0
+            };
+            let inside = match announce(args, fence, kind, slot, round + 1).await {
+                Ok(k) => k,
+                Err(e) => {
+                    log.line(&format!("fatal fence {e}"));
+                    return 3;
+                }
+            };
+            log.line(&format!(
+                "round {round} kind {} slot {slot} token {} inside {inside} lost 0",
+                kind.as_str(),
+                round + 1
+            ));
+            continue;
+        };
         let (hold, slot) = loop {
             let taken = match kind {
                 HoldKind::Permit => {
@@ -395,26 +420,14 @@ async fn run_recipe(
             }
         };
         let token = hold.token();
-        if let Err(e) = fence.enter(kind, slot, token).await {
-            log.line(&format!("fatal fence {e}"));
-            return 3;
-        }
-        tokio::time::sleep(args.pause).await;
-        let mut inside = 0;
-        if args.gather > 0 && kind != HoldKind::Write {
-            match fence.await_holders(args.gather, args.gather_for).await {
-                Ok(k) => inside = k,
-                Err(e) => {
-                    log.line(&format!("fatal fence {e}"));
-                    return 3;
-                }
+        let inside = match announce(args, fence, kind, slot, token).await {
+            Ok(k) => k,
+            Err(e) => {
+                log.line(&format!("fatal fence {e}"));
+                return 3;
             }
-        }
+        };
         let lost = hold.is_lost();
-        if let Err(e) = fence.leave().await {
-            log.line(&format!("fatal fence {e}"));
-            return 3;
-        }
         log.line(&format!(
             "round {round} kind {} slot {slot} token {token} inside {inside} lost {}",
             kind.as_str(),
@@ -430,6 +443,25 @@ async fn run_recipe(
     }
     log.line(&format!("done {}", args.rounds));
     0
+}
+
+/// One recipe hold as the fence server sees it: `ENTER`, the pause, the gathering (`AWAIT`, for
+/// permits and reads), `LEAVE`; how many holders were inside after the gathering (0 without).
+async fn announce(
+    args: &Args,
+    fence: &mut FenceClient,
+    kind: HoldKind,
+    slot: u32,
+    token: u64,
+) -> std::io::Result<usize> {
+    fence.enter(kind, slot, token).await?;
+    tokio::time::sleep(args.pause).await;
+    let mut inside = 0;
+    if args.gather > 0 && kind != HoldKind::Write {
+        inside = fence.await_holders(args.gather, args.gather_for).await?;
+    }
+    fence.leave().await?;
+    Ok(inside)
 }
 
 /// Whether an error may go away by itself (the backend is failing over or restarting).

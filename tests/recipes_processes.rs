@@ -119,6 +119,57 @@ fn rwlock_run(label: &str, url: &str) -> RecipeReport {
     report
 }
 
+/// The control: contenders that announce holds they never took (`--no-lock`: slot
+/// `round % permits`, token `round + 1`). The checks must flag too many holders, two holders of
+/// a slot, tokens that did not increase, and writers with others inside, or they prove nothing.
+#[test]
+fn without_the_recipes_the_checks_catch_violations() {
+    let control = |label: &str, recipe: Recipe, gather: usize| {
+        let mut cfg = RunConfig::new(label, "memory://");
+        cfg.no_lock = true;
+        cfg.procs = 8;
+        cfg.rounds = 12;
+        cfg.pause = Duration::from_millis(4);
+        cfg.recipe = Some(recipe);
+        cfg.gather = gather;
+        cfg.gather_for = Duration::from_millis(20);
+        let report = run_recipe(&cfg);
+        publish_recipe(&report);
+        assert_eq!(report.rounds_done, 8 * 12, "{report}");
+        report
+    };
+    let has = |r: &RecipeReport, what: &str| r.violations.iter().any(|v| v.contains(what));
+
+    let sem = control(
+        "control-semaphore",
+        Recipe::Semaphore { permits: PERMITS },
+        PERMITS as usize,
+    );
+    assert!(sem.max_holders > PERMITS as usize, "{sem}");
+    assert!(has(&sem, "above the 3 permits"), "{sem}");
+    assert!(
+        has(&sem, "was inside"),
+        "two holders of a slot not flagged: {sem}"
+    );
+    assert!(has(&sem, "did not increase"), "{sem}");
+
+    let rw = control(
+        "control-rwlock",
+        Recipe::RwLock {
+            mode: RwMode::Mixed,
+            write_every: 2,
+        },
+        2,
+    );
+    assert!(
+        rw.violations
+            .iter()
+            .any(|v| v.contains("(write slot") && v.contains("was inside")),
+        "a writer with others inside not flagged: {rw}"
+    );
+    assert!(has(&rw, "handed out twice"), "{rw}");
+}
+
 /// The two tests of a backend: `$sem`, the semaphore run, and `$rw`, the read-write lock run.
 /// The setup is an expression giving what to keep alive for the run (servers, directories;
 /// `()` for a shared server) and the URL.

@@ -408,6 +408,7 @@ fn wait_workers(workers: &mut [Worker], deadline: Instant, bound: Duration) -> V
 /// Runs the contenders, injecting `faults` one after another once the run is under way.
 pub fn run(cfg: &RunConfig, faults: Vec<Fault>) -> RunReport {
     assert!(cfg.recipe.is_none(), "recipe runs go through run_recipe");
+    contender_bin();
     let dir = super::fresh_dir(&format!("contention-{}", cfg.label));
     let server = FenceServer::start();
     let started = Instant::now();
@@ -706,6 +707,8 @@ pub struct RecipeReport {
     pub max_readers: usize,
     /// Reads that began while another reader was inside.
     pub reader_overlaps: usize,
+    /// Rounds (permits and reads) that saw `gather` holders inside before they left.
+    pub gathered: usize,
     /// The semaphore slots that were used.
     pub slots: Vec<u32>,
     pub violations: Vec<String>,
@@ -717,8 +720,9 @@ impl std::fmt::Display for RecipeReport {
         write!(
             f,
             "[{}] {} {} processes x {} rounds: {} rounds done ({} permits, {} reads, {} writes), \
-             max holders {}, max readers {}, reader overlaps {}, slots {:?}, {} lock errors \
-             retried, {} release errors, {} lost, violations {} in {:.1}s",
+             max holders {}, max readers {}, reader overlaps {}, {} rounds saw the holders \
+             gathered, slots {:?}, {} lock errors retried, {} release errors, {} lost, \
+             violations {} in {:.1}s",
             self.label,
             self.recipe,
             self.procs,
@@ -730,6 +734,7 @@ impl std::fmt::Display for RecipeReport {
             self.max_holders,
             self.max_readers,
             self.reader_overlaps,
+            self.gathered,
             self.slots,
             self.lock_errors,
             self.release_errors,
@@ -755,7 +760,8 @@ impl std::fmt::Display for RecipeReport {
 /// the record does not have, a lost hold or a failed release (there are no faults).
 pub fn run_recipe(cfg: &RunConfig) -> RecipeReport {
     let recipe = cfg.recipe.expect("run_recipe needs cfg.recipe");
-    assert!(!cfg.no_lock && cfg.slow_every == 0);
+    assert_eq!(cfg.slow_every, 0, "recipe runs have no slow rounds");
+    contender_bin();
     let dir = super::fresh_dir(&format!("recipe-{}", cfg.label));
     let server = FenceServer::start();
     let started = Instant::now();
@@ -815,6 +821,9 @@ pub fn run_recipe(cfg: &RunConfig) -> RecipeReport {
                     }
                     if get("lost") == "1" {
                         report.lost += 1;
+                    }
+                    if cfg.gather > 0 && get("inside").parse::<usize>().unwrap_or(0) >= cfg.gather {
+                        report.gathered += 1;
                     }
                 }
                 Some("lock_error") | Some("connect_error") => report.lock_errors += 1,
