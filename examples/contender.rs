@@ -23,6 +23,21 @@
 //! `round R token T entered ok|stale written ok|stale|skip lost_before_write 0|1 paused 0|1 lost_fired 0|1`
 //! and failures to take the lock append `lock_error KIND MESSAGE`. The last line is `done N`.
 //! Exit status: 0 when all rounds ran, 2 for bad arguments, 3 when the backend could not be used.
+//!
+//! The recipes, through the same fence server's occupancy record (`ENTER` / `LEAVE`):
+//!
+//! ```text
+//! contender ... --permits N                         # a permit of the N-permit semaphore --lock
+//! contender ... --rw read|write|mixed [--write-every K]   # a hold of the read-write lock --lock
+//!               [--gather N [--gather-ms MS]]
+//! ```
+//!
+//! Each round takes the permit (or the read or write hold; `mixed` writes every Kth round,
+//! default 4), announces it with `ENTER`, stays `--pause-ms`, and with `--gather N` (permits and
+//! reads) stays on until N holders are inside or `--gather-ms` (default 200) passed; then it
+//! announces `LEAVE`, gives the hold back, and appends
+//! `round R kind sem|read|write slot S token T inside K lost 0|1` (K: holders inside when it
+//! left).
 
 #[path = "../tests/support/fenced.rs"]
 mod fenced;
@@ -30,8 +45,16 @@ mod fenced;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use coordkit::LockOptions;
-use fenced::{FenceClient, Fenced};
+use coordkit::{DistRwLock, DistSemaphore, LockOptions};
+use fenced::{FenceClient, Fenced, HoldKind};
+
+/// Which read-write lock holds a `--rw` contender takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RwMode {
+    Read,
+    Write,
+    Mixed,
+}
 
 struct Args {
     url: String,
@@ -46,6 +69,11 @@ struct Args {
     no_lock: bool,
     slow_every: u64,
     slow: Duration,
+    permits: Option<u32>,
+    rw: Option<RwMode>,
+    write_every: u64,
+    gather: usize,
+    gather_for: Duration,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -62,6 +90,11 @@ fn parse_args() -> Result<Args, String> {
         no_lock: false,
         slow_every: 0,
         slow: Duration::from_millis(200),
+        permits: None,
+        rw: None,
+        write_every: 4,
+        gather: 0,
+        gather_for: Duration::from_millis(200),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -87,11 +120,34 @@ fn parse_args() -> Result<Args, String> {
             "--give-up-s" => a.give_up = ms(&value)? * 1000,
             "--slow-every" => a.slow_every = value.parse().map_err(|e| format!("{flag}: {e}"))?,
             "--slow-ms" => a.slow = ms(&value)?,
+            "--permits" => a.permits = Some(value.parse().map_err(|e| format!("{flag}: {e}"))?),
+            "--rw" => {
+                a.rw = Some(match value.as_str() {
+                    "read" => RwMode::Read,
+                    "write" => RwMode::Write,
+                    "mixed" => RwMode::Mixed,
+                    _ => return Err(format!("{flag}: read, write or mixed, not {value}")),
+                })
+            }
+            "--gather" => a.gather = value.parse().map_err(|e| format!("{flag}: {e}"))?,
+            "--gather-ms" => a.gather_for = ms(&value)?,
+            "--write-every" => {
+                a.write_every = value.parse().map_err(|e| format!("{flag}: {e}"))?;
+                if a.write_every == 0 {
+                    return Err(format!("{flag} must be at least 1"));
+                }
+            }
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
     if a.fence.is_empty() || a.out.is_empty() || (a.url.is_empty() && !a.no_lock) {
         return Err("--url, --fence and --out are required".into());
+    }
+    if a.permits.is_some() && a.rw.is_some() {
+        return Err("--permits and --rw exclude each other".into());
+    }
+    if (a.permits.is_some() || a.rw.is_some()) && a.slow_every > 0 {
+        return Err("--permits and --rw go without --slow-every".into());
     }
     Ok(a)
 }
@@ -138,27 +194,18 @@ async fn run(args: &Args, log: &mut Log) -> i32 {
             return 3;
         }
     };
+    if args.no_lock && (args.permits.is_some() || args.rw.is_some()) {
+        return run_recipe(args, log, &mut fence, None).await;
+    }
     if args.no_lock {
         return run_without_lock(args, log, &mut fence).await;
     }
-    let started = Instant::now();
-    let store = loop {
-        match coordkit::connect(&args.url).await {
-            Ok(s) => break s,
-            Err(e) if started.elapsed() < args.give_up && retryable(&e) => {
-                log.line(&format!(
-                    "connect_error {} {}",
-                    e.kind().as_str().replace(' ', "_"),
-                    e
-                ));
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(e) => {
-                log.line(&format!("fatal connect {e}"));
-                return 3;
-            }
-        }
+    let Some(store) = connect(args, log).await else {
+        return 3;
     };
+    if args.permits.is_some() || args.rw.is_some() {
+        return run_recipe(args, log, &mut fence, Some(&*store)).await;
+    }
     let factor = store.capabilities().lease_expiry_factor.max(1);
     let opts = LockOptions::new()
         .ttl(args.ttl)
@@ -243,6 +290,178 @@ async fn run(args: &Args, log: &mut Log) -> i32 {
     }
     log.line(&format!("done {}", args.rounds));
     0
+}
+
+/// Connects to `--url`, retrying while the backend is not there yet; `None` (logged) when it
+/// cannot be used.
+async fn connect(args: &Args, log: &mut Log) -> Option<std::sync::Arc<dyn coordkit::Backend>> {
+    let started = Instant::now();
+    loop {
+        match coordkit::connect(&args.url).await {
+            Ok(s) => return Some(s),
+            Err(e) if started.elapsed() < args.give_up && retryable(&e) => {
+                log.line(&format!(
+                    "connect_error {} {}",
+                    e.kind().as_str().replace(' ', "_"),
+                    e
+                ));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                log.line(&format!("fatal connect {e}"));
+                return None;
+            }
+        }
+    }
+}
+
+/// A held recipe: a semaphore permit or a read-write lock guard.
+enum Hold {
+    Permit(coordkit::Permit),
+    Guard(coordkit::LockGuard),
+}
+
+impl Hold {
+    fn token(&self) -> u64 {
+        match self {
+            Hold::Permit(p) => p.token().get(),
+            Hold::Guard(g) => g.token().get(),
+        }
+    }
+
+    fn is_lost(&self) -> bool {
+        match self {
+            Hold::Permit(p) => p.is_lost(),
+            Hold::Guard(g) => g.is_lost(),
+        }
+    }
+
+    async fn release(self) -> coordkit::Result<()> {
+        match self {
+            Hold::Permit(p) => p.release().await,
+            Hold::Guard(g) => g.release().await,
+        }
+    }
+}
+
+/// The rounds of a `--permits` or `--rw` contender; without a store (`--no-lock`, the control),
+/// it announces holds it never took: slot `round % permits`, token `round + 1`.
+async fn run_recipe(
+    args: &Args,
+    log: &mut Log,
+    fence: &mut FenceClient,
+    store: Option<&dyn coordkit::Backend>,
+) -> i32 {
+    let opts = LockOptions::new()
+        .ttl(args.ttl)
+        .wait(args.give_up.min(Duration::from_secs(60)));
+    for round in 0..args.rounds {
+        let kind = match (args.permits, args.rw) {
+            (Some(_), _) => HoldKind::Permit,
+            (None, Some(RwMode::Read)) => HoldKind::Read,
+            (None, Some(RwMode::Write)) => HoldKind::Write,
+            (None, _) if round % args.write_every == args.write_every - 1 => HoldKind::Write,
+            (None, _) => HoldKind::Read,
+        };
+        let last_progress = Instant::now();
+        let Some(store) = store else {
+            let permits = u64::from(args.permits.unwrap_or(1));
+            let slot = if kind == HoldKind::Permit {
+                (round % permits) as u32
+            } else {
+                0
+            };
+            let inside = match announce(args, fence, kind, slot, round + 1).await {
+                Ok(k) => k,
+                Err(e) => {
+                    log.line(&format!("fatal fence {e}"));
+                    return 3;
+                }
+            };
+            log.line(&format!(
+                "round {round} kind {} slot {slot} token {} inside {inside} lost 0",
+                kind.as_str(),
+                round + 1
+            ));
+            continue;
+        };
+        let (hold, slot) = loop {
+            let taken = match kind {
+                HoldKind::Permit => {
+                    let permits = args.permits.unwrap_or(1);
+                    DistSemaphore::acquire(store, &args.lock, permits, &opts)
+                        .await
+                        .map(|p| {
+                            let slot = p.slot();
+                            (Hold::Permit(p), slot)
+                        })
+                }
+                HoldKind::Read => DistRwLock::read(store, &args.lock, &opts)
+                    .await
+                    .map(|g| (Hold::Guard(g), 0)),
+                HoldKind::Write => DistRwLock::write(store, &args.lock, &opts)
+                    .await
+                    .map(|g| (Hold::Guard(g), 0)),
+            };
+            match taken {
+                Ok(t) => break t,
+                Err(e) => {
+                    log.line(&format!(
+                        "lock_error {} {}",
+                        e.kind().as_str().replace(' ', "_"),
+                        e
+                    ));
+                    if last_progress.elapsed() > args.give_up || !retryable(&e) {
+                        log.line("fatal lock: no progress");
+                        return 3;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        };
+        let token = hold.token();
+        let inside = match announce(args, fence, kind, slot, token).await {
+            Ok(k) => k,
+            Err(e) => {
+                log.line(&format!("fatal fence {e}"));
+                return 3;
+            }
+        };
+        let lost = hold.is_lost();
+        log.line(&format!(
+            "round {round} kind {} slot {slot} token {token} inside {inside} lost {}",
+            kind.as_str(),
+            lost as u8
+        ));
+        if let Err(e) = hold.release().await {
+            log.line(&format!(
+                "release_error {} {}",
+                e.kind().as_str().replace(' ', "_"),
+                e
+            ));
+        }
+    }
+    log.line(&format!("done {}", args.rounds));
+    0
+}
+
+/// One recipe hold as the fence server sees it: `ENTER`, the pause, the gathering (`AWAIT`, for
+/// permits and reads), `LEAVE`; how many holders were inside after the gathering (0 without).
+async fn announce(
+    args: &Args,
+    fence: &mut FenceClient,
+    kind: HoldKind,
+    slot: u32,
+    token: u64,
+) -> std::io::Result<usize> {
+    fence.enter(kind, slot, token).await?;
+    tokio::time::sleep(args.pause).await;
+    let mut inside = 0;
+    if args.gather > 0 && kind != HoldKind::Write {
+        inside = fence.await_holders(args.gather, args.gather_for).await?;
+    }
+    fence.leave().await?;
+    Ok(inside)
 }
 
 /// Whether an error may go away by itself (the backend is failing over or restarting).

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::fenced::{Entered, FenceServer, FenceState};
+use super::fenced::{Entered, FenceServer, FenceState, Occupancy};
 
 /// Rounds per process: `COORDKIT_RELIABILITY_ROUNDS`, else `default`.
 pub fn rounds(default: u64) -> u64 {
@@ -111,6 +111,40 @@ pub struct RunConfig {
     pub expiry_factor: u32,
     /// Bound on the whole run.
     pub deadline: Duration,
+    /// A recipe instead of the plain lock (run with [`run_recipe`]).
+    pub recipe: Option<Recipe>,
+    /// Recipe holders other than writers stay until this many holders are inside, at most
+    /// `gather_for` (0: they do not wait).
+    pub gather: usize,
+    pub gather_for: Duration,
+}
+
+/// A recipe the contenders take instead of the plain lock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recipe {
+    /// A permit of a semaphore with this many permits.
+    Semaphore { permits: u32 },
+    /// Holds of a read-write lock.
+    RwLock { mode: RwMode, write_every: u64 },
+}
+
+/// Which holds of a read-write lock the contenders take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RwMode {
+    Read,
+    Write,
+    /// Reads, and a write every `write_every`th round.
+    Mixed,
+}
+
+impl RwMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RwMode::Read => "read",
+            RwMode::Write => "write",
+            RwMode::Mixed => "mixed",
+        }
+    }
 }
 
 impl RunConfig {
@@ -131,6 +165,9 @@ impl RunConfig {
             slow: Duration::from_millis(250),
             expiry_factor: 1,
             deadline: Duration::from_secs(600),
+            recipe: None,
+            gather: 0,
+            gather_for: Duration::from_millis(200),
         }
     }
 }
@@ -272,12 +309,9 @@ fn parse_rounds(worker: &str, text: &str) -> (Vec<Round>, usize, bool) {
     (rounds, lock_errors, done)
 }
 
-/// Runs the contenders, injecting `faults` one after another once the run is under way.
-pub fn run(cfg: &RunConfig, faults: Vec<Fault>) -> RunReport {
+/// Starts `cfg.procs` contenders against `server`, their logs in `dir`.
+fn spawn_workers(cfg: &RunConfig, server: &FenceServer, dir: &Path) -> Vec<Worker> {
     let bin = contender_bin();
-    let dir = super::fresh_dir(&format!("contention-{}", cfg.label));
-    let server = FenceServer::start();
-    let started = Instant::now();
     let mut workers = Vec::new();
     for i in 0..cfg.procs {
         let id = format!("w{i}");
@@ -311,6 +345,24 @@ pub fn run(cfg: &RunConfig, faults: Vec<Fault>) -> RunReport {
                 .arg("--slow-ms")
                 .arg(cfg.slow.as_millis().to_string());
         }
+        if cfg.gather > 0 {
+            cmd.arg("--gather")
+                .arg(cfg.gather.to_string())
+                .arg("--gather-ms")
+                .arg(cfg.gather_for.as_millis().to_string());
+        }
+        match cfg.recipe {
+            None => {}
+            Some(Recipe::Semaphore { permits }) => {
+                cmd.arg("--permits").arg(permits.to_string());
+            }
+            Some(Recipe::RwLock { mode, write_every }) => {
+                cmd.arg("--rw")
+                    .arg(mode.as_str())
+                    .arg("--write-every")
+                    .arg(write_every.to_string());
+            }
+        }
         let child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -332,6 +384,35 @@ pub fn run(cfg: &RunConfig, faults: Vec<Fault>) -> RunReport {
             exit: None,
         });
     }
+    workers
+}
+
+/// Waits for every worker not yet reaped to finish by `deadline` (killing those still running
+/// then); one violation per worker that did not finish.
+fn wait_workers(workers: &mut [Worker], deadline: Instant, bound: Duration) -> Vec<String> {
+    let mut violations = Vec::new();
+    for w in workers.iter_mut() {
+        if w.exit.is_some() {
+            continue;
+        }
+        w.exit = Some(
+            super::wait_child(&mut w.child, deadline).unwrap_or_else(|| {
+                violations.push(format!("{} did not finish within {bound:?}", w.id));
+                std::process::ExitStatus::default()
+            }),
+        );
+    }
+    violations
+}
+
+/// Runs the contenders, injecting `faults` one after another once the run is under way.
+pub fn run(cfg: &RunConfig, faults: Vec<Fault>) -> RunReport {
+    assert!(cfg.recipe.is_none(), "recipe runs go through run_recipe");
+    contender_bin();
+    let dir = super::fresh_dir(&format!("contention-{}", cfg.label));
+    let server = FenceServer::start();
+    let started = Instant::now();
+    let mut workers = spawn_workers(cfg, &server, &dir);
 
     let mut report = RunReport {
         label: cfg.label.clone(),
@@ -424,19 +505,8 @@ pub fn run(cfg: &RunConfig, faults: Vec<Fault>) -> RunReport {
     }
 
     // Wait for every process to finish.
-    for w in workers.iter_mut() {
-        if w.exit.is_some() {
-            continue;
-        }
-        w.exit = Some(
-            super::wait_child(&mut w.child, started + cfg.deadline).unwrap_or_else(|| {
-                report
-                    .violations
-                    .push(format!("{} did not finish within {:?}", w.id, cfg.deadline));
-                std::process::ExitStatus::default()
-            }),
-        );
-    }
+    let unfinished = wait_workers(&mut workers, started + cfg.deadline, cfg.deadline);
+    report.violations.extend(unfinished);
     report.elapsed = started.elapsed();
     // The fence server's threads see the closed connections a moment later.
     std::thread::sleep(Duration::from_millis(100));
@@ -602,6 +672,208 @@ fn analyse(
 
 /// Writes the report to `target/reliability/<label>.txt` (figures for the docs) and prints it.
 pub fn publish(report: &RunReport) {
+    println!("{report}");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or(dir)
+        .join("reliability");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let _ = std::fs::write(
+            dir.join(format!("{}.txt", report.label.replace('/', "-"))),
+            format!("{report}\n"),
+        );
+    }
+}
+
+/// What a recipe run did and found.
+#[derive(Debug, Clone, Default)]
+pub struct RecipeReport {
+    pub label: String,
+    pub recipe: String,
+    pub procs: usize,
+    pub rounds_planned: u64,
+    /// Rounds the contenders reported, and by kind of hold.
+    pub rounds_done: usize,
+    pub reads: usize,
+    pub writes: usize,
+    pub permits: usize,
+    pub lock_errors: usize,
+    pub release_errors: usize,
+    /// Rounds whose hold was already lost when they left.
+    pub lost: usize,
+    /// The most holders inside at once, and the most readers.
+    pub max_holders: usize,
+    pub max_readers: usize,
+    /// Reads that began while another reader was inside.
+    pub reader_overlaps: usize,
+    /// Rounds (permits and reads) that saw `gather` holders inside before they left.
+    pub gathered: usize,
+    /// The semaphore slots that were used.
+    pub slots: Vec<u32>,
+    pub violations: Vec<String>,
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for RecipeReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "[{}] {} {} processes x {} rounds: {} rounds done ({} permits, {} reads, {} writes), \
+             max holders {}, max readers {}, reader overlaps {}, {} rounds saw the holders \
+             gathered, slots {:?}, {} lock errors retried, {} release errors, {} lost, \
+             violations {} in {:.1}s",
+            self.label,
+            self.recipe,
+            self.procs,
+            self.rounds_planned,
+            self.rounds_done,
+            self.permits,
+            self.reads,
+            self.writes,
+            self.max_holders,
+            self.max_readers,
+            self.reader_overlaps,
+            self.gathered,
+            self.slots,
+            self.lock_errors,
+            self.release_errors,
+            self.lost,
+            self.violations.len(),
+            self.elapsed.as_secs_f64()
+        )?;
+        for v in self.violations.iter().take(10) {
+            write!(f, "\n  VIOLATION: {v}")?;
+        }
+        if self.violations.len() > 10 {
+            write!(f, "\n  ... and {} more", self.violations.len() - 10)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs contenders that take `cfg.recipe` (without faults) and checks the fence server's
+/// occupancy record and their logs.
+///
+/// Violations: whatever the occupancy record flags (two holders of a slot, a writer with
+/// anyone else, tokens out of order), a contender that did not finish all its rounds, a round
+/// the record does not have, a lost hold or a failed release (there are no faults).
+pub fn run_recipe(cfg: &RunConfig) -> RecipeReport {
+    let recipe = cfg.recipe.expect("run_recipe needs cfg.recipe");
+    assert_eq!(cfg.slow_every, 0, "recipe runs have no slow rounds");
+    contender_bin();
+    let dir = super::fresh_dir(&format!("recipe-{}", cfg.label));
+    let server = FenceServer::start();
+    let started = Instant::now();
+    let mut workers = spawn_workers(cfg, &server, &dir);
+    let mut report = RecipeReport {
+        label: cfg.label.clone(),
+        recipe: match recipe {
+            Recipe::Semaphore { permits } => format!("semaphore of {permits} permits,"),
+            Recipe::RwLock { mode, write_every } => match mode {
+                RwMode::Mixed => format!("rwlock, a write every {write_every} rounds,"),
+                m => format!("rwlock, {} only,", m.as_str()),
+            },
+        },
+        procs: cfg.procs,
+        rounds_planned: cfg.rounds,
+        ..Default::default()
+    };
+    report.violations = wait_workers(&mut workers, started + cfg.deadline, cfg.deadline);
+    report.elapsed = started.elapsed();
+    // The fence server's threads see the closed connections a moment later.
+    std::thread::sleep(Duration::from_millis(100));
+    let occ: Occupancy = server.snapshot().occupancy;
+    report.max_holders = occ.max_holders;
+    report.max_readers = occ.max_readers;
+    report.reader_overlaps = occ.reader_overlaps;
+    report.slots = occ.slots.iter().copied().collect();
+    report.violations.extend(occ.violations.iter().cloned());
+    for w in &workers {
+        let text = std::fs::read_to_string(&w.out).unwrap_or_default();
+        let mut done = false;
+        let mut rounds = 0u64;
+        for line in text.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let get = |k: &str| {
+                f.iter()
+                    .position(|x| *x == k)
+                    .and_then(|i| f.get(i + 1))
+                    .copied()
+                    .unwrap_or("")
+            };
+            match f.first().copied() {
+                Some("round") => {
+                    if get("round").parse() != Ok(rounds) {
+                        report
+                            .violations
+                            .push(format!("{}: rounds out of order at {line:?}", w.id));
+                    }
+                    rounds += 1;
+                    report.rounds_done += 1;
+                    match get("kind") {
+                        "sem" => report.permits += 1,
+                        "read" => report.reads += 1,
+                        "write" => report.writes += 1,
+                        k => report
+                            .violations
+                            .push(format!("{}: unknown kind {k:?} in {line:?}", w.id)),
+                    }
+                    if get("lost") == "1" {
+                        report.lost += 1;
+                    }
+                    if cfg.gather > 0 && get("inside").parse::<usize>().unwrap_or(0) >= cfg.gather {
+                        report.gathered += 1;
+                    }
+                }
+                Some("lock_error") | Some("connect_error") => report.lock_errors += 1,
+                Some("release_error") => report.release_errors += 1,
+                Some("done") => done = true,
+                _ => {}
+            }
+        }
+        let ok = w.exit.is_some_and(|s| s.success());
+        if !ok || !done || rounds != cfg.rounds {
+            let err = std::fs::read_to_string(w.out.with_extension("stderr")).unwrap_or_default();
+            report.violations.push(format!(
+                "{} ended with {:?} after {rounds} rounds (done: {done}); last lines: {:?}; \
+                 stderr: {err}",
+                w.id,
+                w.exit,
+                text.lines().rev().take(3).collect::<Vec<_>>()
+            ));
+        }
+    }
+    if occ.entries != report.rounds_done {
+        report.violations.push(format!(
+            "the resource saw {} holds but the contenders reported {} rounds",
+            occ.entries, report.rounds_done
+        ));
+    }
+    if report.lost > 0 || report.release_errors > 0 {
+        report.violations.push(format!(
+            "without faults, {} holds were lost and {} releases failed",
+            report.lost, report.release_errors
+        ));
+    }
+    if let Recipe::Semaphore { permits } = recipe {
+        if report.max_holders > permits as usize {
+            report.violations.push(format!(
+                "{} holders inside at once, above the {permits} permits",
+                report.max_holders
+            ));
+        }
+        if let Some(s) = report.slots.iter().find(|s| **s >= permits) {
+            report
+                .violations
+                .push(format!("slot {s} used by a semaphore of {permits} permits"));
+        }
+    }
+    report
+}
+
+/// [`publish`] for a recipe run.
+pub fn publish_recipe(report: &RecipeReport) {
     println!("{report}");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
     let dir = std::env::var("CARGO_TARGET_DIR")

@@ -16,6 +16,15 @@
 //!   else wrote between this client's read and its write);
 //! - **token order**: accepted entries whose tokens do not strictly increase.
 //!
+//! For the recipes (semaphores, read-write locks) it also keeps an **occupancy** record
+//! ([`Occupancy`]): holders announce themselves with `ENTER <kind> <slot> <token>` once their
+//! permit or guard is granted and `LEAVE` before they give it back, and the server counts the
+//! holders atomically, keeps the largest number inside at once, and flags two holders of one
+//! semaphore slot, a writer inside with anyone else, a slot's token that did not increase, and a
+//! read-write lock token out of order with a writer's. `AWAIT` lets a holder stay until a
+//! number of holders are inside (or a bound passes), so that a run shows a semaphore admitting
+//! all its permits at once whatever the backend's speed.
+//!
 //! Protocol: one request line, one answer line, over TCP on 127.0.0.1.
 //!
 //! | request | answer |
@@ -26,6 +35,9 @@
 //! | `UREAD` / `UWRITE <read_value> <new_value>` (unfenced; for the no-lock control) | `VAL <v>` / `OK` |
 //! | `SLOW <token>` (announces a long critical section) | `OK` |
 //! | `EXIT <token>` (leaves the critical section) | `OK` |
+//! | `ENTER sem\|read\|write <slot> <token>` (a recipe hold begins) | `OK` |
+//! | `LEAVE` (the recipe hold ends) | `OK` |
+//! | `AWAIT <n> <ms>` (waits until `n` recipe holders are inside, at most `ms`) | `INSIDE <holders>` |
 //!
 //! The server side ([`FenceServer`]) runs on plain threads inside the test process (which is
 //! never paused); the client side ([`FenceClient`]) is async and used by `examples/contender.rs`.
@@ -34,7 +46,7 @@
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use coordkit::{FencedResource, FencingToken};
@@ -84,8 +96,164 @@ pub struct FenceState {
     /// Entries whose token was not above the previous entry's (possible only unfenced).
     pub order_violations: Vec<(u64, u64)>,
     pub connections: usize,
+    /// The recipe holds (`ENTER` / `LEAVE`).
+    pub occupancy: Occupancy,
     inside: HashMap<u64, Entered>,
     slow: HashMap<u64, Entered>,
+}
+
+/// What kind of recipe hold a holder announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HoldKind {
+    /// A semaphore permit: one holder per slot.
+    Permit,
+    /// A shared hold of a read-write lock.
+    Read,
+    /// The exclusive hold of a read-write lock.
+    Write,
+}
+
+impl HoldKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HoldKind::Permit => "sem",
+            HoldKind::Read => "read",
+            HoldKind::Write => "write",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<HoldKind> {
+        match s {
+            "sem" => Some(HoldKind::Permit),
+            "read" => Some(HoldKind::Read),
+            "write" => Some(HoldKind::Write),
+            _ => None,
+        }
+    }
+}
+
+/// A recipe holder inside.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub worker: String,
+    pub kind: HoldKind,
+    pub slot: u32,
+    pub token: u64,
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({} slot {} token {})",
+            self.worker,
+            self.kind.as_str(),
+            self.slot,
+            self.token
+        )
+    }
+}
+
+/// The occupancy record of recipe holds, updated atomically with each `ENTER` and `LEAVE`.
+#[derive(Debug, Clone, Default)]
+pub struct Occupancy {
+    /// Holds begun.
+    pub entries: usize,
+    /// Entries by kind.
+    pub by_kind: HashMap<&'static str, usize>,
+    /// The largest number of holders inside at once.
+    pub max_holders: usize,
+    /// The largest number of readers inside at once.
+    pub max_readers: usize,
+    /// Reads that began while another reader was inside.
+    pub reader_overlaps: usize,
+    /// The slots semaphore holders occupied.
+    pub slots: std::collections::BTreeSet<u32>,
+    /// Everything that must not happen, described.
+    pub violations: Vec<String>,
+    holding: HashMap<u64, Holder>,
+    /// The last token per semaphore slot.
+    slot_tokens: HashMap<u32, u64>,
+    /// The highest token of any read-write hold, and of any write hold.
+    highest_rw: Option<u64>,
+    highest_writer: Option<u64>,
+    rw_tokens: std::collections::HashSet<u64>,
+}
+
+impl Occupancy {
+    /// Who holds now.
+    pub fn holders(&self) -> Vec<Holder> {
+        self.holding.values().cloned().collect()
+    }
+
+    fn enter(&mut self, conn: u64, me: Holder) {
+        self.entries += 1;
+        *self.by_kind.entry(me.kind.as_str()).or_default() += 1;
+        if let Some(old) = self.holding.remove(&conn) {
+            self.violations
+                .push(format!("{me} entered again without leaving {old}"));
+        }
+        for other in self.holding.values() {
+            let clash = match (me.kind, other.kind) {
+                (HoldKind::Permit, HoldKind::Permit) => other.slot == me.slot,
+                (HoldKind::Read, HoldKind::Read) => false,
+                _ => true,
+            };
+            if clash {
+                self.violations
+                    .push(format!("{me} entered while {other} was inside"));
+            }
+        }
+        match me.kind {
+            HoldKind::Permit => {
+                self.slots.insert(me.slot);
+                if let Some(prev) = self.slot_tokens.insert(me.slot, me.token) {
+                    if me.token <= prev {
+                        self.violations.push(format!(
+                            "{me}: slot {}'s token did not increase (previous holder's {prev})",
+                            me.slot
+                        ));
+                    }
+                }
+            }
+            HoldKind::Read | HoldKind::Write => {
+                if !self.rw_tokens.insert(me.token) {
+                    self.violations
+                        .push(format!("{me}: token {} handed out twice", me.token));
+                }
+                if let Some(w) = self.highest_writer.filter(|w| me.token <= *w) {
+                    self.violations.push(format!(
+                        "{me}: token not above the earlier writer's token {w}"
+                    ));
+                }
+                if me.kind == HoldKind::Write {
+                    if let Some(h) = self.highest_rw.filter(|h| me.token <= *h) {
+                        self.violations.push(format!(
+                            "{me}: writer's token not above the earlier hold's token {h}"
+                        ));
+                    }
+                    self.highest_writer = Some(me.token);
+                }
+                self.highest_rw = Some(self.highest_rw.map_or(me.token, |h| h.max(me.token)));
+            }
+        }
+        let readers = self
+            .holding
+            .values()
+            .filter(|h| h.kind == HoldKind::Read)
+            .count();
+        let reading = me.kind == HoldKind::Read;
+        if reading && readers > 0 {
+            self.reader_overlaps += 1;
+        }
+        self.holding.insert(conn, me);
+        self.max_holders = self.max_holders.max(self.holding.len());
+        self.max_readers = self.max_readers.max(readers + usize::from(reading));
+    }
+
+    fn leave(&mut self, conn: u64) -> Option<Holder> {
+        self.holding.remove(&conn)
+    }
 }
 
 impl FenceState {
@@ -102,6 +270,8 @@ impl FenceState {
 
 struct Shared {
     state: Mutex<FenceState>,
+    /// Notified whenever a recipe holder enters or leaves.
+    changed: Condvar,
     fence: FencedResource<()>,
 }
 
@@ -118,6 +288,7 @@ impl FenceServer {
         let addr = listener.local_addr().expect("fence server addr");
         let shared = Arc::new(Shared {
             state: Mutex::new(FenceState::default()),
+            changed: Condvar::new(),
             fence: FencedResource::new(()),
         });
         let s = shared.clone();
@@ -194,18 +365,11 @@ fn serve(shared: Arc<Shared>, conn: u64, stream: TcpStream) {
         }
     }
     // The connection closed (the client exited or was killed): it is no longer inside.
-    shared
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .inside
-        .remove(&conn);
-    shared
-        .state
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .slow
-        .remove(&conn);
+    let mut st = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    st.inside.remove(&conn);
+    st.slow.remove(&conn);
+    st.occupancy.leave(conn);
+    shared.changed.notify_all();
 }
 
 fn handle(shared: &Shared, conn: u64, worker: &mut String, line: &str) -> String {
@@ -321,6 +485,42 @@ fn handle(shared: &Shared, conn: u64, worker: &mut String, line: &str) -> String
             st.slow.remove(&conn);
             "OK".into()
         }
+        Some("ENTER") => {
+            let kind = parts.get(1).and_then(|k| HoldKind::parse(k));
+            let slot = parts.get(2).and_then(|s| s.parse::<u32>().ok());
+            let token = parts.get(3).and_then(|s| s.parse::<u64>().ok());
+            let (Some(kind), Some(slot), Some(token)) = (kind, slot, token) else {
+                return "ERR bad request".into();
+            };
+            let me = Holder {
+                worker: worker.clone(),
+                kind,
+                slot,
+                token,
+            };
+            st.occupancy.enter(conn, me);
+            shared.changed.notify_all();
+            "OK".into()
+        }
+        Some("LEAVE") => {
+            if st.occupancy.leave(conn).is_none() {
+                let v = format!("{worker} left without having entered");
+                st.occupancy.violations.push(v);
+            }
+            shared.changed.notify_all();
+            "OK".into()
+        }
+        Some("AWAIT") => {
+            let (Some(n), Some(ms)) = (num(1), num(2)) else {
+                return "ERR bad request".into();
+            };
+            let bound = Duration::from_millis(ms.max(0) as u64);
+            let (st, _) = shared
+                .changed
+                .wait_timeout_while(st, bound, |s| (s.occupancy.holding.len() as i64) < n)
+                .unwrap_or_else(|p| p.into_inner());
+            format!("INSIDE {}", st.occupancy.holding.len())
+        }
         _ => "ERR unknown request".into(),
     }
 }
@@ -426,6 +626,36 @@ impl FenceClient {
     pub async fn announce_slow(&mut self, token: u64) -> std::io::Result<()> {
         self.call(&format!("SLOW {token}")).await?;
         Ok(())
+    }
+
+    /// Announces a recipe hold: a permit of `slot`, or a read or write hold, under `token`.
+    pub async fn enter(&mut self, kind: HoldKind, slot: u32, token: u64) -> std::io::Result<()> {
+        self.ok(&format!("ENTER {} {slot} {token}", kind.as_str()))
+            .await
+    }
+
+    /// Ends the recipe hold announced by [`enter`](Self::enter).
+    pub async fn leave(&mut self) -> std::io::Result<()> {
+        self.ok("LEAVE").await
+    }
+
+    /// Waits until at least `n` recipe holders are inside, at most `bound`; how many are.
+    pub async fn await_holders(&mut self, n: usize, bound: Duration) -> std::io::Result<usize> {
+        let a = self
+            .call(&format!("AWAIT {n} {}", bound.as_millis()))
+            .await?;
+        a.strip_prefix("INSIDE ")
+            .and_then(|k| k.parse().ok())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, a))
+    }
+
+    async fn ok(&mut self, request: &str) -> std::io::Result<()> {
+        let a = self.call(request).await?;
+        if a == "OK" {
+            Ok(())
+        } else {
+            Err(std::io::Error::new(std::io::ErrorKind::InvalidData, a))
+        }
     }
 
     /// Leaves the critical section.
