@@ -73,12 +73,12 @@ pub use config_file::connect_config;
 pub use election::{Election, Leader, LeaderGuard, LeaderHandle, LeaderStream};
 pub use error::{Error, ErrorKind, Result};
 pub use fencing::FencedResource;
-pub use rwlock::DistRwLock;
-pub use semaphore::{DistSemaphore, Permit};
 pub use kv::{Consistency, Entry, Expect, KvStore, PutOptions, Version, WatchEvent, WatchStream};
 pub use lock::{
     DistLock, DistLockExt, FencingToken, JobContext, LockGuard, LockHandle, LockOptions,
 };
+pub use rwlock::DistRwLock;
+pub use semaphore::{DistSemaphore, Permit};
 
 /// A backend: key-value storage, locks, leader election, semaphores and read-write locks from
 /// one client. What [`connect`] returns.

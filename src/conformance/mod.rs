@@ -300,9 +300,6 @@ mod tests {
             })
             .collect();
         declared.sort();
-        assert_eq!(
-            listed, declared,
-            "a recipe list vs its source file"
-        );
+        assert_eq!(listed, declared, "a recipe list vs its source file");
     }
 }

@@ -67,19 +67,30 @@ pub async fn semaphore_permits_must_agree(h: &Harness) {
     let (a, b) = (h.open().await, h.open().await);
     let name = format!("{}sem", h.scope("sem-agree"));
     let p = ok("acquire", a.acquire(&name, 2, &opts())).await;
-    let e = bounded("acquire(3)", b.acquire(&name, 3, &opts().wait(Duration::from_secs(5))))
-        .await
-        .expect_err("a mismatched number of permits was accepted");
+    let e = bounded(
+        "acquire(3)",
+        b.acquire(&name, 3, &opts().wait(Duration::from_secs(5))),
+    )
+    .await
+    .expect_err("a mismatched number of permits was accepted");
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "[{}] {e}", h.name());
     // The same number still works next to the holder.
     let p2 = ok("acquire(2)", b.acquire(&name, 2, &opts())).await;
-    assert_ne!(p.slot(), p2.slot(), "[{}] two holders of one slot", h.name());
+    assert_ne!(
+        p.slot(),
+        p2.slot(),
+        "[{}] two holders of one slot",
+        h.name()
+    );
     ok("release", p.release()).await;
     ok("release", p2.release()).await;
     let p3 = ok("acquire(3) when idle", b.acquire(&name, 3, &opts())).await;
-    let e = bounded("acquire(2)", a.acquire(&name, 2, &opts().wait(Duration::from_secs(5))))
-        .await
-        .expect_err("the old number was accepted after the change");
+    let e = bounded(
+        "acquire(2)",
+        a.acquire(&name, 2, &opts().wait(Duration::from_secs(5))),
+    )
+    .await
+    .expect_err("the old number was accepted after the change");
     assert_eq!(e.kind(), ErrorKind::InvalidArgument, "[{}] {e}", h.name());
     ok("release", p3.release()).await;
 }
@@ -110,10 +121,17 @@ pub async fn semaphore_waits_and_times_out(h: &Harness) {
     );
     let waiter = {
         let (b, name) = (b.clone(), name.clone());
-        tokio::spawn(async move { b.acquire(&name, 1, &opts().wait(Duration::from_secs(20))).await })
+        tokio::spawn(async move {
+            b.acquire(&name, 1, &opts().wait(Duration::from_secs(20)))
+                .await
+        })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiter.is_finished(), "[{}] the waiter got a held permit", h.name());
+    assert!(
+        !waiter.is_finished(),
+        "[{}] the waiter got a held permit",
+        h.name()
+    );
     let token = p.token();
     let released = Instant::now();
     ok("release", p.release()).await;
@@ -146,7 +164,12 @@ pub async fn semaphore_bad_input_and_lost(h: &Harness) {
         let e = bounded("acquire", a.acquire(bad, 1, &opts()))
             .await
             .expect_err("a bad name was accepted");
-        assert_eq!(e.kind(), ErrorKind::InvalidKey, "[{}] {bad:?}: {e}", h.name());
+        assert_eq!(
+            e.kind(),
+            ErrorKind::InvalidKey,
+            "[{}] {bad:?}: {e}",
+            h.name()
+        );
     }
     let e = bounded("acquire", a.acquire(&name, 1, &opts().ttl(Duration::ZERO)))
         .await
@@ -167,7 +190,11 @@ pub async fn semaphore_bad_input_and_lost(h: &Harness) {
         b.acquire(&name, 1, &LockOptions::new().ttl(ttl).wait(bound)),
     )
     .await;
-    assert!(p2.token() > p.token(), "[{}] token did not increase", h.name());
+    assert!(
+        p2.token() > p.token(),
+        "[{}] token did not increase",
+        h.name()
+    );
     ok("release", p2.release()).await;
     drop(p);
 }
@@ -265,21 +292,32 @@ pub async fn rwlock_mixed_and_lost(h: &Harness) {
     let mut tasks = Vec::new();
     for c in 0..4 {
         let store = h.open().await;
-        let (name, readers, writing, overlapped) =
-            (name.clone(), readers.clone(), writing.clone(), overlapped.clone());
+        let (name, readers, writing, overlapped) = (
+            name.clone(),
+            readers.clone(),
+            writing.clone(),
+            overlapped.clone(),
+        );
         let hn = h.name().to_string();
         tasks.push(tokio::spawn(async move {
             for round in 0..8 {
                 if (c + round) % 4 == 0 {
                     let w = ok("write", store.write(&name, &opts())).await;
                     assert!(!writing.swap(true, Ordering::SeqCst), "[{hn}] two writers");
-                    assert_eq!(readers.load(Ordering::SeqCst), 0, "[{hn}] writer with readers");
+                    assert_eq!(
+                        readers.load(Ordering::SeqCst),
+                        0,
+                        "[{hn}] writer with readers"
+                    );
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     writing.store(false, Ordering::SeqCst);
                     ok("release", w.release()).await;
                 } else {
                     let r = ok("read", store.read(&name, &opts())).await;
-                    assert!(!writing.load(Ordering::SeqCst), "[{hn}] reader with a writer");
+                    assert!(
+                        !writing.load(Ordering::SeqCst),
+                        "[{hn}] reader with a writer"
+                    );
                     if readers.fetch_add(1, Ordering::SeqCst) > 0 {
                         overlapped.store(true, Ordering::SeqCst);
                     }
@@ -314,7 +352,11 @@ pub async fn rwlock_mixed_and_lost(h: &Harness) {
         b.read(&name, &LockOptions::new().ttl(ttl).wait(bound)),
     )
     .await;
-    assert!(r.token() > w.token(), "[{}] token did not increase", h.name());
+    assert!(
+        r.token() > w.token(),
+        "[{}] token did not increase",
+        h.name()
+    );
     ok("release", r.release()).await;
     drop(w);
 }

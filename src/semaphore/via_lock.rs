@@ -202,7 +202,10 @@ async fn agree<S: KvStore + DistLock + ?Sized>(
                     "coordkit",
                     format!(
                         "the semaphore has {} permits and holders; this call asked for {permits}",
-                        stored.map_or_else(|| "an unreadable number of".to_string(), |n| n.to_string())
+                        stored.map_or_else(
+                            || "an unreadable number of".to_string(),
+                            |n| n.to_string()
+                        )
                     ),
                 )
                 .with_key(name))
@@ -235,7 +238,14 @@ pub async fn acquire<S: KvStore + DistLock + ?Sized>(
     }
     store.capabilities().check_lock(&key_of(name), opts)?;
     let (deadline, try_only) = deadline_of(opts);
-    let queue = take(store, &format!("{PREFIX}{name}/q"), opts, deadline, try_only).await?;
+    let queue = take(
+        store,
+        &format!("{PREFIX}{name}/q"),
+        opts,
+        deadline,
+        try_only,
+    )
+    .await?;
     let outcome = async {
         agree(store, name, permits, opts).await?;
         take_any(store, &slot_names(name, permits), opts, deadline, try_only).await

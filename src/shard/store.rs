@@ -567,12 +567,7 @@ impl crate::Election for ShardedStore {
 /// the shard that owns `_rwlocks/NAME`, with that shard's layout.
 #[async_trait]
 impl crate::DistSemaphore for ShardedStore {
-    async fn acquire(
-        &self,
-        name: &str,
-        permits: u32,
-        opts: &LockOptions,
-    ) -> Result<crate::Permit> {
+    async fn acquire(&self, name: &str, permits: u32, opts: &LockOptions) -> Result<crate::Permit> {
         self.inner.caps.check_lock(name, opts)?;
         let (_, shard) = self.owner(&crate::semaphore::via_lock::key_of(name));
         shard
@@ -588,19 +583,28 @@ impl crate::DistRwLock for ShardedStore {
     async fn read(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
         self.inner.caps.check_lock(name, opts)?;
         let shard = self.rwlock_owner(name);
-        shard.backend.read(name, opts).await.map_err(on_shard(shard))
+        shard
+            .backend
+            .read(name, opts)
+            .await
+            .map_err(on_shard(shard))
     }
 
     async fn write(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
         self.inner.caps.check_lock(name, opts)?;
         let shard = self.rwlock_owner(name);
-        shard.backend.write(name, opts).await.map_err(on_shard(shard))
+        shard
+            .backend
+            .write(name, opts)
+            .await
+            .map_err(on_shard(shard))
     }
 }
 
 impl ShardedStore {
     fn rwlock_owner(&self, name: &str) -> &Shard {
-        self.owner(&format!("{}{name}", crate::rwlock::via_lock::PREFIX)).1
+        self.owner(&format!("{}{name}", crate::rwlock::via_lock::PREFIX))
+            .1
     }
 
     fn election_owner(&self, name: &str) -> (usize, &Shard) {
