@@ -60,18 +60,19 @@ pub(crate) enum Step {
     Resynced,
 }
 
-/// One directory's watch, as seen by its subscribers.
+/// One directory's watch, held by its pump and (while registered) the client's map: once both
+/// let go, subscribers see the end ([`Subscription::next`] returns `None`).
 pub(crate) struct Shared {
     tx: broadcast::Sender<Step>,
     /// When the last subscription ended.
-    released: Mutex<Instant>,
+    released: Arc<Mutex<Instant>>,
 }
 
 impl Shared {
-    fn subscribe(self: &Arc<Self>) -> Subscription {
+    fn subscribe(&self) -> Subscription {
         Subscription {
             rx: self.tx.subscribe(),
-            shared: self.clone(),
+            released: self.released.clone(),
         }
     }
 
@@ -91,11 +92,11 @@ impl Shared {
 /// subscription was made.
 pub(crate) struct Subscription {
     rx: broadcast::Receiver<Step>,
-    shared: Arc<Shared>,
+    released: Arc<Mutex<Instant>>,
 }
 
 impl Subscription {
-    /// The next step; `None` once the watch has ended (the client was dropped).
+    /// The next step; `None` once the watch has ended (the client is being dropped).
     pub(crate) async fn next(&mut self) -> Option<Step> {
         match self.rx.recv().await {
             Ok(step) => Some(step),
@@ -107,11 +108,7 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        *self
-            .shared
-            .released
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        *self.released.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
     }
 }
 
@@ -119,7 +116,7 @@ impl Inner {
     /// A subscription to this client's watch of `dir`, if it has one: no request.
     pub(crate) fn subscribe_lock_watch(&self, dir: &str) -> Option<Subscription> {
         let map = self.lock_watches.lock().unwrap_or_else(|p| p.into_inner());
-        map.get(dir).map(Shared::subscribe)
+        map.get(dir).map(|s| s.subscribe())
     }
 
     /// Opens a watch of `dir` at "now" (one request), returns once etcd has confirmed it, and
@@ -135,7 +132,7 @@ impl Inner {
         let (tx, _) = broadcast::channel(CAPACITY);
         let shared = Arc::new(Shared {
             tx,
-            released: Mutex::new(Instant::now()),
+            released: Arc::new(Mutex::new(Instant::now())),
         });
         let sub = shared.subscribe();
         let registered = {
