@@ -23,7 +23,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use coordkit::{Consistency, ErrorKind, LockOptions, PutOptions};
-use support::etcd::{etcdctl, etcdctl_bin, shared};
+use support::etcd::{etcdctl, etcdctl_bin, grpc_requests, shared, EtcdCluster};
 use support::{fresh_dir, wait_until, Proc};
 
 /// Starts `etcdctl lock locks/<name> sh -c …`: the shell touches `<dir>/acquired` once etcdctl
@@ -692,4 +692,65 @@ async fn coordkit_leader_is_seen_and_excludes_etcdctl_elect() {
     assert!(now.term > term, "{} vs {term}", now.term);
     contender.interrupt();
     assert!(wait_until(Duration::from_secs(5), || !contender.alive()));
+}
+
+/// Requests etcd received from `before` to `after`, per method, keep-alives left out.
+fn requests_between(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> std::collections::BTreeMap<String, u64> {
+    after
+        .iter()
+        .filter(|(m, _)| m.as_str() != "LeaseKeepAlive")
+        .map(|(m, a)| (m.clone(), a - before.get(m).copied().unwrap_or(0)))
+        .filter(|(_, d)| *d > 0)
+        .collect()
+}
+
+/// An uncontended lock+unlock costs two requests, counted by the server: the transaction that
+/// enqueues (and reads the queue) and the one that releases. Only the client's first lock of a
+/// name also opens the watch of that lock (and grants the lease), which later locks reuse.
+/// The server is this test's own, so that no other test's requests are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uncontended_lock_and_unlock_is_two_requests() {
+    let cluster = tokio::task::block_in_place(|| EtcdCluster::start(1));
+    let port = cluster.members[0].client_port;
+    let store = coordkit::connect(&cluster.url()).await.expect("connect");
+    let opts = LockOptions::new().ttl(Duration::from_secs(30));
+    let before = grpc_requests(port);
+    store
+        .lock("rpc-count", &opts)
+        .await
+        .expect("first lock")
+        .release()
+        .await
+        .expect("first release");
+    let first = requests_between(&before, &grpc_requests(port));
+    eprintln!("first lock+unlock: {first:?}");
+    assert_eq!(first.get("Watch"), Some(&1), "{first:?}");
+    assert_eq!(first.get("Txn"), Some(&2), "{first:?}");
+    const N: u64 = 50;
+    let before = grpc_requests(port);
+    for _ in 0..N {
+        let g = store.lock("rpc-count", &opts).await.expect("lock");
+        assert!(!g.is_lost());
+        g.release().await.expect("release");
+    }
+    let counted = requests_between(&before, &grpc_requests(port));
+    eprintln!("{N} lock+unlock: {counted:?}");
+    let expected = std::collections::BTreeMap::from([("Txn".to_string(), 2 * N)]);
+    assert_eq!(
+        counted, expected,
+        "requests for {N} uncontended lock+unlock"
+    );
+    // A lock taken through the kept watch still notices that its key was deleted.
+    let g = store.lock("rpc-count", &opts).await.expect("lock");
+    let (ok, _, err) = etcdctl(
+        &cluster.endpoints(),
+        &["del", "--prefix", "locks/rpc-count/"],
+    );
+    assert!(ok, "{err}");
+    tokio::time::timeout(Duration::from_secs(5), g.lost())
+        .await
+        .expect("lost() after the key was deleted");
 }

@@ -31,6 +31,11 @@ pub enum Recipe {
     /// The client-side `concurrency.Mutex` recipe: one txn to enqueue and read the owner, watch
     /// the predecessor from the read's header revision, delete to unlock.
     Textbook,
+    /// The same queue with a watch etcd serves from its synced group: the enqueue txn also
+    /// reads the predecessor; the waiter watches the predecessor key with no start revision,
+    /// waits for `created`, re-checks the predecessor with one Range, then waits for its
+    /// delete; after a delete, one txn reads the next predecessor and the own key.
+    SyncedWatch,
 }
 
 pub struct EtcdRaw {
@@ -58,6 +63,7 @@ impl EtcdRaw {
         match recipe {
             Recipe::LockRpc => "etcd-client (Lock RPC)",
             Recipe::Textbook => "etcd-client (txn mutex)",
+            Recipe::SyncedWatch => "etcd-client (txn mutex, synced watch)",
         }
     }
 }
@@ -140,7 +146,7 @@ impl Held for EtcdHeld {
             Recipe::LockRpc => {
                 c.unlock(self.key).await?;
             }
-            Recipe::Textbook => {
+            Recipe::Textbook | Recipe::SyncedWatch => {
                 c.delete(self.key, None).await?;
             }
         }
@@ -158,6 +164,7 @@ async fn acquire(client: &Client, recipe: Recipe, lease: i64, name: &str) -> R<B
             r.key().to_vec()
         }
         Recipe::Textbook => textbook_lock(&mut c, lease, name).await?,
+        Recipe::SyncedWatch => synced_watch_lock(&mut c, lease, name).await?,
     };
     Ok(Box::new(EtcdHeld {
         client: client.clone(),
@@ -248,6 +255,104 @@ async fn textbook_lock(c: &mut Client, lease: i64, name: &str) -> R<Vec<u8>> {
     let r = c.get(my_key.clone(), None).await?;
     if r.kvs().is_empty() {
         return Err(err("session expired while waiting"));
+    }
+    Ok(my_key.into_bytes())
+}
+
+/// The queue of [`Recipe::SyncedWatch`]: uncontended, one txn to lock and one delete to
+/// unlock.
+async fn synced_watch_lock(c: &mut Client, lease: i64, name: &str) -> R<Vec<u8>> {
+    let pfx = format!("{name}/");
+    let my_key = format!("{pfx}{lease:x}");
+    // The newest two keys: ours (just created) and the one created just before it.
+    let newest = TxnOp::get(
+        pfx.clone(),
+        Some(
+            GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_sort(SortTarget::Create, SortOrder::Descend)
+                .with_limit(2),
+        ),
+    );
+    let txn = Txn::new()
+        .when([Compare::create_revision(
+            my_key.clone(),
+            CompareOp::Equal,
+            0,
+        )])
+        .and_then([
+            TxnOp::put(
+                my_key.clone(),
+                "",
+                Some(PutOptions::new().with_lease(lease)),
+            ),
+            newest,
+        ]);
+    let r = c.txn(txn).await?;
+    if !r.succeeded() {
+        return Err(err("own key already exists"));
+    }
+    let my_rev = r.header().ok_or_else(|| err("no header"))?.revision();
+    let mut pred = match r.op_responses().get(1) {
+        Some(TxnOpResponse::Get(g)) => g
+            .kvs()
+            .iter()
+            .find(|kv| kv.create_revision() < my_rev)
+            .map(|kv| (kv.key().to_vec(), kv.create_revision())),
+        _ => return Err(err("unexpected txn response")),
+    };
+    while let Some((key, rev)) = pred.take() {
+        let mut stream = c.watch(key.clone(), None).await?;
+        let mut created = false;
+        'wait: loop {
+            let Some(msg) = stream.message().await? else {
+                return Err(err("watch stream ended"));
+            };
+            if msg.canceled() {
+                return Err(err("watch cancelled"));
+            }
+            if msg.created() && !created {
+                created = true;
+                // The predecessor may have gone before the watch existed.
+                let r = c.get(key.clone(), None).await?;
+                if r.kvs().first().map(|kv| kv.create_revision()) != Some(rev) {
+                    break 'wait;
+                }
+            }
+            for ev in msg.events() {
+                if ev.event_type() == EventType::Delete {
+                    break 'wait;
+                }
+            }
+        }
+        // A predecessor that died without holding: the next one, and the own key.
+        let txn = Txn::new().and_then([
+            TxnOp::get(
+                pfx.clone(),
+                Some(
+                    GetOptions::new()
+                        .with_prefix()
+                        .with_keys_only()
+                        .with_max_create_revision(my_rev - 1)
+                        .with_sort(SortTarget::Create, SortOrder::Descend)
+                        .with_limit(1),
+                ),
+            ),
+            TxnOp::get(my_key.clone(), Some(GetOptions::new().with_keys_only())),
+        ]);
+        let r = c.txn(txn).await?;
+        let ops = r.op_responses();
+        match ops.get(1) {
+            Some(TxnOpResponse::Get(g)) if !g.kvs().is_empty() => {}
+            _ => return Err(err("session expired while waiting")),
+        }
+        if let Some(TxnOpResponse::Get(g)) = ops.first() {
+            pred = g
+                .kvs()
+                .first()
+                .map(|kv| (kv.key().to_vec(), kv.create_revision()));
+        }
     }
     Ok(my_key.into_bytes())
 }

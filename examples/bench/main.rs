@@ -1080,6 +1080,9 @@ async fn bench_etcd(
     targets.push(Arc::new(
         etcdraw::EtcdRaw::new(&endpoint, etcdraw::Recipe::Textbook, VALUE).await?,
     ));
+    targets.push(Arc::new(
+        etcdraw::EtcdRaw::new(&endpoint, etcdraw::Recipe::SyncedWatch, VALUE).await?,
+    ));
     op_rows(&mut s, &targets, c, c.kv, c.lock).await?;
     let http = reqwest::Client::new();
     let ep = endpoint.clone();
@@ -1100,6 +1103,7 @@ async fn bench_etcd(
     for (recipe, name) in [
         (etcdraw::Recipe::LockRpc, "rawbench/contended-rpc"),
         (etcdraw::Recipe::Textbook, "rawbench/contended-txn"),
+        (etcdraw::Recipe::SyncedWatch, "rawbench/contended-synced"),
     ] {
         let mut v: Vec<Arc<dyn Contender>> = Vec::new();
         for _ in 0..CONTENDERS {

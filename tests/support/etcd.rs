@@ -53,6 +53,39 @@ pub fn healthy(port: u16) -> bool {
     body.contains("\"health\":\"true\"")
 }
 
+/// gRPC messages etcd on `port` has received so far, per method (its `/metrics`
+/// `grpc_server_msg_received_total`: one per unary request, one per message on a stream, so a
+/// watch created costs one `Watch`). Panics if the metrics cannot be read.
+pub fn grpc_requests(port: u16) -> std::collections::BTreeMap<String, u64> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("metrics connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    // HTTP/1.0: no chunked body.
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .expect("metrics request");
+    let mut body = String::new();
+    s.read_to_string(&mut body).expect("metrics body");
+    let mut out = std::collections::BTreeMap::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("grpc_server_msg_received_total{") else {
+            continue;
+        };
+        let Some((labels, value)) = rest.split_once("} ") else {
+            continue;
+        };
+        let method = labels
+            .split(',')
+            .find_map(|l| l.strip_prefix("grpc_method=\""))
+            .map(|m| m.trim_end_matches('"').to_string());
+        if let (Some(m), Ok(v)) = (method, value.trim().parse::<f64>()) {
+            *out.entry(m).or_insert(0) += v as u64;
+        }
+    }
+    assert!(!out.is_empty(), "no gRPC counters in etcd's /metrics");
+    out
+}
+
 /// One etcd member process. It derefs to its [`Server`] for `alive`, `kill`, `pause`,
 /// `resume` and `log_tail`.
 pub struct Member {

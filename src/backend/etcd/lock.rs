@@ -22,7 +22,7 @@ use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::kv::{classify, open_watch, RawEvent};
+use super::lockwatch::{Step, Subscription};
 use super::{error, grant_lease, ttl_secs, EtcdStore, Inner, NAME};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{deadline_after, until, Lease, Renew, RenewPolicy, Renewal};
@@ -363,56 +363,6 @@ async fn delete_key(inner: &Inner, key: &str, name: &str) -> Result<()> {
         .map(|_| ())
 }
 
-/// A watch on a lock's directory that survives broken streams: after a reconnect it says
-/// `Resynced`, and the caller re-reads the state it depends on.
-struct DirWatch {
-    stream: etcd_client::WatchStream,
-    dir: String,
-    name: String,
-}
-
-enum Step {
-    Events(Vec<RawEvent>),
-    Resynced,
-}
-
-impl DirWatch {
-    async fn open(inner: &Inner, dir: &str, name: &str) -> Result<DirWatch> {
-        let (stream, _) = open_watch(inner, dir, 0, name, true).await?;
-        Ok(DirWatch {
-            stream,
-            dir: dir.to_string(),
-            name: name.to_string(),
-        })
-    }
-
-    async fn next(&mut self, inner: &Inner) -> Step {
-        match self.stream.message().await {
-            Ok(Some(resp)) if !resp.canceled() => {
-                return Step::Events(resp.events().iter().filter_map(classify).collect())
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::debug!(lock = %self.name, error = %error::map(e, "lock watch"), "lock watch broke; reopening");
-            }
-        }
-        let mut backoff = Duration::from_millis(50);
-        loop {
-            match open_watch(inner, &self.dir, 0, &self.name, true).await {
-                Ok((s, _)) => {
-                    self.stream = s;
-                    return Step::Resynced;
-                }
-                Err(e) => {
-                    tracing::debug!(lock = %self.name, error = %e, "reopening the lock watch failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-            }
-        }
-    }
-}
-
 fn timed_out(name: &str, wait: Option<Duration>) -> Error {
     Error::new(
         ErrorKind::Timeout,
@@ -517,7 +467,7 @@ impl EtcdStore {
         let inner = &self.inner;
         let dir = dir.to_string();
         let mut local = Some(local);
-        let mut watch: Option<DirWatch> = None;
+        let mut watch: Option<Subscription> = None;
         let mut retried = false;
         let (session, enq, my_key, my_rev, ahead) = loop {
             let session = match until(deadline, inner.session(secs, name)).await {
@@ -544,11 +494,15 @@ impl EtcdStore {
                 session: session.clone(),
                 local: local.take(),
             };
-            // Watch the directory from "now" before enqueuing: the watch is in etcd's synced
-            // group, so the predecessor's DELETE reaches us at once (a watch from a past
-            // revision waits for etcd's 100 ms catch-up loop).
+            // Every deletion in the directory after our key is put must reach us: this
+            // client's long-lived watch of the directory (no request), or, for the first
+            // attempt, a new one opened at "now" and confirmed before enqueuing. See
+            // `lockwatch` for why it is not opened per attempt.
             if watch.is_none() {
-                match until(deadline, DirWatch::open(inner, &dir, name)).await {
+                watch = inner.subscribe_lock_watch(&dir);
+            }
+            if watch.is_none() {
+                match until(deadline, inner.open_lock_watch(&dir, name)).await {
                     Some(w) => watch = Some(w?),
                     None => {
                         // Nothing put yet: only the local queue place is given back.
@@ -769,11 +723,11 @@ impl EtcdStore {
     }
 
     /// Waits until every key created before ours (`ahead`, as of revision `as_of`) is deleted,
-    /// following the deletions in `watch` (which was created before our key, so it holds
-    /// every deletion after `as_of`): no request per wake-up, and the handoff costs no round
-    /// trip beyond the holder's delete. Returns only while our own key still exists (the
-    /// lesson of etcd issue 11456): its deletion would be in the same, revision-ordered stream
-    /// before the last predecessor's.
+    /// following the deletions in `watch` (this client's watch of the directory, subscribed to
+    /// before our key was put, so it reports every deletion after `as_of`): no request per
+    /// wake-up, and the handoff costs no round trip beyond the holder's delete. Returns only
+    /// while our own key still exists (the lesson of etcd issue 11456): its deletion would be
+    /// in the same, revision-ordered stream before the last predecessor's.
     #[allow(clippy::too_many_arguments)]
     async fn wait_predecessors(
         &self,
@@ -782,10 +736,9 @@ impl EtcdStore {
         my_key: &str,
         my_rev: i64,
         mut ahead: BTreeSet<Vec<u8>>,
-        watch: &mut DirWatch,
+        watch: &mut Subscription,
         session: &Session,
     ) -> Result<()> {
-        let inner = &self.inner;
         let mut as_of = my_rev;
         let lease_lost = session.lease.lost_token();
         while !ahead.is_empty() {
@@ -797,22 +750,29 @@ impl EtcdStore {
                         "the lease could not be kept alive while waiting for the lock",
                     ));
                 }
-                step = watch.next(inner) => step,
+                step = watch.next() => step,
             };
             match step {
-                Step::Resynced => {
+                None => {
+                    return Err(Error::new(
+                        ErrorKind::Backend,
+                        NAME,
+                        "the lock watch ended (the client is shutting down)",
+                    )
+                    .with_key(name));
+                }
+                Some(Step::Resynced) => {
                     (ahead, as_of) = self.read_queue(name, dir, my_key, my_rev).await?;
                 }
-                Step::Events(events) => {
-                    for ev in events {
-                        let RawEvent::Delete(kv) = ev else { continue };
-                        if kv.mod_revision() <= as_of {
+                Some(Step::Deletes(deleted)) => {
+                    for d in deleted.iter() {
+                        if d.rev <= as_of {
                             continue;
                         }
-                        if kv.key() == my_key.as_bytes() {
+                        if d.key == my_key.as_bytes() {
                             return Err(own_key_gone(name));
                         }
-                        ahead.remove(kv.key());
+                        ahead.remove(&d.key);
                     }
                 }
             }
@@ -832,7 +792,7 @@ fn own_key_gone(name: &str) -> Error {
 /// expires); ends on `stop` (release).
 async fn monitor(
     inner: Arc<Inner>,
-    mut watch: DirWatch,
+    mut watch: Subscription,
     my_key: String,
     my_rev: i64,
     lost: CancellationToken,
@@ -843,14 +803,16 @@ async fn monitor(
         let step = tokio::select! {
             _ = stop.cancelled() => return,
             _ = lost.cancelled() => return,
-            s = watch.next(&inner) => s,
+            s = watch.next() => s,
+        };
+        let Some(step) = step else {
+            return; // the client is shutting down
         };
         match step {
-            Step::Events(events) => {
-                let gone = events.iter().any(|ev| {
-                    matches!(ev, RawEvent::Delete(kv)
-                        if kv.key() == my_key.as_bytes() && kv.mod_revision() > my_rev)
-                });
+            Step::Deletes(deleted) => {
+                let gone = deleted
+                    .iter()
+                    .any(|d| d.key == my_key.as_bytes() && d.rev > my_rev);
                 if gone && releasing.load(Ordering::SeqCst) {
                     return; // our own release
                 }

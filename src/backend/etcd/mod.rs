@@ -7,6 +7,7 @@ mod election;
 mod error;
 mod kv;
 mod lock;
+mod lockwatch;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -63,6 +64,9 @@ pub(crate) struct Inner {
     /// Per lock name, a FIFO queue of this client's contenders (they share the lease, so
     /// they would share the own key).
     pub(crate) local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Per lock (or election) directory, the long-lived watch its attempts and held locks
+    /// share.
+    pub(crate) lock_watches: lockwatch::LockWatches,
     /// Cancelled when the last handle is dropped: keep-alive tasks revoke their leases and end.
     pub(crate) shutdown: CancellationToken,
     /// The runtime the store was connected on: background cleanups run there, also when they
@@ -134,6 +138,7 @@ impl EtcdStore {
             config,
             sessions: tokio::sync::Mutex::new(HashMap::new()),
             local: Mutex::new(HashMap::new()),
+            lock_watches: Mutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             rt: tokio::runtime::Handle::current(),
         };
