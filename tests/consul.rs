@@ -372,7 +372,11 @@ async fn lock_layout_and_interop_with_consul_api_locks() {
     let session = e[0]["Session"].as_str().unwrap().to_string();
     g.release().await.unwrap();
     assert_eq!(sim.keys(), ["app/kv/data"]);
-    assert_eq!(sim.session_count(), 1, "the session is kept for the next lock");
+    assert_eq!(
+        sim.session_count(),
+        1,
+        "the session is kept for the next lock"
+    );
     let g = store.lock("jobs/x", &LockOptions::new()).await.unwrap();
     assert_eq!(
         holder_of(&sim, "app/locks/jobs/x").await.as_deref(),
@@ -386,9 +390,11 @@ async fn lock_layout_and_interop_with_consul_api_locks() {
         assert_eq!(sim.session_count(), 2, "a session per client");
         g.release().await.unwrap();
     }
-    eventually("the dropped client's session destroyed", Duration::from_secs(2), || {
-        sim.session_count() == 1
-    })
+    eventually(
+        "the dropped client's session destroyed",
+        Duration::from_secs(2),
+        || sim.session_count() == 1,
+    )
     .await;
 
     // A foreign holder, the Go API's way.
@@ -726,9 +732,11 @@ async fn lock_wait_bounds_every_step_and_cleans_up() {
     })
     .await;
     drop(b);
-    eventually("the waiter's session destroyed", Duration::from_secs(5), || {
-        sim.session_count() == 1
-    })
+    eventually(
+        "the waiter's session destroyed",
+        Duration::from_secs(5),
+        || sim.session_count() == 1,
+    )
     .await;
     let g = tokio::time::timeout(
         Duration::from_secs(3),
@@ -881,9 +889,16 @@ async fn locks_of_one_client_and_ttl_share_one_session() {
     let opts = LockOptions::new().ttl(ttl).wait(Duration::from_secs(10));
     let one = store.lock("one", &opts).await.unwrap();
     let two = store.lock("two", &opts).await.unwrap();
-    assert_eq!(sim.requests("session create"), 1, "one session for both locks");
+    assert_eq!(
+        sim.requests("session create"),
+        1,
+        "one session for both locks"
+    );
     let session = holder_of(&sim, "locks/one").await.unwrap();
-    assert_eq!(holder_of(&sim, "locks/two").await.as_deref(), Some(session.as_str()));
+    assert_eq!(
+        holder_of(&sim, "locks/two").await.as_deref(),
+        Some(session.as_str())
+    );
     let other_ttl = store
         .lock("three", &LockOptions::new().ttl(Duration::from_secs(20)))
         .await
@@ -914,7 +929,10 @@ async fn locks_of_one_client_and_ttl_share_one_session() {
         tokio::spawn(async move { store.lock("seq", &opts).await })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!waiter.is_finished(), "two tasks of one client held one lock");
+    assert!(
+        !waiter.is_finished(),
+        "two tasks of one client held one lock"
+    );
     assert!(!first.is_lost());
     let first_token = first.token();
     first.release().await.unwrap();
@@ -924,7 +942,10 @@ async fn locks_of_one_client_and_ttl_share_one_session() {
         .unwrap()
         .unwrap();
     assert!(second.token() > first_token);
-    assert_eq!(holder_of(&sim, "locks/seq").await.as_deref(), Some(session.as_str()));
+    assert_eq!(
+        holder_of(&sim, "locks/seq").await.as_deref(),
+        Some(session.as_str())
+    );
     second.release().await.unwrap();
 
     // The session is invalidated behind the client's back: both guards on it are lost.
@@ -970,10 +991,17 @@ async fn idle_session_is_destroyed_after_a_renewal_period() {
     let t = Instant::now();
     g.release().await.unwrap();
     assert_eq!(sim.session_count(), 1);
-    eventually("the idle session destroyed", ttl, || sim.session_count() == 0).await;
+    eventually("the idle session destroyed", ttl, || {
+        sim.session_count() == 0
+    })
+    .await;
     let took = t.elapsed();
     assert!(took >= ttl / 3, "destroyed after {took:?}");
-    assert!(sim.requests("session renew") <= 1, "{:?}", sim.request_counts());
+    assert!(
+        sim.requests("session renew") <= 1,
+        "{:?}",
+        sim.request_counts()
+    );
     let g = store.lock("idle", &opts).await.unwrap();
     assert_eq!(sim.requests("session create"), 2);
     g.release().await.unwrap();

@@ -501,14 +501,7 @@ async fn run(args: Args) -> R<Validity> {
                 s
             }
             (_, Some(Spec::Consul { url, hostport })) => {
-                bench_consul(
-                    &url,
-                    &hostport,
-                    "Consul (COORDKIT_URL)",
-                    args.counts,
-                    false,
-                )
-                .await
+                bench_consul(&url, &hostport, "Consul (COORDKIT_URL)", args.counts, false).await
             }
             ("consul", None) => match start_consul_sim() {
                 Ok((sim, port)) => {
@@ -1206,13 +1199,7 @@ async fn bench_zk(
 
 /// `sim`: the server is the simulator, whose request counts (`GET /_sim/requests`) give the
 /// HTTP requests per operation.
-async fn bench_consul(
-    url: &str,
-    hostport: &str,
-    server: &str,
-    c: Counts,
-    sim: bool,
-) -> R<Section> {
+async fn bench_consul(url: &str, hostport: &str, server: &str, c: Counts, sim: bool) -> R<Section> {
     let mut s = Section::new("consul", server);
     let base = format!("http://{hostport}");
     let ck = coordkit_for(&mut s, url).await;

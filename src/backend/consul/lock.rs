@@ -390,7 +390,10 @@ impl Drop for Place {
             .local
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if map.get(&self.key).is_some_and(|q| Arc::strong_count(q) == 1) {
+        if map
+            .get(&self.key)
+            .is_some_and(|q| Arc::strong_count(q) == 1)
+        {
             map.remove(&self.key);
         }
     }
@@ -571,7 +574,13 @@ impl ConsulStore {
         // this key (and only this one) is no longer held by the session.
         let lost = lease.lost_token().child_token();
         let stop = CancellationToken::new();
-        self.spawn_monitor(key.clone(), session.id.clone(), lost.clone(), stop.clone(), token);
+        self.spawn_monitor(
+            key.clone(),
+            session.id.clone(),
+            lost.clone(),
+            stop.clone(),
+            token,
+        );
         let handle = ConsulLock {
             store: self.clone(),
             key,
@@ -716,11 +725,16 @@ enum AfterInvalid {
 
 /// Marks the session lost (every guard on it is lost: the server no longer knows it) and says
 /// whether the attempt may go on with a new session.
-fn after_invalid(mut pending: Pending, fresh: bool, first: bool, name: &str, what: &str) -> AfterInvalid {
-    pending
-        .session()
-        .lease
-        .lose(format!("the server no longer knows the Consul session: {what}"));
+fn after_invalid(
+    mut pending: Pending,
+    fresh: bool,
+    first: bool,
+    name: &str,
+    what: &str,
+) -> AfterInvalid {
+    pending.session().lease.lose(format!(
+        "the server no longer knows the Consul session: {what}"
+    ));
     // Refused: nothing was acquired, so there is nothing to release.
     pending.acquire_sent = false;
     if fresh || !first {
@@ -886,7 +900,12 @@ impl ConsulLock {
     /// the session use) are given back only once the key is no longer held by the session,
     /// or the session is lost, so another task of this client never acquires it while the old
     /// holder's delete may still come.
-    async fn release_held(store: ConsulStore, key: String, place: Place, session: SessionUse) -> Result<()> {
+    async fn release_held(
+        store: ConsulStore,
+        key: String,
+        place: Place,
+        session: SessionUse,
+    ) -> Result<()> {
         let first = release_key(&store, &key, &session.id).await;
         let Err(e) = first else {
             return Ok(());
