@@ -338,7 +338,8 @@ async fn bad_input_sends_nothing_and_large_values_round_trip() {
 }
 
 /// The lock key is `<prefix>locks/NAME` with Consul's lock flag value (A5), held by a
-/// session; release deletes it and destroys the session. A lock taken the way Consul's Go API
+/// session; release deletes it and keeps the session for the client's next lock, and dropping
+/// the client destroys it. A lock taken the way Consul's Go API
 /// takes it (`?acquire=` with the same flags) excludes coordkit, and its release wakes a
 /// coordkit waiter.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,11 +369,32 @@ async fn lock_layout_and_interop_with_consul_api_locks() {
     assert_eq!(e[0]["ModifyIndex"], g.token().get());
     assert!(e[0]["Session"].is_string());
     assert_eq!(sim.session_count(), 1);
+    let session = e[0]["Session"].as_str().unwrap().to_string();
     g.release().await.unwrap();
     assert_eq!(sim.keys(), ["app/kv/data"]);
-    eventually("session destroyed", Duration::from_secs(2), || {
-        sim.session_count() == 0
-    })
+    assert_eq!(
+        sim.session_count(),
+        1,
+        "the session is kept for the next lock"
+    );
+    let g = store.lock("jobs/x", &LockOptions::new()).await.unwrap();
+    assert_eq!(
+        holder_of(&sim, "app/locks/jobs/x").await.as_deref(),
+        Some(session.as_str())
+    );
+    g.release().await.unwrap();
+    assert_eq!(sim.keys(), ["app/kv/data"]);
+    {
+        let other = store_on(&sim, |c| c.prefix = "app".into()).await;
+        let g = other.lock("jobs/y", &LockOptions::new()).await.unwrap();
+        assert_eq!(sim.session_count(), 2, "a session per client");
+        g.release().await.unwrap();
+    }
+    eventually(
+        "the dropped client's session destroyed",
+        Duration::from_secs(2),
+        || sim.session_count() == 1,
+    )
     .await;
 
     // A foreign holder, the Go API's way.
@@ -456,22 +478,36 @@ async fn acl_token_is_sent_and_hidden() {
     assert_eq!(e.kind(), ErrorKind::Unavailable);
 }
 
-/// A lock wait that times out leaves nothing behind: its session is destroyed.
+/// A lock wait that times out leaves nothing behind: no key of its own, no session but the
+/// client's one, which goes with the client. A wait behind another task of the same client
+/// (the local queue) times out too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn timed_out_wait_leaves_no_session() {
     let sim = ConsulSim::start();
     let store = store_on(&sim, |_| {}).await;
     let g = store.lock("busy", &LockOptions::new()).await.unwrap();
+    let holder = holder_of(&sim, "locks/busy").await.unwrap();
     let e = store
         .lock("busy", &LockOptions::new().wait(Duration::from_millis(500)))
         .await
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Timeout);
+    let other = store_on(&sim, |_| {}).await;
+    let e = other
+        .lock("busy", &LockOptions::new().wait(Duration::from_millis(500)))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Timeout);
+    assert_eq!(holder_of(&sim, "locks/busy").await, Some(holder));
+    assert_eq!(sim.keys(), ["locks/busy"]);
+    drop(other);
     eventually("waiter's session destroyed", Duration::from_secs(3), || {
         sim.session_count() == 1
     })
     .await;
     g.release().await.unwrap();
+    assert!(sim.keys().is_empty());
+    drop(store);
     eventually("holder's session destroyed", Duration::from_secs(3), || {
         sim.session_count() == 0
     })
@@ -639,8 +675,8 @@ async fn huge_waits_are_unbounded_and_never_panic() {
 /// The wait bounds every step of `lock()`: with the lock held elsewhere, a `wait(300ms)`
 /// returns `Timeout` within the wait plus a small bound even when the server stalls the
 /// session create, the acquire transaction or the read of the key. Nothing stays behind: a
-/// session created after the waiter gave up is destroyed, and an acquire that went through
-/// after it gave up is released.
+/// session created after the waiter gave up is destroyed, an acquire that went through
+/// after it gave up is released, and the client keeps at most its one session.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lock_wait_bounds_every_step_and_cleans_up() {
     let sim = ConsulSim::start();
@@ -649,11 +685,12 @@ async fn lock_wait_bounds_every_step_and_cleans_up() {
     let held = a.lock("busy", &LockOptions::new()).await.unwrap();
     let wait = Duration::from_millis(300);
     let slack = Duration::from_millis(250);
-    for (path, delay) in [
-        ("/v1/session/create", Duration::from_millis(1500)),
-        ("/v1/session/create", Duration::MAX),
-        ("/v1/txn", Duration::from_millis(1500)),
-        ("/v1/kv/locks/", Duration::from_millis(1500)),
+    // With the sessions expected afterwards: the holder's, and the waiter's once it has one.
+    for (path, delay, sessions) in [
+        ("/v1/session/create", Duration::from_millis(1500), 1),
+        ("/v1/session/create", Duration::MAX, 1),
+        ("/v1/txn", Duration::from_millis(1500), 2),
+        ("/v1/kv/locks/", Duration::from_millis(1500), 2),
     ] {
         sim.set_delay(path, Some(delay));
         let t = Instant::now();
@@ -669,13 +706,14 @@ async fn lock_wait_bounds_every_step_and_cleans_up() {
             took < wait + slack,
             "{path} stalled for {delay:?}: lock(wait {wait:?}) returned after {took:?}"
         );
-        // The holder's session only, once the stalled requests are answered.
+        // Once the stalled requests are answered: a session created late is destroyed.
         eventually(
-            &format!("{path}: the waiter's session destroyed"),
+            &format!("{path}: the waiter's late session destroyed"),
             Duration::from_secs(4),
-            || sim.session_count() == 1,
+            || sim.session_count() == sessions,
         )
         .await;
+        assert_eq!(sim.keys(), ["locks/busy"]);
     }
     held.release().await.unwrap();
 
@@ -690,8 +728,15 @@ async fn lock_wait_bounds_every_step_and_cleans_up() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     sim.set_delay("/v1/txn", None);
     eventually("nothing left behind", Duration::from_secs(5), || {
-        sim.session_count() == 0
+        sim.keys().is_empty()
     })
+    .await;
+    drop(b);
+    eventually(
+        "the waiter's session destroyed",
+        Duration::from_secs(5),
+        || sim.session_count() == 1,
+    )
     .await;
     let g = tokio::time::timeout(
         Duration::from_secs(3),
@@ -795,8 +840,7 @@ async fn node_health_failure_does_not_end_a_lock() {
 }
 
 /// A guard dropped on a thread with no tokio runtime ends the lock: its release runs on the
-/// runtime the guard was made on, the session is destroyed (nothing renews it any more), and
-/// another client gets the lock long before the TTL.
+/// runtime the guard was made on, and another client gets the lock long before the TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guard_dropped_on_a_plain_thread_ends_the_lock() {
     let sim = ConsulSim::start();
@@ -812,6 +856,7 @@ async fn guard_dropped_on_a_plain_thread_ends_the_lock() {
         .expect("the dropped guard's lock was freed");
     let took = dropped.elapsed();
     assert!(took < Duration::from_secs(3), "freed after {took:?}");
+    drop(a);
     eventually(
         "the dropped guard's session destroyed",
         Duration::from_secs(3),
@@ -819,6 +864,147 @@ async fn guard_dropped_on_a_plain_thread_ends_the_lock() {
     )
     .await;
     g2.release().await.unwrap();
+}
+
+/// The requests of each kind the simulator received between two counts.
+fn requests_between(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    kind: &str,
+) -> u64 {
+    after.get(kind).copied().unwrap_or(0) - before.get(kind).copied().unwrap_or(0)
+}
+
+/// One session per client and TTL: every lock of a client with one TTL is taken with the same
+/// session, created by the first of them; another TTL gets a session of its own; a lock+unlock
+/// on the kept session costs two transactions and no session request. Tasks of the client
+/// still exclude each other on one lock (the second waits, `try_lock` finds it held), with
+/// increasing tokens. Invalidating the session makes every guard on it lost, and the next lock
+/// creates a new session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn locks_of_one_client_and_ttl_share_one_session() {
+    let sim = ConsulSim::start();
+    let store = store_on(&sim, |_| {}).await;
+    let ttl = Duration::from_secs(15);
+    let opts = LockOptions::new().ttl(ttl).wait(Duration::from_secs(10));
+    let one = store.lock("one", &opts).await.unwrap();
+    let two = store.lock("two", &opts).await.unwrap();
+    assert_eq!(
+        sim.requests("session create"),
+        1,
+        "one session for both locks"
+    );
+    let session = holder_of(&sim, "locks/one").await.unwrap();
+    assert_eq!(
+        holder_of(&sim, "locks/two").await.as_deref(),
+        Some(session.as_str())
+    );
+    let other_ttl = store
+        .lock("three", &LockOptions::new().ttl(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    assert_eq!(sim.requests("session create"), 2, "a session per TTL");
+    assert_ne!(holder_of(&sim, "locks/three").await.unwrap(), session);
+    other_ttl.release().await.unwrap();
+
+    let before = sim.request_counts();
+    let mut last = 0;
+    for _ in 0..20 {
+        let g = store.lock("seq", &opts).await.unwrap();
+        assert!(g.token().get() > last);
+        last = g.token().get();
+        g.release().await.unwrap();
+    }
+    let after = sim.request_counts();
+    for kind in ["session create", "session destroy"] {
+        assert_eq!(requests_between(&before, &after, kind), 0, "{kind}");
+    }
+    assert_eq!(requests_between(&before, &after, "txn"), 40, "{after:?}");
+
+    // Two tasks of the client on one lock.
+    let first = store.lock("seq", &opts).await.unwrap();
+    assert!(store.try_lock("seq", &opts).await.unwrap().is_none());
+    let waiter = {
+        let (store, opts) = (store.clone(), opts.clone());
+        tokio::spawn(async move { store.lock("seq", &opts).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "two tasks of one client held one lock"
+    );
+    assert!(!first.is_lost());
+    let first_token = first.token();
+    first.release().await.unwrap();
+    let second = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("handed over")
+        .unwrap()
+        .unwrap();
+    assert!(second.token() > first_token);
+    assert_eq!(
+        holder_of(&sim, "locks/seq").await.as_deref(),
+        Some(session.as_str())
+    );
+    second.release().await.unwrap();
+
+    // The session is invalidated behind the client's back: both guards on it are lost.
+    reqwest::Client::new()
+        .put(format!("{}/v1/session/destroy/{session}", sim.http_base()))
+        .send()
+        .await
+        .unwrap();
+    for g in [&one, &two] {
+        tokio::time::timeout(Duration::from_secs(3), g.lost())
+            .await
+            .unwrap_or_else(|_| panic!("{} not lost after its session was destroyed", g.name()));
+        assert!(g.is_lost());
+    }
+    let one_token = one.token();
+    for g in [one, two] {
+        assert_eq!(g.release().await.unwrap_err().kind(), ErrorKind::LockLost);
+    }
+    // The next lock gets a new session (after the destroyed one's lock-delay on the key).
+    let next = store.lock("one", &opts).await.unwrap();
+    assert_eq!(sim.requests("session create"), 3);
+    let renewed = holder_of(&sim, "locks/one").await.unwrap();
+    assert_ne!(renewed, session);
+    assert!(next.token() > one_token);
+    let also = store.lock("two", &opts).await.unwrap();
+    assert_eq!(holder_of(&sim, "locks/two").await, Some(renewed));
+    assert_eq!(sim.requests("session create"), 3);
+    next.release().await.unwrap();
+    also.release().await.unwrap();
+    assert!(sim.keys().is_empty(), "{:?}", sim.keys());
+}
+
+/// A session that no lock uses is destroyed at the first renewal time that finds it unused
+/// for a whole renewal period (between a third and two thirds of the TTL after its last lock
+/// went), instead of being renewed; the next lock creates a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_session_is_destroyed_after_a_renewal_period() {
+    let sim = ConsulSim::start();
+    let store = store_on(&sim, |_| {}).await;
+    let ttl = Duration::from_secs(10);
+    let opts = LockOptions::new().ttl(ttl);
+    let g = store.lock("idle", &opts).await.unwrap();
+    let t = Instant::now();
+    g.release().await.unwrap();
+    assert_eq!(sim.session_count(), 1);
+    eventually("the idle session destroyed", ttl, || {
+        sim.session_count() == 0
+    })
+    .await;
+    let took = t.elapsed();
+    assert!(took >= ttl / 3, "destroyed after {took:?}");
+    assert!(
+        sim.requests("session renew") <= 1,
+        "{:?}",
+        sim.request_counts()
+    );
+    let g = store.lock("idle", &opts).await.unwrap();
+    assert_eq!(sim.requests("session create"), 2);
+    g.release().await.unwrap();
 }
 
 /// The lease adopts the TTL a renew answer reports (a loaded server may raise it, A3): after a

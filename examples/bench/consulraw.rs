@@ -35,6 +35,21 @@ async fn ok_true(resp: reqwest::Response) -> R<bool> {
     Ok(body.trim() == "true")
 }
 
+/// The simulator's request counts by kind (`GET /_sim/requests`, see
+/// `tests/support/consul_sim`).
+pub async fn request_counts(
+    http: &reqwest::Client,
+    base: &str,
+) -> R<std::collections::BTreeMap<String, f64>> {
+    let r = http
+        .get(format!("{base}/_sim/requests"))
+        .send()
+        .await?
+        .error_for_status()?;
+    let v: std::collections::BTreeMap<String, u64> = serde_json::from_slice(&r.bytes().await?)?;
+    Ok(v.into_iter().map(|(k, n)| (k, n as f64)).collect())
+}
+
 /// A session for locks: release behaviour, no lock-delay, 60 s TTL (not renewed during a run).
 pub async fn create_session(http: &reqwest::Client, base: &str) -> R<String> {
     let resp = http

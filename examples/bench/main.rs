@@ -501,7 +501,7 @@ async fn run(args: Args) -> R<Validity> {
                 s
             }
             (_, Some(Spec::Consul { url, hostport })) => {
-                bench_consul(&url, &hostport, "Consul (COORDKIT_URL)", args.counts).await
+                bench_consul(&url, &hostport, "Consul (COORDKIT_URL)", args.counts, false).await
             }
             ("consul", None) => match start_consul_sim() {
                 Ok((sim, port)) => {
@@ -511,6 +511,7 @@ async fn run(args: Args) -> R<Validity> {
                         &hp,
                         "the Consul API simulator (tests/support/consul_sim), own process",
                         args.counts,
+                        true,
                     )
                     .await;
                     drop(sim);
@@ -1200,7 +1201,9 @@ async fn bench_zk(
     Ok(s)
 }
 
-async fn bench_consul(url: &str, hostport: &str, server: &str, c: Counts) -> R<Section> {
+/// `sim`: the server is the simulator, whose request counts (`GET /_sim/requests`) give the
+/// HTTP requests per operation.
+async fn bench_consul(url: &str, hostport: &str, server: &str, c: Counts, sim: bool) -> R<Section> {
     let mut s = Section::new("consul", server);
     let base = format!("http://{hostport}");
     let ck = coordkit_for(&mut s, url).await;
@@ -1210,6 +1213,18 @@ async fn bench_consul(url: &str, hostport: &str, server: &str, c: Counts) -> R<S
     }
     targets.push(Arc::new(consulraw::ConsulRaw::new(&base, VALUE).await?));
     op_rows(&mut s, &targets, c, c.kv, c.lock).await?;
+    if sim {
+        let http = reqwest::Client::new();
+        let snap = || consulraw::request_counts(&http, &base);
+        match count_round_trips(&mut s, &targets, c, snap).await {
+            Ok(()) => s.notes.push(
+                "Round trips: HTTP requests the simulator received per operation, by kind \
+                 (a blocking query counts when it arrives; session renewals included)."
+                    .into(),
+            ),
+            Err(e) => s.notes.push(format!("Round trips were not counted: {e}")),
+        }
+    }
     drop(targets);
     if ck.is_some() {
         match ck_contenders(url).await {

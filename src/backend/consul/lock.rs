@@ -1,19 +1,28 @@
-//! [`DistLock`] over Consul sessions: one TTL session per acquisition, the lock key acquired
-//! through `/v1/txn`'s `lock` verb so the acquiring ModifyIndex (the fencing token) comes back
+//! [`DistLock`] over Consul sessions: one TTL session per client and TTL, shared by every lock
+//! of that client with that TTL (as etcd's lease is), the lock key acquired through
+//! `/v1/txn`'s `lock` verb so the acquiring ModifyIndex (the fencing token) comes back
 //! atomically.
 //!
 //! The session is the lease: its clock (`crate::lease`) starts when the session create is
 //! sent, moves on every confirmed `PUT /v1/session/renew/<id>` (to that renew's send time +
-//! the TTL the server returned − the margin), and fires the guard's lost signal at that
-//! deadline, whatever the server or the network do meanwhile. A blocking query on the lock
-//! key fires it earlier if the key is no longer held by the session.
+//! the TTL the server returned − the margin), and fires the lost signal of every guard on the
+//! session at that deadline, whatever the server or the network do meanwhile. A blocking query
+//! on each lock key fires that guard's lost signal earlier if the key is no longer held by the
+//! session.
+//!
+//! Tasks of one client exclude each other on a lock through a local queue per lock key (one
+//! session may hold a key only once): a task waits there until the key it wants is no longer
+//! held, or being taken, by another task of the client.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, OwnedMutexGuard};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -34,32 +43,175 @@ const LOCK_DELAY_RETRY: Duration = Duration::from_millis(250);
 /// The longest single blocking query of a waiter or monitor.
 const MAX_BLOCK: Duration = Duration::from_secs(300);
 
-/// The session behind one lock attempt, and the lease clock that says until when this client
-/// may count on it (`crate::lease`: the last confirmed renew's send time + the session TTL −
-/// the margin).
-#[derive(Clone)]
+/// How long after the acquisition a lock's monitor sends its first blocking query: a lock held
+/// for less costs no query. A change made meanwhile is reported at once by that first query,
+/// which asks from the acquiring index.
+const MONITOR_START: Duration = Duration::from_millis(50);
+
+/// How long a released lock's monitor waits for the answer to its blocking query, which the
+/// release's delete triggers, before dropping it: an answered request leaves its connection
+/// in the pool, a dropped one closes it.
+const MONITOR_DRAIN: Duration = Duration::from_secs(1);
+
+/// The sessions of one client, one per TTL, each created by the first lock that needs it.
+#[derive(Default)]
+pub(super) struct Sessions {
+    slots: std::sync::Mutex<HashMap<Duration, Arc<Slot>>>,
+}
+
+/// The session of one TTL, if any. Its mutex serializes creating the session; taking a
+/// session from the slot and reaping an idle one both happen under it.
+type Slot = tokio::sync::Mutex<Option<Arc<Session>>>;
+
+impl Sessions {
+    fn slot(&self, ttl: Duration) -> Arc<Slot> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.entry(ttl).or_default().clone()
+    }
+
+    /// Stops and destroys every session still kept (the client is going away; nothing uses
+    /// them any more), in the background on the current runtime, if there is one.
+    pub(super) fn shutdown(&self) {
+        let slots = std::mem::take(&mut *self.slots.lock().unwrap_or_else(|p| p.into_inner()));
+        for slot in slots.into_values() {
+            let Ok(mut s) = slot.try_lock() else { continue };
+            if let Some(s) = s.take() {
+                s.lease.stop();
+                s.destroy_later();
+            }
+        }
+    }
+}
+
+/// A session shared by the locks of one client and TTL, and the lease clock that says until
+/// when this client may count on it (`crate::lease`: the last confirmed renew's send time +
+/// the session TTL − the margin).
 struct Session {
     id: String,
     lease: Lease,
-    /// Ends the lock monitor (the lock is being released).
-    stop: CancellationToken,
+    client: Client,
+    /// Lock attempts, held locks and pending releases on this session.
+    users: AtomicUsize,
+    /// Whether a user came or went since the renewer last looked (idle reaping).
+    used: AtomicBool,
+    /// Whether the session was destroyed, or is being destroyed, by this client.
+    destroyed: AtomicBool,
+}
+
+impl Session {
+    /// Whether new locks may use this session: not lost, not stopped, renewing.
+    fn usable(&self) -> bool {
+        !self.lease.is_lost() && !self.lease.is_stopped() && !self.lease.is_suspended()
+    }
+
+    /// Whether nobody used the session since the last call, and nobody uses it now.
+    fn idle_since_last_look(&self) -> bool {
+        let used = self.used.swap(false, Ordering::SeqCst);
+        !used && self.users.load(Ordering::SeqCst) == 0
+    }
+
+    /// Destroys the session on the server, once, in the background (a destroy of a session
+    /// the server no longer knows answers `true` too).
+    fn destroy_later(&self) {
+        if self.destroyed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let client = self.client.clone();
+        let id = self.id.clone();
+        rt.spawn(async move {
+            if let Err(e) = client.session_destroy(&id, "").await {
+                tracing::debug!(session = %id, error = %e, "destroying a consul session failed");
+            }
+        });
+    }
+}
+
+/// One user of a session (a lock attempt, a held lock, a pending release). The last user of a
+/// lost session destroys it, which also releases (with the lock-delay) any key it still holds.
+struct SessionUse(Arc<Session>);
+
+impl SessionUse {
+    fn new(s: Arc<Session>) -> SessionUse {
+        s.users.fetch_add(1, Ordering::SeqCst);
+        s.used.store(true, Ordering::SeqCst);
+        SessionUse(s)
+    }
+}
+
+impl std::ops::Deref for SessionUse {
+    type Target = Session;
+    fn deref(&self) -> &Session {
+        &self.0
+    }
+}
+
+impl Drop for SessionUse {
+    fn drop(&mut self) {
+        self.0.used.store(true, Ordering::SeqCst);
+        let last = self.0.users.fetch_sub(1, Ordering::SeqCst) == 1;
+        if last && self.0.lease.is_lost() {
+            self.0.destroy_later();
+        }
+    }
 }
 
 /// Renews a session: `PUT /v1/session/renew/<id>`. A 404 means the session was invalidated;
 /// an answer gives the TTL the server now applies (it may raise it, see "Renew Session" in
 /// <https://developer.hashicorp.com/consul/api-docs/session>), else the TTL the session was
 /// created with.
+///
+/// A session that nobody used for a whole renewal period is destroyed instead of renewed.
 struct SessionRenewer {
     client: Client,
     id: String,
-    key: String,
     ttl: Duration,
+    session: Weak<Session>,
+    slot: Weak<Slot>,
+}
+
+impl SessionRenewer {
+    /// Takes the session out of its slot and destroys it if nobody used it since the last
+    /// renewal; true if it did.
+    fn reap_if_idle(&self) -> bool {
+        let Some(s) = self.session.upgrade() else {
+            return false;
+        };
+        if !s.idle_since_last_look() {
+            return false;
+        }
+        if let Some(slot) = self.slot.upgrade() {
+            // Someone taking a session or creating one holds the slot: not idle after all.
+            let Ok(mut cached) = slot.try_lock() else {
+                return false;
+            };
+            if s.users.load(Ordering::SeqCst) != 0 {
+                return false;
+            }
+            if cached.as_ref().is_some_and(|c| Arc::ptr_eq(c, &s)) {
+                *cached = None;
+            }
+        }
+        tracing::debug!(session = %self.id, "destroying an idle consul lock session");
+        s.lease.stop();
+        s.destroy_later();
+        true
+    }
 }
 
 impl Renew for SessionRenewer {
     fn renew(&mut self) -> Pin<Box<dyn Future<Output = Result<Renewal>> + Send + '_>> {
         Box::pin(async move {
-            match self.client.session_renew(&self.id, &self.key).await? {
+            if self.reap_if_idle() {
+                return Err(Error::new(
+                    ErrorKind::Unavailable,
+                    NAME,
+                    "the idle session was destroyed",
+                ));
+            }
+            match self.client.session_renew(&self.id, "").await? {
                 None => Ok(Renewal::Gone(format!(
                     "the Consul session {} was invalidated (renew: not found)",
                     self.id
@@ -76,7 +228,6 @@ impl Renew for SessionRenewer {
 struct PendingCreate {
     rx: Option<oneshot::Receiver<Result<String>>>,
     client: Client,
-    key: String,
 }
 
 impl Drop for PendingCreate {
@@ -88,38 +239,43 @@ impl Drop for PendingCreate {
         if let Ok(Ok(id)) = rx.try_recv() {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 let client = self.client.clone();
-                let key = self.key.clone();
                 rt.spawn(async move {
-                    let _ = client.session_destroy(&id, &key).await;
+                    let _ = client.session_destroy(&id, "").await;
                 });
             }
         }
     }
 }
 
-impl Session {
-    /// Creates the session of one lock attempt, waiting for the answer until `deadline`
-    /// (`Ok(None)` once it passed), and starts its lease clock from the moment the create
-    /// request was sent.
-    async fn create(
-        store: &ConsulStore,
-        name: &str,
-        key: &str,
+impl ConsulStore {
+    /// A session for a lock with `ttl`: the client's session of that TTL if it is usable, else
+    /// a new one (created while holding the slot, so concurrent locks wait for it rather than
+    /// create their own), waiting until `deadline` (`Ok(None)` once it passed). The flag says
+    /// whether the session was created for this call.
+    async fn session(
+        &self,
         ttl: Duration,
         deadline: Option<Instant>,
-    ) -> Result<Option<Session>> {
-        let client = store.inner.client.clone();
-        let delay = store.inner.cfg.lock_delay;
+        key: &str,
+    ) -> Result<Option<(SessionUse, bool)>> {
+        let slot = self.inner.sessions.slot(ttl);
+        let Some(mut cached) = until(deadline, slot.clone().lock_owned()).await else {
+            return Ok(None);
+        };
+        if let Some(s) = cached.as_ref().filter(|s| s.usable()) {
+            return Ok(Some((SessionUse::new(s.clone()), false)));
+        }
+        let client = self.inner.client.clone();
+        let delay = self.inner.cfg.lock_delay;
         let (tx, rx) = oneshot::channel();
         let mut pending = PendingCreate {
             rx: Some(rx),
             client: client.clone(),
-            key: key.to_string(),
         };
         let sent = Instant::now();
         {
             let client = client.clone();
-            let name = format!("coordkit lock {name}");
+            let name = format!("coordkit locks (TTL {})", super::client::go_duration(ttl));
             let key = key.to_string();
             tokio::spawn(async move {
                 let created = client
@@ -151,80 +307,150 @@ impl Session {
                 .with_key(key));
             }
         };
-        let renewer = SessionRenewer {
-            client,
-            id: id.clone(),
-            key: key.to_string(),
-            ttl,
-        };
         let policy = RenewPolicy {
-            attempt_timeout: store.inner.cfg.timeout(),
+            attempt_timeout: self.inner.cfg.timeout(),
         };
-        Ok(Some(Session {
-            id,
-            lease: Lease::start(renewer, sent, ttl, policy),
-            stop: CancellationToken::new(),
-        }))
+        let weak_slot = Arc::downgrade(&slot);
+        let session = Arc::new_cyclic(|me| {
+            let renewer = SessionRenewer {
+                client: client.clone(),
+                id: id.clone(),
+                ttl,
+                session: me.clone(),
+                slot: weak_slot,
+            };
+            Session {
+                id,
+                lease: Lease::start(renewer, sent, ttl, policy),
+                client,
+                users: AtomicUsize::new(0),
+                used: AtomicBool::new(true),
+                destroyed: AtomicBool::new(false),
+            }
+        });
+        let user = SessionUse::new(session.clone());
+        if let Some(old) = cached.replace(session) {
+            // Lost, stopped or suspended: its last user (if any is left) destroys a lost one;
+            // one that is merely suspended (a fault test) lapses on the server.
+            if old.users.load(Ordering::SeqCst) == 0 && old.lease.is_lost() {
+                old.destroy_later();
+            }
+        }
+        Ok(Some((user, true)))
     }
 
-    /// Stops renewing and monitoring, without firing the lost signal.
-    fn stop(&self) {
-        self.stop.cancel();
-        self.lease.stop();
+    /// This client's queue for the lock key `key`.
+    fn local_queue(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut map = self.inner.local.lock().unwrap_or_else(|p| p.into_inner());
+        map.entry(key.to_string()).or_default().clone()
     }
 }
 
-/// Destroys a session that never got (or no longer has) a lock, in the background if need be.
-/// Used on every path that gives up, including a dropped `lock()` future.
-struct SessionCleanup {
+/// A place at the head of this client's queue for one lock key: while it is held, no other task
+/// of the client acquires or releases that key. Given back (and the queue forgotten when
+/// nobody else is in it) on drop.
+struct Place {
     store: ConsulStore,
-    session: Session,
     key: String,
-    armed: bool,
+    guard: Option<OwnedMutexGuard<()>>,
 }
 
-impl SessionCleanup {
-    fn new(store: &ConsulStore, session: Session, key: &str) -> Self {
-        SessionCleanup {
+impl Place {
+    /// Waits for the place until `deadline` (`None` once it passed).
+    async fn take(store: &ConsulStore, key: &str, deadline: Option<Instant>) -> Option<Place> {
+        let queue = store.local_queue(key);
+        let mut place = Place {
             store: store.clone(),
-            session,
             key: key.to_string(),
-            armed: true,
+            guard: None,
+        };
+        place.guard = Some(until(deadline, queue.lock_owned()).await?);
+        Some(place)
+    }
+
+    /// The place if nobody of this client holds or waits for the key.
+    fn try_take(store: &ConsulStore, key: &str) -> Option<Place> {
+        let queue = store.local_queue(key);
+        let mut place = Place {
+            store: store.clone(),
+            key: key.to_string(),
+            guard: None,
+        };
+        place.guard = Some(queue.try_lock_owned().ok()?);
+        Some(place)
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self
+            .store
+            .inner
+            .local
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if map
+            .get(&self.key)
+            .is_some_and(|q| Arc::strong_count(q) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+/// A lock attempt in progress: its queue place and session. If it is given up (an error, the
+/// wait ran out, the `lock()` future was dropped) after an acquire was sent, the key is
+/// released in the background in case that acquire went through unseen, and only then is the
+/// place given back.
+struct Pending {
+    store: ConsulStore,
+    key: String,
+    place: Option<Place>,
+    session: Option<SessionUse>,
+    acquire_sent: bool,
+}
+
+impl Pending {
+    fn session(&self) -> &Session {
+        match &self.session {
+            Some(s) => s,
+            None => unreachable!("a pending attempt always has its session until it ends"),
         }
     }
 
-    fn session(&self) -> &Session {
-        &self.session
-    }
-
-    /// Hands the session over to a lock guard: no cleanup any more.
-    fn disarm(mut self) -> Session {
-        self.armed = false;
-        self.session.clone()
+    /// Hands the place and session over to a lock guard: no cleanup any more.
+    fn into_parts(mut self) -> (Place, SessionUse) {
+        match (self.place.take(), self.session.take()) {
+            (Some(p), Some(s)) => (p, s),
+            _ => unreachable!("a pending attempt always has its place and session"),
+        }
     }
 }
 
-impl Drop for SessionCleanup {
+impl Drop for Pending {
     fn drop(&mut self) {
-        if !self.armed {
+        let (Some(place), Some(session)) = (self.place.take(), self.session.take()) else {
+            return;
+        };
+        if !self.acquire_sent {
             return;
         }
-        let s = self.session.clone();
-        s.stop();
         let store = self.store.clone();
-        let key = self.key.clone();
+        let key = std::mem::take(&mut self.key);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                // If an acquire answer was lost, the session may hold the key: release first
-                // (no lock-delay), then destroy.
-                let _ = release_key(&store, &key, &s.id).await;
-                let _ = store.inner.client.session_destroy(&s.id, &key).await;
+                // An acquire whose answer was not taken may have gone through.
+                let _ = release_key(&store, &key, &session.id).await;
+                drop(place);
+                drop(session);
             });
         }
     }
 }
 
-/// Deletes the lock key if (and only if) `session` holds it, atomically.
+/// Deletes the lock key if (and only if) `session` holds it, atomically. A delete sets no
+/// lock-delay (only an invalidated session does).
 async fn release_key(store: &ConsulStore, key: &str, session: &str) -> Result<bool> {
     let ops = [
         TxnKv {
@@ -249,6 +475,8 @@ enum Attempt {
     Acquired(u64),
     Held,
     LockDelay,
+    /// The server no longer knows the session.
+    InvalidSession(String),
 }
 
 impl ConsulStore {
@@ -284,12 +512,7 @@ impl ConsulStore {
                 } else if what.contains("already held") {
                     Ok(Attempt::Held)
                 } else if what.contains("invalid session") {
-                    Err(Error::new(
-                        ErrorKind::LockLost,
-                        NAME,
-                        format!("the session of this lock attempt was invalidated while acquiring: {what}"),
-                    )
-                    .with_key(key))
+                    Ok(Attempt::InvalidSession(what.to_string()))
                 } else {
                     Err(Error::new(
                         ErrorKind::Backend,
@@ -343,30 +566,51 @@ impl ConsulStore {
         }
     }
 
-    fn guard(&self, name: &str, key: String, session: Session, token: u64) -> LockGuard {
-        self.spawn_monitor(key.clone(), &session, token);
+    fn guard(&self, name: &str, pending: Pending, token: u64) -> LockGuard {
+        let key = pending.key.clone();
+        let (place, session) = pending.into_parts();
         let lease = session.lease.clone();
+        // This lock's own signal: the session's loss fires it, and so does the monitor when
+        // this key (and only this one) is no longer held by the session.
         let lost = lease.lost_token().child_token();
+        let stop = CancellationToken::new();
+        self.spawn_monitor(
+            key.clone(),
+            session.id.clone(),
+            lost.clone(),
+            stop.clone(),
+            token,
+        );
         let handle = ConsulLock {
             store: self.clone(),
             key,
-            session,
+            held: Some((place, session)),
+            lost: lost.clone(),
+            stop,
         };
         LockGuard::new(name, FencingToken::from_raw(token), lost, Box::new(handle))
             .with_lease(&lease)
     }
 
-    /// While held: consistent blocking queries on the key; the lease is declared lost as soon
+    /// While held: consistent blocking queries on the key; the lock is declared lost as soon
     /// as the key is gone or held by another session (like `monitorLock` in Consul's
     /// api/lock.go). This is a trigger on top of the lease clock, which fires on its own at
     /// the deadline whatever the monitor sees.
-    fn spawn_monitor(&self, key: String, session: &Session, mut index: u64) {
+    fn spawn_monitor(
+        &self,
+        key: String,
+        id: String,
+        lost: CancellationToken,
+        stop: CancellationToken,
+        mut index: u64,
+    ) {
         let store = self.clone();
-        let id = session.id.clone();
-        let lease = session.lease.clone();
-        let lost = lease.lost_token();
-        let stop = session.stop.clone();
         tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(MONITOR_START) => {}
+                _ = stop.cancelled() => return,
+                _ = lost.cancelled() => return,
+            }
             let mut backoff = Duration::from_millis(100);
             loop {
                 let poll = store.inner.client.kv_get(
@@ -375,9 +619,15 @@ impl ConsulStore {
                     Mode::Consistent,
                     Some((index.max(1), MAX_BLOCK)),
                 );
+                tokio::pin!(poll);
                 let r = tokio::select! {
-                    r = poll => r,
-                    _ = stop.cancelled() => return,
+                    r = &mut poll => r,
+                    _ = stop.cancelled() => {
+                        // The release's delete answers the query: take that answer, so the
+                        // connection goes back to the pool instead of being closed.
+                        let _ = tokio::time::timeout(MONITOR_DRAIN, &mut poll).await;
+                        return;
+                    }
                     _ = lost.cancelled() => return,
                 };
                 match r {
@@ -391,9 +641,7 @@ impl ConsulStore {
                                 return;
                             }
                             tracing::debug!(lock = %key, "consul lock key no longer held by our session");
-                            lease.lose(
-                                "the lock key is no longer held by this lock's Consul session",
-                            );
+                            lost.cancel();
                             return;
                         }
                         index = if new_index < index { 1 } else { new_index };
@@ -411,6 +659,31 @@ impl ConsulStore {
                 }
             }
         });
+    }
+
+    /// Starts an attempt on `key` with the client's session for `ttl`, the place in the local
+    /// queue already taken; `Ok(None)` if the wait ran out first. The flag says whether the
+    /// session was created for this attempt.
+    async fn pending(
+        &self,
+        key: &str,
+        place: Place,
+        ttl: Duration,
+        deadline: Option<Instant>,
+    ) -> Result<Option<(Pending, bool)>> {
+        let Some((session, fresh)) = self.session(ttl, deadline, key).await? else {
+            return Ok(None);
+        };
+        Ok(Some((
+            Pending {
+                store: self.clone(),
+                key: key.to_string(),
+                place: Some(place),
+                session: Some(session),
+                acquire_sent: false,
+            },
+            fresh,
+        )))
     }
 }
 
@@ -433,6 +706,44 @@ fn session_lost(name: &str, session: &Session) -> Error {
     .with_key(name)
 }
 
+fn invalid_session(name: &str, what: &str) -> Error {
+    Error::new(
+        ErrorKind::LockLost,
+        NAME,
+        format!("the session of this lock attempt was invalidated while acquiring: {what}"),
+    )
+    .with_key(name)
+}
+
+/// What to do after an acquire answered `invalid session`.
+enum AfterInvalid {
+    /// The session was taken from the client's cache and this was its first acquire here: the
+    /// server dropped it before this attempt began; try again with a new session.
+    Retry(Place),
+    Fail(Error),
+}
+
+/// Marks the session lost (every guard on it is lost: the server no longer knows it) and says
+/// whether the attempt may go on with a new session.
+fn after_invalid(
+    mut pending: Pending,
+    fresh: bool,
+    first: bool,
+    name: &str,
+    what: &str,
+) -> AfterInvalid {
+    pending.session().lease.lose(format!(
+        "the server no longer knows the Consul session: {what}"
+    ));
+    // Refused: nothing was acquired, so there is nothing to release.
+    pending.acquire_sent = false;
+    if fresh || !first {
+        return AfterInvalid::Fail(invalid_session(name, what));
+    }
+    let (place, _) = pending.into_parts();
+    AfterInvalid::Retry(place)
+}
+
 #[async_trait]
 impl DistLock for ConsulStore {
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
@@ -452,57 +763,74 @@ impl DistLock for ConsulStore {
             )
             .with_key(name)
         };
-        let Some(session) = Session::create(self, name, &key, opts.ttl, deadline).await? else {
+        let Some(mut place) = Place::take(self, &key, deadline).await else {
             return Err(timeout());
         };
-        let cleanup = SessionCleanup::new(self, session, &key);
-        loop {
-            if cleanup.session().lease.is_lost() {
-                return Err(session_lost(name, cleanup.session()));
-            }
-            if passed(deadline) {
+        'session: loop {
+            let Some((mut pending, fresh)) = self.pending(&key, place, opts.ttl, deadline).await?
+            else {
                 return Err(timeout());
-            }
-            // An attempt cut off by the deadline may have acquired the key on the server; the
-            // cleanup releases it (only if this session holds it) and destroys the session.
-            let attempt = match until(deadline, self.attempt(&key, &cleanup.session().id)).await {
-                None => return Err(timeout()),
-                Some(a) => a?,
             };
-            match attempt {
-                Attempt::Acquired(token) => {
-                    if cleanup.session().lease.is_lost() {
-                        // Granted to a session this client can no longer vouch for.
-                        return Err(session_lost(name, cleanup.session()));
-                    }
-                    let session = cleanup.disarm();
-                    return Ok(self.guard(name, key, session, token));
+            let mut first = true;
+            loop {
+                if pending.session().lease.is_lost() {
+                    return Err(session_lost(name, pending.session()));
                 }
-                Attempt::LockDelay => {
-                    let mut nap = LOCK_DELAY_RETRY;
-                    if let Some(t) = deadline {
-                        nap = nap.min(t.saturating_duration_since(Instant::now()));
+                if passed(deadline) {
+                    return Err(timeout());
+                }
+                // An attempt cut off by the deadline may have acquired the key on the server;
+                // dropping `pending` releases it (only if this session holds it).
+                pending.acquire_sent = true;
+                let id = pending.session().id.clone();
+                let attempt = match until(deadline, self.attempt(&key, &id)).await {
+                    None => return Err(timeout()),
+                    Some(a) => a?,
+                };
+                match attempt {
+                    Attempt::Acquired(token) => {
+                        if pending.session().lease.is_lost() {
+                            // Granted to a session this client can no longer vouch for.
+                            return Err(session_lost(name, pending.session()));
+                        }
+                        return Ok(self.guard(name, pending, token));
                     }
-                    let lost = cleanup.session().lease.lost_token();
-                    tokio::select! {
-                        _ = tokio::time::sleep(nap) => {}
-                        _ = lost.cancelled() => {}
+                    Attempt::InvalidSession(what) => {
+                        match after_invalid(pending, fresh, first, name, &what) {
+                            AfterInvalid::Retry(p) => {
+                                place = p;
+                                continue 'session;
+                            }
+                            AfterInvalid::Fail(e) => return Err(e),
+                        }
+                    }
+                    Attempt::LockDelay => {
+                        let mut nap = LOCK_DELAY_RETRY;
+                        if let Some(t) = deadline {
+                            nap = nap.min(t.saturating_duration_since(Instant::now()));
+                        }
+                        let lost = pending.session().lease.lost_token();
+                        tokio::select! {
+                            _ = tokio::time::sleep(nap) => {}
+                            _ = lost.cancelled() => {}
+                        }
+                    }
+                    Attempt::Held => {
+                        if passed(deadline) {
+                            return Err(timeout());
+                        }
+                        let waited = until(
+                            deadline,
+                            self.wait_for_change(&key, pending.session(), deadline),
+                        )
+                        .await;
+                        match waited {
+                            None => return Err(timeout()),
+                            Some(r) => r?,
+                        }
                     }
                 }
-                Attempt::Held => {
-                    if passed(deadline) {
-                        return Err(timeout());
-                    }
-                    let waited = until(
-                        deadline,
-                        self.wait_for_change(&key, cleanup.session(), deadline),
-                    )
-                    .await;
-                    match waited {
-                        None => return Err(timeout()),
-                        Some(r) => r?,
-                    }
-                }
+                first = false;
             }
         }
     }
@@ -510,6 +838,10 @@ impl DistLock for ConsulStore {
     async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
         Self::caps().check_lock(name, opts)?;
         let key = self.lock_key(name);
+        // Held by another task of this client.
+        let Some(mut place) = Place::try_take(self, &key) else {
+            return Ok(None);
+        };
         // Cheap check first, so a held lock costs no session.
         let (entries, _) = self
             .inner
@@ -519,59 +851,138 @@ impl DistLock for ConsulStore {
         if entries.iter().any(|e| e.key == key && e.holder().is_some()) {
             return Ok(None);
         }
-        let session = Session::create(self, name, &key, opts.ttl, None)
-            .await?
-            .ok_or_else(|| {
-                Error::new(ErrorKind::Timeout, NAME, "the session create got no answer")
-                    .with_key(name)
-            })?;
-        let cleanup = SessionCleanup::new(self, session, &key);
-        match self.attempt(&key, &cleanup.session().id).await? {
-            Attempt::Acquired(token) => {
-                if cleanup.session().lease.is_lost() {
-                    return Err(session_lost(name, cleanup.session()));
+        loop {
+            let (mut pending, fresh) = self
+                .pending(&key, place, opts.ttl, None)
+                .await?
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::Timeout, NAME, "the session create got no answer")
+                        .with_key(name)
+                })?;
+            pending.acquire_sent = true;
+            let id = pending.session().id.clone();
+            match self.attempt(&key, &id).await? {
+                Attempt::Acquired(token) => {
+                    if pending.session().lease.is_lost() {
+                        return Err(session_lost(name, pending.session()));
+                    }
+                    return Ok(Some(self.guard(name, pending, token)));
                 }
-                let session = cleanup.disarm();
-                Ok(Some(self.guard(name, key, session, token)))
+                Attempt::Held | Attempt::LockDelay => {
+                    pending.acquire_sent = false;
+                    return Ok(None);
+                }
+                Attempt::InvalidSession(what) => {
+                    match after_invalid(pending, fresh, true, name, &what) {
+                        AfterInvalid::Retry(p) => place = p,
+                        AfterInvalid::Fail(e) => return Err(e),
+                    }
+                }
             }
-            Attempt::Held | Attempt::LockDelay => Ok(None),
         }
     }
 }
 
-/// The Consul side of a held lock.
+/// The Consul side of a held lock: its key, its place in the client's queue for the key, and
+/// its use of the shared session.
 struct ConsulLock {
     store: ConsulStore,
     key: String,
-    session: Session,
+    held: Option<(Place, SessionUse)>,
+    /// This lock's lost signal (a child of the session's).
+    lost: CancellationToken,
+    /// Ends the monitor (the lock is being released).
+    stop: CancellationToken,
 }
 
-/// A handle dropped without its release running (a guard dropped where no runtime runs) stops
-/// renewing: the session then lapses at its TTL, and the lock with it.
+impl ConsulLock {
+    /// Releases the key, retrying in the background if the first try fails: the place (and
+    /// the session use) are given back only once the key is no longer held by the session,
+    /// or the session is lost, so another task of this client never acquires it while the old
+    /// holder's delete may still come.
+    async fn release_held(
+        store: ConsulStore,
+        key: String,
+        place: Place,
+        session: SessionUse,
+    ) -> Result<()> {
+        let first = release_key(&store, &key, &session.id).await;
+        let Err(e) = first else {
+            return Ok(());
+        };
+        tracing::debug!(lock = %key, error = %e, "releasing a consul lock failed; retrying in the background");
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let lost = session.lease.lost_token();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = lost.cancelled() => break,
+                }
+                match release_key(&store, &key, &session.id).await {
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::debug!(lock = %key, error = %e, "releasing a consul lock failed; retrying");
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+            drop(place);
+            drop(session);
+        });
+        Err(e)
+    }
+}
+
+/// A handle dropped without its release running (a guard dropped where no runtime runs at
+/// all): the key cannot be deleted, so the session is given up (no longer renewed, and lost
+/// for every lock on it), and lapses at its TTL, and the lock with it.
 impl Drop for ConsulLock {
     fn drop(&mut self) {
-        self.session.stop();
+        self.stop.cancel();
+        let Some((place, session)) = self.held.take() else {
+            return;
+        };
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let store = self.store.clone();
+            let key = std::mem::take(&mut self.key);
+            rt.spawn(async move {
+                let _ = ConsulLock::release_held(store, key, place, session).await;
+            });
+            return;
+        }
+        session
+            .lease
+            .lose("a lock on this session was dropped where it could not be released");
+        session.lease.stop();
+        drop(place);
     }
 }
 
 #[async_trait]
 impl LockHandle for ConsulLock {
-    async fn release(self: Box<Self>) -> Result<()> {
-        self.session.stop();
-        let client = &self.store.inner.client;
-        // Release first (an explicit release sets no lock-delay), then destroy: destroying a
-        // session applies the lock-delay to the keys it holds
+    async fn release(mut self: Box<Self>) -> Result<()> {
+        self.stop.cancel();
+        let Some((place, session)) = self.held.take() else {
+            return Ok(());
+        };
+        // Delete the key if and only if our session still holds it: an explicit delete sets no
+        // lock-delay, unlike a destroy or an expiry
         // (https://developer.hashicorp.com/consul/api-docs/session,
         // https://developer.hashicorp.com/consul/docs/dynamic-app-config/sessions). The
-        // release deletes the key if and only if our session still holds it.
-        let released = release_key(&self.store, &self.key, &self.session.id).await;
-        let destroyed = client.session_destroy(&self.session.id, &self.key).await;
-        released?;
-        destroyed
+        // session stays for the client's next lock with this TTL.
+        let key = std::mem::take(&mut self.key);
+        ConsulLock::release_held(self.store.clone(), key, place, session).await
     }
 
     fn suspend_keep_alive(&self) {
-        self.session.lease.suspend();
+        if let Some((_, s)) = &self.held {
+            s.lease.suspend();
+        }
+    }
+
+    fn is_lost(&self) -> bool {
+        self.lost.is_cancelled()
     }
 }
 

@@ -41,6 +41,18 @@ struct Inner {
     cfg: ConsulConfig,
     kv_prefix: String,
     lock_prefix: String,
+    /// The lock sessions, one per TTL.
+    sessions: lock::Sessions,
+    /// This client's queue for each lock key it holds or waits for.
+    local: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The last handle is gone, and so is every lock (a guard keeps its store): the sessions kept
+/// for the next locks are destroyed.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.sessions.shutdown();
+    }
 }
 
 impl std::fmt::Debug for ConsulStore {
@@ -91,6 +103,8 @@ impl ConsulStore {
                 client,
                 kv_prefix: format!("{prefix}kv/"),
                 lock_prefix: format!("{prefix}locks/"),
+                sessions: lock::Sessions::default(),
+                local: std::sync::Mutex::default(),
                 cfg: config,
             }),
         })

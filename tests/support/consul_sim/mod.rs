@@ -72,6 +72,8 @@ struct App {
     /// A write another client makes right after the next successful `PUT /v1/kv/<key>` of
     /// this key, before that PUT is answered (see [`ConsulSim::overwrite_after_next_put`]).
     overwrite: Mutex<Option<(String, Vec<u8>)>>,
+    /// Requests received, by kind (see [`request_kind`]).
+    requests: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl App {
@@ -123,6 +125,7 @@ impl ConsulSim {
         let app = Arc::new(App {
             state: Mutex::new(State::new()),
             overwrite: Mutex::new(None),
+            requests: Mutex::new(std::collections::BTreeMap::new()),
             changes,
             acl_token: Mutex::new(opts.acl_token.clone()),
             delays: Mutex::new(Vec::new()),
@@ -222,6 +225,22 @@ impl ConsulSim {
     /// How many sessions exist.
     pub fn session_count(&self) -> usize {
         self.app.lock().sessions.len()
+    }
+
+    /// How many requests of each kind were received so far (`"session create"`, `"txn"`,
+    /// `"kv GET"`, `"kv blocking GET"`, …; see [`request_kind`]). Also served as JSON at
+    /// `GET /_sim/requests` (not counted), for a simulator in another process.
+    pub fn request_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.app
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// How many requests of kind `kind` were received so far.
+    pub fn requests(&self, kind: &str) -> u64 {
+        self.request_counts().get(kind).copied().unwrap_or(0)
     }
 
     /// Fault hook: every request whose path starts with `path_prefix` (such as
@@ -436,6 +455,28 @@ fn token_of(headers: &HeaderMap, q: &Query) -> Option<String> {
     q_get(q, "token").map(str::to_string)
 }
 
+/// The kind a request is counted under: `"kv GET"` (`"kv blocking GET"` with a non-zero
+/// `?index`), `"kv PUT"`, `"kv DELETE"`, `"txn"`, `"session <op>"` (`create`, `renew`,
+/// `destroy`, `info`, …), else the method and path.
+pub fn request_kind(method: &Method, path: &str, q: &Query) -> String {
+    if path == "/v1/kv" || path.starts_with("/v1/kv/") {
+        let blocking = q_get(q, "index").is_some_and(|i| i != "0" && !i.is_empty());
+        return if *method == Method::GET && blocking {
+            "kv blocking GET".into()
+        } else {
+            format!("kv {method}")
+        };
+    }
+    if path == "/v1/txn" {
+        return "txn".into();
+    }
+    if let Some(rest) = path.strip_prefix("/v1/session/") {
+        let op = rest.split('/').next().unwrap_or(rest);
+        return format!("session {op}");
+    }
+    format!("{method} {path}")
+}
+
 async fn handle(
     axum::extract::State(app): axum::extract::State<Arc<App>>,
     req: Request,
@@ -443,6 +484,19 @@ async fn handle(
     let method = req.method().clone();
     let path = percent_decode(req.uri().path(), false);
     let q = parse_query(req.uri().query());
+    if path == "/_sim/requests" {
+        let counts = app
+            .requests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        return json_response(StatusCode::OK, &counts);
+    }
+    {
+        let kind = request_kind(&method, &path, &q);
+        let mut counts = app.requests.lock().unwrap_or_else(|p| p.into_inner());
+        *counts.entry(kind).or_insert(0) += 1;
+    }
     let headers = req.headers().clone();
     let acl = app
         .acl_token
