@@ -11,6 +11,10 @@ use crate::harness::{err, Contender, Held, Op, Target, R};
 pub const KEY: &str = "bench/key";
 pub const CAS_KEY: &str = "bench/cas";
 pub const LOCK: &str = "bench/uncontended";
+/// The semaphore, read-write lock and election of the recipe rows.
+pub const RECIPE: &str = "bench/recipe";
+/// The permits of the semaphore row.
+pub const PERMITS: u32 = 3;
 
 pub struct Coordkit {
     pub store: Arc<dyn Backend>,
@@ -52,7 +56,7 @@ impl Target for Coordkit {
                     .await?;
                 self.version.store(v.as_raw(), Ordering::SeqCst);
             }
-            Op::Put | Op::LockUnlock => {}
+            Op::Put | Op::LockUnlock | Op::Semaphore | Op::ReadLock | Op::Campaign => {}
         }
         Ok(())
     }
@@ -88,6 +92,24 @@ impl Target for Coordkit {
             Op::LockUnlock => {
                 let g = self.store.lock(LOCK, &LockOptions::new()).await?;
                 g.release().await?;
+            }
+            Op::Semaphore => {
+                let p = self
+                    .store
+                    .acquire(RECIPE, PERMITS, &LockOptions::new())
+                    .await?;
+                p.release().await?;
+            }
+            Op::ReadLock => {
+                let g = self.store.read(RECIPE, &LockOptions::new()).await?;
+                g.release().await?;
+            }
+            Op::Campaign => {
+                let g = self
+                    .store
+                    .campaign(RECIPE, self.value.clone(), &LockOptions::new())
+                    .await?;
+                g.resign().await?;
             }
         }
         Ok(())

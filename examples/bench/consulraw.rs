@@ -111,12 +111,15 @@ impl Target for ConsulRaw {
         "reqwest HTTP".into()
     }
 
-    fn supports(&self, _op: Op) -> bool {
-        true
+    fn supports(&self, op: Op) -> bool {
+        !op.is_recipe()
     }
 
     async fn setup(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong | Op::GetStale => self.put(KEY).await?,
             Op::Cas => {
                 self.put(CAS_KEY).await?;
@@ -130,6 +133,9 @@ impl Target for ConsulRaw {
 
     async fn run(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong | Op::GetStale => {
                 let q = if op == Op::GetStrong {
                     "consistent"

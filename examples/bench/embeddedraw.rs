@@ -78,11 +78,14 @@ impl Target for FsRaw {
     }
 
     fn supports(&self, op: Op) -> bool {
-        op != Op::GetStale
+        !op.is_recipe() && op != Op::GetStale
     }
 
     async fn setup(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong => self.write(KEY, 1),
             Op::Cas => {
                 self.write(CAS_KEY, 1)?;
@@ -95,6 +98,9 @@ impl Target for FsRaw {
 
     async fn run(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong | Op::GetStale => {
                 self.read(KEY)?;
             }
@@ -244,11 +250,14 @@ impl Target for SqliteRaw {
     }
 
     fn supports(&self, op: Op) -> bool {
-        op != Op::GetStale
+        !op.is_recipe() && op != Op::GetStale
     }
 
     async fn setup(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong => {
                 self.put(KEY)?;
             }
@@ -263,6 +272,9 @@ impl Target for SqliteRaw {
 
     async fn run(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong | Op::GetStale => {
                 let c = self.conn.lock().map_err(|_| err("poisoned"))?;
                 let _: Vec<u8> =

@@ -76,12 +76,15 @@ impl Target for EtcdRaw {
 
     /// KV operations are measured once, with the Lock RPC client.
     fn supports(&self, op: Op) -> bool {
-        op == Op::LockUnlock || self.recipe == Recipe::LockRpc
+        !op.is_recipe() && (op == Op::LockUnlock || self.recipe == Recipe::LockRpc)
     }
 
     async fn setup(&self, op: Op) -> R<()> {
         let mut c = self.client.clone();
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong | Op::GetStale => {
                 c.put(KEY, self.value.clone(), None).await?;
             }
@@ -98,6 +101,9 @@ impl Target for EtcdRaw {
     async fn run(&self, op: Op) -> R<()> {
         let mut c = self.client.clone();
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong => {
                 let r = c.get(KEY, None).await?;
                 r.kvs().first().ok_or_else(|| err("key missing"))?;

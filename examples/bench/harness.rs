@@ -30,6 +30,12 @@ pub enum Op {
     Cas,
     /// Acquire an uncontended lock, then release it.
     LockUnlock,
+    /// Acquire a permit of an idle 3-permit semaphore, then release it (coordkit only).
+    Semaphore,
+    /// Take the read side of an idle read-write lock, then release it (coordkit only).
+    ReadLock,
+    /// Win an uncontested election, then resign (coordkit only).
+    Campaign,
 }
 
 impl Op {
@@ -40,7 +46,20 @@ impl Op {
             Op::Put => "put",
             Op::Cas => "CAS",
             Op::LockUnlock => "lock+unlock",
+            Op::Semaphore => "semaphore acquire+release",
+            Op::ReadLock => "read lock+unlock",
+            Op::Campaign => "campaign+resign",
         }
+    }
+
+    /// Whether this is a coordination recipe, which raw clients do not measure.
+    pub fn is_recipe(self) -> bool {
+        matches!(self, Op::Semaphore | Op::ReadLock | Op::Campaign)
+    }
+
+    /// Whether the operation takes and gives back a lock (and is run with the lock count).
+    pub fn is_lock(self) -> bool {
+        self == Op::LockUnlock || self.is_recipe()
     }
 }
 

@@ -58,12 +58,15 @@ use crate::report::{Row, Rss, Section, COORDKIT};
 pub const CONTENDERS: usize = 8;
 /// Value size for put / CAS, bytes.
 pub const VALUE: usize = 100;
-const OPS: [Op; 5] = [
+const OPS: [Op; 8] = [
     Op::GetStrong,
     Op::GetStale,
     Op::Put,
     Op::Cas,
     Op::LockUnlock,
+    Op::Semaphore,
+    Op::ReadLock,
+    Op::Campaign,
 ];
 
 /// Operation counts.
@@ -671,7 +674,7 @@ async fn op_rows(
     n_lock: usize,
 ) -> R<()> {
     for op in OPS {
-        let n = if op == Op::LockUnlock { n_lock } else { n_kv };
+        let n = if op.is_lock() { n_lock } else { n_kv };
         eprintln!("   {} ×{n}", op.label());
         for (name, series) in interleaved(targets, op, n, c.block).await? {
             s.rows.push(Row::new(op.label(), &name, series));
@@ -1288,7 +1291,15 @@ mod tests {
         let md = report::full_md(&[s], "header\n");
         assert!(md.contains("| lock+unlock | coordkit |"), "{md}");
         assert!(
-            md.contains("in-memory ≥ 0.8× raw map throughput (put)"),
+            md.contains("| ≥ 0.8× raw throughput (put) | memory |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| ≥ 0.3× raw throughput (lock+unlock) | memory |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| semaphore acquire+release | coordkit |"),
             "{md}"
         );
         let dir = tempfile::tempdir().unwrap();

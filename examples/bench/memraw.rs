@@ -70,11 +70,14 @@ impl Target for RawMap {
     }
 
     fn supports(&self, op: Op) -> bool {
-        op != Op::GetStale
+        !op.is_recipe() && op != Op::GetStale
     }
 
     async fn setup(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong | Op::GetStale => {
                 self.put(KEY, self.value.clone())?;
             }
@@ -89,6 +92,9 @@ impl Target for RawMap {
 
     async fn run(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong | Op::GetStale => {
                 self.get(KEY)?.ok_or_else(|| err("key missing"))?;
             }

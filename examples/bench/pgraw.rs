@@ -64,11 +64,14 @@ impl Target for PgRaw {
     }
 
     fn supports(&self, op: Op) -> bool {
-        op != Op::GetStale
+        !op.is_recipe() && op != Op::GetStale
     }
 
     async fn setup(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong => {
                 self.put(KEY).await?;
             }
@@ -83,6 +86,9 @@ impl Target for PgRaw {
 
     async fn run(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong | Op::GetStale => {
                 self.client
                     .query_one("SELECT value FROM bench_raw.kv WHERE key = $1", &[&KEY])

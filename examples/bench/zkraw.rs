@@ -58,12 +58,15 @@ impl Target for ZkRaw {
         "zookeeper-client".into()
     }
 
-    fn supports(&self, _op: Op) -> bool {
-        true
+    fn supports(&self, op: Op) -> bool {
+        !op.is_recipe()
     }
 
     async fn setup(&self, op: Op) -> R<()> {
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong | Op::GetStale => {
                 self.client.set_data(KEY, &self.value, None).await?;
             }
@@ -80,6 +83,9 @@ impl Target for ZkRaw {
     async fn run(&self, op: Op) -> R<()> {
         let c = &self.client;
         match op {
+            Op::Semaphore | Op::ReadLock | Op::Campaign => {
+                return Err(err("recipes are measured on coordkit only"))
+            }
             Op::GetStrong => {
                 c.sync(KEY).await?;
                 c.get_data(KEY).await?;
