@@ -1465,3 +1465,50 @@ async fn curator_leader_latch_interoperates_both_ways() {
     proc1.kill();
     g.resign().await.expect("resign");
 }
+
+/// Packets the server has received (`srvr` `Received:`).
+fn received(port: u16) -> u64 {
+    support::zookeeper::four_letter(port, "srvr")
+        .lines()
+        .find_map(|l| l.strip_prefix("Received: "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("srvr answers with a packet count")
+}
+
+/// A permanent key is read with one packet (stale) or two (sync + read, strong); the `~ttl`
+/// child is asked for only when the key znode has children. A TTL key still reads as one.
+#[tokio::test]
+async fn reading_a_permanent_key_costs_one_packet() {
+    let zk = support::zookeeper::ZkStandalone::start();
+    let store = ZkStore::connect(ZkConfig::from_url_str(&zk.url()).expect("url"))
+        .await
+        .expect("connect");
+    store
+        .put("p/k", b"v".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    store
+        .put(
+            "p/t",
+            b"t".to_vec(),
+            PutOptions::ttl(Duration::from_secs(30)),
+        )
+        .await
+        .unwrap();
+    const N: u64 = 20;
+    for (consistency, per_read) in [(Consistency::Stale, 1), (STRONG, 2)] {
+        let before = received(zk.port());
+        for _ in 0..N {
+            let e = store.get("p/k", consistency).await.unwrap().unwrap();
+            assert_eq!(e.value, b"v");
+        }
+        let sent = received(zk.port()) - before;
+        // A session ping may fall in the window.
+        assert!(
+            sent >= N * per_read && sent <= N * per_read + 2,
+            "{consistency:?}: {sent} packets for {N} reads"
+        );
+    }
+    let t = store.get("p/t", Consistency::Stale).await.unwrap().unwrap();
+    assert_eq!(t.value, b"t");
+}

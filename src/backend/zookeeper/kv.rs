@@ -203,8 +203,10 @@ impl Inner {
         }
     }
 
-    /// Reads key znode `path` and its `~ttl` child (pipelined: one round trip). `data`: read
-    /// the value too (otherwise only the stat).
+    /// Reads key znode `path`, and its `~ttl` child only if the znode has children (a TTL key
+    /// always has one, created in the same `multi`; a childless znode is permanent or reaped,
+    /// which its stat tells). A permanent key costs one packet. `data`: read the value too
+    /// (otherwise only the stat).
     async fn read_node(
         &self,
         client: &zk::Client,
@@ -212,31 +214,44 @@ impl Inner {
         path: &str,
         data: bool,
     ) -> Result<Option<Node>> {
-        let mark = mark_of(path);
-        let (node, mark) = if data {
-            let n = client.get_data(path);
-            let m = client.get_data(&mark);
-            let (n, m) = self
-                .bounded("get", key, async move { Ok(futures::join!(n, m)) })
-                .await?;
-            (n.map(|(d, s)| Some((d, s))), m)
+        let node = if data {
+            self.bounded("get", key, async {
+                match client.get_data(path).await {
+                    Ok((d, s)) => Ok(Some((d, s))),
+                    Err(zk::Error::NoNode) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?
         } else {
-            let n = client.check_stat(path);
-            let m = client.get_data(&mark);
-            let (n, m) = self
-                .bounded("stat", key, async move { Ok(futures::join!(n, m)) })
-                .await?;
-            (n.map(|s| s.map(|s| (Vec::new(), s))), m)
+            self.bounded("stat", key, client.check_stat(path))
+                .await?
+                .map(|s| (Vec::new(), s))
         };
-        match node {
-            Ok(Some((data, stat))) => Ok(Some(Node {
-                kind: classify(&stat, mark),
-                stat,
-                data,
-            })),
-            Ok(None) | Err(zk::Error::NoNode) => Ok(None),
-            Err(e) => Err(super::error::map(e, "get", key)),
-        }
+        let Some((data, stat)) = node else {
+            return Ok(None);
+        };
+        let mark = if stat.num_children > 0 {
+            let m = mark_of(path);
+            let read = self
+                .bounded("get", key, async {
+                    match client.get_data(&m).await {
+                        Ok(r) => Ok(Some(r)),
+                        // The child is gone: an answer, not a failure.
+                        Err(zk::Error::NoNode) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                })
+                .await?;
+            read.ok_or(zk::Error::NoNode)
+        } else {
+            Err(zk::Error::NoNode)
+        };
+        Ok(Some(Node {
+            kind: classify(&stat, mark),
+            stat,
+            data,
+        }))
     }
 
     /// Reads key znode `path` for a write, in one read: `Live` if it holds a key, `Dead` if a
