@@ -304,31 +304,65 @@ fn load1() -> f64 {
         .unwrap_or(f64::INFINITY)
 }
 
-/// Samples the 1-minute load every second until dropped; the highest value seen.
+/// Samples the 1-minute load every second until dropped: the highest value seen, overall and
+/// per backend section.
 struct LoadWatch {
-    peak: Arc<std::sync::Mutex<f64>>,
+    /// The overall peak, and per section (in run order) its name and peak.
+    state: Arc<std::sync::Mutex<LoadState>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct LoadState {
+    peak: f64,
+    sections: Vec<(String, f64)>,
 }
 
 impl LoadWatch {
     fn start() -> LoadWatch {
-        let peak = Arc::new(std::sync::Mutex::new(load1()));
+        let state = Arc::new(std::sync::Mutex::new(LoadState {
+            peak: load1(),
+            sections: Vec::new(),
+        }));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (p, st) = (peak.clone(), stop.clone());
+        let (p, st) = (state.clone(), stop.clone());
         std::thread::spawn(move || {
             while !st.load(std::sync::atomic::Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_secs(1));
                 let l = load1();
                 if let Ok(mut m) = p.lock() {
-                    *m = m.max(l);
+                    m.peak = m.peak.max(l);
+                    if let Some((_, peak)) = m.sections.last_mut() {
+                        *peak = peak.max(l);
+                    }
                 }
             }
         });
-        LoadWatch { peak, stop }
+        LoadWatch { state, stop }
+    }
+
+    /// From now on, samples also count for section `name`.
+    fn section(&self, name: &str) {
+        if let Ok(mut m) = self.state.lock() {
+            m.sections.push((name.to_string(), load1()));
+        }
     }
 
     fn peak(&self) -> f64 {
-        self.peak.lock().map(|m| *m).unwrap_or(f64::INFINITY)
+        self.state.lock().map(|m| m.peak).unwrap_or(f64::INFINITY)
+    }
+
+    /// `memory 0.52, etcd 0.91, …`: the peak 1-minute load during each section.
+    fn per_section(&self) -> String {
+        self.state
+            .lock()
+            .map(|m| {
+                m.sections
+                    .iter()
+                    .map(|(n, p)| format!("{n} {p:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -416,6 +450,7 @@ async fn run(args: Args) -> R<Validity> {
 
     for (name, spec) in specs {
         eprintln!("== {name}");
+        load.section(&name);
         let t = Instant::now();
         let result = match (name.as_str(), spec) {
             (_, Some(Spec::Memory)) | ("memory", None) => bench_memory(args.counts).await,
@@ -567,6 +602,11 @@ async fn run(args: Args) -> R<Validity> {
         Validity::Valid
     };
     let mut header = header_md(args.counts, started.elapsed(), &load_start);
+    header.push_str(&format!(
+        "\nPeak 1-minute load during each backend's part: {}.\n",
+        load.per_section()
+    ));
+    eprintln!("peak 1-minute load per part: {}", load.per_section());
     header.push_str(&match &validity {
         Validity::Valid => format!(
             "\nValid run: 1-minute load {start_load:.2} at the start, at most {peak:.2} during the run (limits 1.0 and 2.0).\n"
