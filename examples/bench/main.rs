@@ -296,6 +296,29 @@ enum Validity {
     Invalid(String),
 }
 
+/// The 1-minute load above which a part waits before it starts.
+const SETTLE_LOAD: f64 = 0.8;
+
+/// The longest wait for the load to settle before a part.
+const SETTLE_MAX: Duration = Duration::from_secs(120);
+
+/// Waits (at most [`SETTLE_MAX`]) until the 1-minute load is at most [`SETTLE_LOAD`], so that
+/// each backend's part starts on a quiet machine rather than on the load the previous part left
+/// (client and server together keep both cores busy, and the 1-minute average lags a minute).
+async fn settle(next: &str) {
+    let t = Instant::now();
+    if load1() <= SETTLE_LOAD {
+        return;
+    }
+    eprintln!(
+        "   waiting for the load to settle before {next} ({:.2})",
+        load1()
+    );
+    while load1() > SETTLE_LOAD && t.elapsed() < SETTLE_MAX {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 /// The 1-minute load average.
 fn load1() -> f64 {
     std::fs::read_to_string("/proc/loadavg")
@@ -449,6 +472,7 @@ async fn run(args: Args) -> R<Validity> {
     };
 
     for (name, spec) in specs {
+        settle(&name).await;
         eprintln!("== {name}");
         load.section(&name);
         let t = Instant::now();

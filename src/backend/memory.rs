@@ -482,13 +482,14 @@ impl Drop for Ticket {
 impl DistLock for MemoryStore {
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
         Self::caps().check_lock(name, opts)?;
-        let (tx, rx) = oneshot::channel();
-        let id = {
+        let (id, rx) = {
             let mut state = self.state();
             if let Some((id, token)) = state.take_free(name) {
                 drop(state);
                 return Ok(self.guard(name, id, opts.ttl, token));
             }
+            // Only a waiter needs a channel: a free lock is granted without one.
+            let (tx, rx) = oneshot::channel();
             state.next_id += 1;
             let id = state.next_id;
             state
@@ -498,7 +499,7 @@ impl DistLock for MemoryStore {
                 .waiters
                 .push_back(Waiter { id, tx });
             state.grant_next(name);
-            id
+            (id, rx)
         };
         let mut ticket = Ticket {
             shared: self.shared.clone(),
