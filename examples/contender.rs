@@ -216,13 +216,7 @@ async fn run(args: &Args, log: &mut Log) -> i32 {
             match store.lock(&args.lock, &opts).await {
                 Ok(g) => break g,
                 Err(e) => {
-                    log.line(&format!(
-                        "lock_error {} {}",
-                        e.kind().as_str().replace(' ', "_"),
-                        e
-                    ));
-                    if last_progress.elapsed() > args.give_up || !retryable(&e) {
-                        log.line("fatal lock: no progress");
+                    if give_up_after(log, &e, last_progress, args.give_up) {
                         return 3;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -406,13 +400,7 @@ async fn run_recipe(
             match taken {
                 Ok(t) => break t,
                 Err(e) => {
-                    log.line(&format!(
-                        "lock_error {} {}",
-                        e.kind().as_str().replace(' ', "_"),
-                        e
-                    ));
-                    if last_progress.elapsed() > args.give_up || !retryable(&e) {
-                        log.line("fatal lock: no progress");
+                    if give_up_after(log, &e, last_progress, args.give_up) {
                         return 3;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -462,6 +450,26 @@ async fn announce(
     }
     fence.leave().await?;
     Ok(inside)
+}
+
+/// Logs a failed lock call; true if the caller should give up (no progress for `give_up`, or an
+/// error that will not go away by itself).
+fn give_up_after(
+    log: &mut Log,
+    e: &coordkit::Error,
+    last_progress: Instant,
+    give_up: Duration,
+) -> bool {
+    log.line(&format!(
+        "lock_error {} {}",
+        e.kind().as_str().replace(' ', "_"),
+        e
+    ));
+    if last_progress.elapsed() > give_up || !retryable(e) {
+        log.line("fatal lock: no progress");
+        return true;
+    }
+    false
 }
 
 /// Whether an error may go away by itself (the backend is failing over or restarting).

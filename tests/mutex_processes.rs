@@ -11,27 +11,13 @@ mod support;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use support::contention::{self, publish, run, Fault, RunConfig, RunReport};
+use support::contention::{self, caps, publish, run, Fault, RunConfig, RunReport};
 
 /// Runs with faults (short TTLs, timed pauses) take turns; runs without faults use long TTLs
 /// and may share the machine with anything.
 fn fault_turn() -> MutexGuard<'static, ()> {
     static TURN: Mutex<()> = Mutex::new(());
     TURN.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The backend's capabilities, from a client connected to `url`.
-fn caps(url: &str) -> coordkit::Capabilities {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let s = coordkit::connect(url)
-            .await
-            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-        s.capabilities()
-    })
 }
 
 /// A run without faults: every round completes, the count is exact, tokens strictly increase.

@@ -23,7 +23,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::contention::{publish_recipe, run_recipe, Recipe, RecipeReport, RunConfig, RwMode};
+use support::contention::{
+    caps, publish_recipe, run_recipe, Recipe, RecipeReport, RunConfig, RwMode,
+};
 
 /// Permits of the semaphore.
 const PERMITS: u32 = 3;
@@ -36,20 +38,6 @@ fn semaphore_rounds() -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100)
-}
-
-/// The backend's capabilities, from a client connected to `url`.
-fn caps(url: &str) -> coordkit::Capabilities {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let s = coordkit::connect(url)
-            .await
-            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
-        s.capabilities()
-    })
 }
 
 fn config(label: &str, url: &str, recipe: Recipe, rounds: u64) -> RunConfig {

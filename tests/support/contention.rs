@@ -38,6 +38,20 @@ pub fn procs(default: usize) -> usize {
         .unwrap_or(default)
 }
 
+/// The backend's capabilities, from a client connected to `url`.
+pub fn caps(url: &str) -> coordkit::Capabilities {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let s = coordkit::connect(url)
+            .await
+            .unwrap_or_else(|e| panic!("connect {url}: {e}"));
+        s.capabilities()
+    })
+}
+
 /// The `contender` example binary, next to this test binary (`target/<profile>/examples/`).
 ///
 /// `cargo test` builds examples, but `cargo test --test <name>` does not, and a binary left
