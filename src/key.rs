@@ -39,7 +39,11 @@ fn invalid(what: &str, input: &str, why: &str) -> Error {
     .with_key(input.chars().take(80).collect::<String>())
 }
 
-fn check_segments(what: &str, input: &str, segments: &[&str]) -> Result<()> {
+fn check_segments<'a>(
+    what: &str,
+    input: &str,
+    segments: impl Iterator<Item = &'a str>,
+) -> Result<()> {
     for seg in segments {
         if seg.is_empty() {
             return Err(invalid(
@@ -48,7 +52,7 @@ fn check_segments(what: &str, input: &str, segments: &[&str]) -> Result<()> {
                 "has an empty segment (leading, trailing or double '/')",
             ));
         }
-        if *seg == "." || *seg == ".." {
+        if seg == "." || seg == ".." {
             return Err(invalid(what, input, "has a '.' or '..' segment"));
         }
     }
@@ -62,6 +66,9 @@ fn check_chars(what: &str, input: &str) -> Result<()> {
             input,
             &format!("is {} bytes, longer than {MAX_KEY_LEN}", input.len()),
         ));
+    }
+    if input.bytes().all(|b| b == b'/' || allowed(b)) {
+        return Ok(());
     }
     if let Some(c) = input
         .chars()
@@ -93,8 +100,7 @@ fn validate_named(what: &str, key: &str) -> Result<()> {
         return Err(invalid(what, key, "is empty"));
     }
     check_chars(what, key)?;
-    let segments: Vec<&str> = key.split('/').collect();
-    check_segments(what, key, &segments)
+    check_segments(what, key, key.split('/'))
 }
 
 /// Checks that `prefix` is a valid prefix: empty, or key characters without a leading `/` or
@@ -107,10 +113,12 @@ pub fn validate_prefix(prefix: &str) -> Result<()> {
         return Ok(());
     }
     check_chars("prefix", prefix)?;
-    let mut segments: Vec<&str> = prefix.split('/').collect();
-    // The last piece is either empty (prefix ends with '/') or a partial segment.
-    segments.pop();
-    check_segments("prefix", prefix, &segments)
+    // The piece after the last '/' is either empty (the prefix ends with '/') or a partial
+    // segment: only the complete segments before it are checked.
+    match prefix.rsplit_once('/') {
+        Some((complete, _partial)) => check_segments("prefix", prefix, complete.split('/')),
+        None => Ok(()),
+    }
 }
 
 /// Whether `key` is selected by `prefix` (plain string prefix).

@@ -23,6 +23,8 @@
 //! The `coordkit` command shows them with `-v`.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -78,97 +80,127 @@ fn finish<T>(span: &Span, r: &Result<T>) {
     }
 }
 
+/// The future of a backend call, as `async_trait` declares it.
+type Call<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
+
+/// Runs `call` inside `span`, then records the outcome: `done` (a result summary) and the
+/// error kind. When no subscriber wants the span, `call` is returned as it is: nothing is
+/// recorded, and the call costs no second future.
+fn in_span<'a, T: Send + 'a>(span: Span, call: Call<'a, T>, done: fn(&Span, &T)) -> Call<'a, T> {
+    if span.is_disabled() {
+        return call;
+    }
+    Box::pin(async move {
+        let r = call.instrument(span.clone()).await;
+        match &r {
+            Ok(v) => done(&span, v),
+            Err(e) => {
+                span.record("error", e.kind().as_str());
+            }
+        }
+        r
+    })
+}
+
+/// A `done` for calls without a result summary.
+fn nothing<T>(_: &Span, _: &T) {}
+
+// The methods are written out as `async_trait` declares them (not as `async fn`), so that a
+// call without a subscriber returns the backend's own future.
 #[async_trait]
 impl<B: KvStore + ?Sized> KvStore for Traced<B> {
-    async fn get(&self, key: &str, consistency: Consistency) -> Result<Option<Entry>> {
+    fn get<'s, 'k, 'f>(&'s self, key: &'k str, consistency: Consistency) -> Call<'f, Option<Entry>>
+    where
+        's: 'f,
+        'k: 'f,
+        Self: 'f,
+    {
         let span = debug_span!("coordkit.get", backend = self.backend, key, consistency = ?consistency, found = Empty, error = Empty);
-        let r = self
-            .inner
-            .get(key, consistency)
-            .instrument(span.clone())
-            .await;
-        if let Ok(found) = &r {
+        in_span(span, self.inner.get(key, consistency), |span, found| {
             span.record("found", found.is_some());
-        }
-        finish(&span, &r);
-        r
+        })
     }
 
-    async fn put(&self, key: &str, value: Vec<u8>, opts: PutOptions) -> Result<Version> {
-        let ttl = opts.ttl.map(|t| format!("{t:?}"));
+    fn put<'s, 'k, 'f>(
+        &'s self,
+        key: &'k str,
+        value: Vec<u8>,
+        opts: PutOptions,
+    ) -> Call<'f, Version>
+    where
+        's: 'f,
+        'k: 'f,
+        Self: 'f,
+    {
         let span = debug_span!(
             "coordkit.put",
             backend = self.backend,
             key,
             bytes = value.len(),
-            ttl = ttl.as_deref(),
+            ttl = ?opts.ttl,
             version = Empty,
             error = Empty
         );
-        let r = self
-            .inner
-            .put(key, value, opts)
-            .instrument(span.clone())
-            .await;
-        if let Ok(v) = &r {
+        in_span(span, self.inner.put(key, value, opts), |span, v| {
             span.record("version", v.as_raw());
-        }
-        finish(&span, &r);
-        r
+        })
     }
 
-    async fn delete(&self, key: &str) -> Result<()> {
+    fn delete<'s, 'k, 'f>(&'s self, key: &'k str) -> Call<'f, ()>
+    where
+        's: 'f,
+        'k: 'f,
+        Self: 'f,
+    {
         let span = debug_span!(
             "coordkit.delete",
             backend = self.backend,
             key,
             error = Empty
         );
-        let r = self.inner.delete(key).instrument(span.clone()).await;
-        finish(&span, &r);
-        r
+        in_span(span, self.inner.delete(key), nothing)
     }
 
-    async fn compare_and_swap(
-        &self,
-        key: &str,
+    fn compare_and_swap<'s, 'k, 'f>(
+        &'s self,
+        key: &'k str,
         expect: Expect,
         new: Option<Vec<u8>>,
-    ) -> Result<Option<Version>> {
+    ) -> Call<'f, Option<Version>>
+    where
+        's: 'f,
+        'k: 'f,
+        Self: 'f,
+    {
         let span = debug_span!("coordkit.cas", backend = self.backend, key, expect = ?expect, delete = new.is_none(), error = Empty);
-        let r = self
-            .inner
-            .compare_and_swap(key, expect, new)
-            .instrument(span.clone())
-            .await;
-        finish(&span, &r);
-        r
+        in_span(span, self.inner.compare_and_swap(key, expect, new), nothing)
     }
 
-    async fn list(&self, prefix: &str, consistency: Consistency) -> Result<Vec<Entry>> {
+    fn list<'s, 'p, 'f>(&'s self, prefix: &'p str, consistency: Consistency) -> Call<'f, Vec<Entry>>
+    where
+        's: 'f,
+        'p: 'f,
+        Self: 'f,
+    {
         let span = debug_span!("coordkit.list", backend = self.backend, prefix, consistency = ?consistency, count = Empty, error = Empty);
-        let r = self
-            .inner
-            .list(prefix, consistency)
-            .instrument(span.clone())
-            .await;
-        if let Ok(entries) = &r {
+        in_span(span, self.inner.list(prefix, consistency), |span, entries| {
             span.record("count", entries.len());
-        }
-        finish(&span, &r);
-        r
+        })
     }
 
-    async fn watch(&self, prefix: &str) -> Result<WatchStream> {
+    fn watch<'s, 'p, 'f>(&'s self, prefix: &'p str) -> Call<'f, WatchStream>
+    where
+        's: 'f,
+        'p: 'f,
+        Self: 'f,
+    {
         let span = debug_span!(
             "coordkit.watch",
             backend = self.backend,
             prefix,
             error = Empty
         );
-        let r = self.inner.watch(prefix).instrument(span.clone()).await;
-        finish(&span, &r);
-        r
+        in_span(span, self.inner.watch(prefix), nothing)
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -178,31 +210,37 @@ impl<B: KvStore + ?Sized> KvStore for Traced<B> {
 
 #[async_trait]
 impl<B: KvStore + DistLock + ?Sized> DistLock for Traced<B> {
-    async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
+    fn lock<'s, 'n, 'o, 'f>(&'s self, name: &'n str, opts: &'o LockOptions) -> Call<'f, LockGuard>
+    where
+        's: 'f,
+        'n: 'f,
+        'o: 'f,
+        Self: 'f,
+    {
         let span = debug_span!("coordkit.lock", backend = self.backend, lock = name, ttl = ?opts.ttl, wait = ?opts.wait, token = Empty, error = Empty);
-        let r = self.inner.lock(name, opts).instrument(span.clone()).await;
-        if let Ok(g) = &r {
+        in_span(span, self.inner.lock(name, opts), |span, g| {
             span.record("token", g.token().get());
-        }
-        finish(&span, &r);
-        r
+        })
     }
 
-    async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
+    fn try_lock<'s, 'n, 'o, 'f>(
+        &'s self,
+        name: &'n str,
+        opts: &'o LockOptions,
+    ) -> Call<'f, Option<LockGuard>>
+    where
+        's: 'f,
+        'n: 'f,
+        'o: 'f,
+        Self: 'f,
+    {
         let span = debug_span!("coordkit.try_lock", backend = self.backend, lock = name, ttl = ?opts.ttl, acquired = Empty, token = Empty, error = Empty);
-        let r = self
-            .inner
-            .try_lock(name, opts)
-            .instrument(span.clone())
-            .await;
-        if let Ok(g) = &r {
+        in_span(span, self.inner.try_lock(name, opts), |span, g| {
             span.record("acquired", g.is_some());
             if let Some(g) = g {
                 span.record("token", g.token().get());
             }
-        }
-        finish(&span, &r);
-        r
+        })
     }
 }
 

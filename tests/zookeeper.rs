@@ -1512,3 +1512,56 @@ async fn reading_a_permanent_key_costs_one_packet() {
     let t = store.get("p/t", Consistency::Stale).await.unwrap().unwrap();
     assert_eq!(t.value, b"t");
 }
+
+/// Waits (at most 5 s) until this process has a connection to `port` and all of them have
+/// `TCP_NODELAY`; the last `(connections, with TCP_NODELAY)` seen.
+async fn nodelay_on_all(port: u16) -> (usize, usize) {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let seen = support::zookeeper::nodelay_connections(port, false);
+        if (seen.0 > 0 && seen.0 == seen.1) || Instant::now() >= until {
+            return seen;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The sessions' connections run without Nagle's algorithm, so that a read sent right after
+/// a `sync` is not held back until the sync's answer: after connecting, for lock sessions too,
+/// and again after the server restarts and the sessions reconnect.
+#[tokio::test]
+async fn session_connections_have_tcp_nodelay_across_reconnects() {
+    let mut zk = support::zookeeper::ZkStandalone::start();
+    let port = zk.port();
+    let store = ZkStore::connect(ZkConfig::from_url_str(&zk.url()).expect("url"))
+        .await
+        .expect("connect");
+    store
+        .put("n/k", b"v".to_vec(), PutOptions::default())
+        .await
+        .unwrap();
+    let held = store
+        .lock("n/l", &LockOptions::new().ttl(Duration::from_secs(20)))
+        .await
+        .unwrap();
+    let (total, on) = nodelay_on_all(port).await;
+    assert!(total >= 2, "{total} connections (main and lock session)");
+    assert_eq!(on, total, "connections without TCP_NODELAY after connect");
+
+    zk.node().restart();
+    let until = Instant::now() + Duration::from_secs(30);
+    while zk.node().mode().as_deref() != Some("standalone") {
+        assert!(Instant::now() < until, "server did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Reconnected once a read goes through.
+    let until = Instant::now() + Duration::from_secs(30);
+    while store.get("n/k", STRONG).await.is_err() {
+        assert!(Instant::now() < until, "no read after the restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (total, on) = nodelay_on_all(port).await;
+    assert!(total >= 1, "no connection after the restart");
+    assert_eq!(on, total, "connections without TCP_NODELAY after reconnecting");
+    drop(held);
+}

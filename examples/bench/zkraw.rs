@@ -14,8 +14,14 @@ const CAS_KEY: &str = "/rawbench/cas";
 const LOCKS: &str = "/rawbench/locks";
 const LOCK: &str = "uncontended";
 
+/// A raw client, its connection given `TCP_NODELAY` as coordkit gives its own (the crate has
+/// no setting for it), so that the two sides differ only in what they send.
 pub async fn connect(hostport: &str) -> R<Client> {
-    Ok(Client::connect(hostport).await?)
+    let client = Client::connect(hostport).await?;
+    if let Some(port) = hostport.rsplit(':').next().and_then(|p| p.parse().ok()) {
+        crate::support::zookeeper::nodelay_connections(port, true);
+    }
+    Ok(client)
 }
 
 async fn ensure(c: &Client, path: &str) -> R<()> {

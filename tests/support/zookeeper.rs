@@ -324,3 +324,49 @@ impl Drop for ZkEnsemble {
         }
     }
 }
+
+/// This process's TCP connections to `127.0.0.1:port`: how many there are, and how many of them
+/// have `TCP_NODELAY` set. With `set`, sets it on each first (what the benchmark does for the
+/// raw client, whose crate offers no setting for it).
+pub fn nodelay_connections(port: u16, set: bool) -> (usize, usize) {
+    let mut total = 0;
+    let mut on = 0;
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return (0, 0);
+    };
+    for entry in entries.flatten() {
+        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // SAFETY: socket calls on a descriptor number with buffers of the sizes given; a
+        // descriptor closed meanwhile makes them fail (EBADF), and nothing else is touched.
+        unsafe {
+            let mut sa: libc::sockaddr_in = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let peer = &mut sa as *mut libc::sockaddr_in as *mut libc::sockaddr;
+            if libc::getpeername(fd, peer, &mut len) != 0
+                || i32::from(sa.sin_family) != libc::AF_INET
+                || u16::from_be(sa.sin_port) != port
+            {
+                continue;
+            }
+            let one: libc::c_int = 1;
+            let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            if set {
+                let value = &one as *const libc::c_int as *const libc::c_void;
+                libc::setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, value, size);
+            }
+            let mut value: libc::c_int = 0;
+            let mut value_len = size;
+            let out = &mut value as *mut libc::c_int as *mut libc::c_void;
+            if libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, out, &mut value_len) == 0
+            {
+                total += 1;
+                if value != 0 {
+                    on += 1;
+                }
+            }
+        }
+    }
+    (total, on)
+}

@@ -19,6 +19,7 @@ mod election;
 mod error;
 mod kv;
 mod lock;
+mod nodelay;
 pub mod path;
 mod watch;
 
@@ -100,7 +101,10 @@ pub(crate) async fn open_session(
             connector = connector.with_auth("digest", d.as_bytes());
         }
         match tokio::time::timeout_at(deadline, connector.connect(&hosts)).await {
-            Ok(Ok(client)) => return Ok(client),
+            Ok(Ok(client)) => {
+                nodelay::keep(&client, &cfg.servers);
+                return Ok(client);
+            }
             Ok(Err(e @ (zk::Error::AuthFailed | zk::Error::BadArguments(_)))) => {
                 return Err(Error::new(
                     error::kind_of(&e),
