@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -135,7 +136,7 @@ pub trait LockHandle: Send + Sync + 'static {
 /// - [`release`](Self::release) releases now; dropping the guard releases in the background
 ///   without blocking or panicking.
 pub struct LockGuard {
-    name: String,
+    name: Arc<str>,
     token: FencingToken,
     lost: CancellationToken,
     lease: Option<Lease>,
@@ -158,7 +159,7 @@ impl LockGuard {
     /// Builds a guard. For backend implementations: `lost` must be cancelled by the backend the
     /// moment the lock may no longer be held.
     pub fn new(
-        name: impl Into<String>,
+        name: impl Into<Arc<str>>,
         token: FencingToken,
         lost: CancellationToken,
         handle: Box<dyn LockHandle>,
@@ -240,7 +241,7 @@ impl LockGuard {
                 "coordkit",
                 "the lock was lost before it was released",
             )
-            .with_key(self.name.clone()));
+            .with_key(&*self.name));
         }
         Ok(())
     }

@@ -183,9 +183,13 @@ impl<B: KvStore + ?Sized> KvStore for Traced<B> {
         Self: 'f,
     {
         let span = debug_span!("coordkit.list", backend = self.backend, prefix, consistency = ?consistency, count = Empty, error = Empty);
-        in_span(span, self.inner.list(prefix, consistency), |span, entries| {
-            span.record("count", entries.len());
-        })
+        in_span(
+            span,
+            self.inner.list(prefix, consistency),
+            |span, entries| {
+                span.record("count", entries.len());
+            },
+        )
     }
 
     fn watch<'s, 'p, 'f>(&'s self, prefix: &'p str) -> Call<'f, WatchStream>

@@ -1562,6 +1562,9 @@ async fn session_connections_have_tcp_nodelay_across_reconnects() {
     }
     let (total, on) = nodelay_on_all(port).await;
     assert!(total >= 1, "no connection after the restart");
-    assert_eq!(on, total, "connections without TCP_NODELAY after reconnecting");
+    assert_eq!(
+        on, total,
+        "connections without TCP_NODELAY after reconnecting"
+    );
     drop(held);
 }

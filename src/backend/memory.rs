@@ -7,7 +7,7 @@
 //! are served first-in first-out and woken by a channel, never by polling. Fencing tokens and versions come from one store-wide revision counter, like
 //! etcd's revision, so tokens are comparable across locks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -99,7 +99,9 @@ struct State {
     data: BTreeMap<String, Item>,
     expiries: BTreeSet<(Instant, String)>,
     watchers: Vec<Watcher>,
-    locks: HashMap<String, LockState>,
+    /// Lock states by name; a name's entry lives while the lock is held or waited for. The
+    /// key is shared with the holder's guard.
+    locks: BTreeMap<Arc<str>, LockState>,
 }
 
 struct Item {
@@ -241,15 +243,13 @@ impl State {
     }
 
     /// Takes the lock `name` for a new holder if nobody holds or waits for it; the holder's id
-    /// and token.
-    fn take_free(&mut self, name: &str) -> Option<(u64, u64)> {
-        if self
-            .locks
-            .get(name)
-            .is_some_and(|ls| ls.holder.is_some() || !ls.waiters.is_empty())
-        {
-            return None;
-        }
+    /// and token, and the name as the lock table keeps it.
+    fn take_free(&mut self, name: &str) -> Option<(u64, u64, Arc<str>)> {
+        let key = match self.locks.get_key_value(name) {
+            Some((_, ls)) if ls.holder.is_some() || !ls.waiters.is_empty() => return None,
+            Some((key, _)) => key.clone(),
+            None => Arc::from(name),
+        };
         self.next_id += 1;
         let id = self.next_id;
         let token = self.next_rev();
@@ -257,13 +257,8 @@ impl State {
             holder: Some(Holder { id }),
             waiters: VecDeque::new(),
         };
-        match self.locks.get_mut(name) {
-            Some(slot) => *slot = ls,
-            None => {
-                self.locks.insert(name.to_string(), ls);
-            }
-        }
-        Some((id, token))
+        self.locks.insert(key.clone(), ls);
+        Some((id, token, key))
     }
 
     /// Ends the holding `id` of lock `name` (release or expiry), waking the next waiter.
@@ -336,17 +331,17 @@ impl MemoryStore {
         });
     }
 
-    fn guard(&self, name: &str, id: u64, ttl: Duration, token: u64) -> LockGuard {
+    fn guard(&self, name: Arc<str>, id: u64, ttl: Duration, token: u64) -> LockGuard {
         let lost = CancellationToken::new();
         let handle = MemoryLock {
-            hold: Arc::new(Hold {
+            hold: Hold {
                 shared: Arc::downgrade(&self.shared),
-                name: name.to_string(),
+                name: name.clone(),
                 id,
-                ttl,
-                lost: lost.clone(),
-                stopped_at: Mutex::new(None),
-            }),
+            },
+            ttl,
+            lost: lost.clone(),
+            stopped_at: Mutex::new(None),
         };
         LockGuard::new(name, FencingToken::from_raw(token), lost, Box::new(handle))
     }
@@ -452,7 +447,7 @@ fn describe(current: Option<u64>) -> String {
 /// releases the lock if it was granted in the meantime.
 struct Ticket {
     shared: Arc<Shared>,
-    name: String,
+    name: Arc<str>,
     id: u64,
     rx: Option<oneshot::Receiver<Grant>>,
 }
@@ -484,7 +479,7 @@ impl DistLock for MemoryStore {
         Self::caps().check_lock(name, opts)?;
         let (id, rx) = {
             let mut state = self.state();
-            if let Some((id, token)) = state.take_free(name) {
+            if let Some((id, token, name)) = state.take_free(name) {
                 drop(state);
                 return Ok(self.guard(name, id, opts.ttl, token));
             }
@@ -494,7 +489,7 @@ impl DistLock for MemoryStore {
             let id = state.next_id;
             state
                 .locks
-                .entry(name.to_string())
+                .entry(Arc::from(name))
                 .or_default()
                 .waiters
                 .push_back(Waiter { id, tx });
@@ -503,7 +498,7 @@ impl DistLock for MemoryStore {
         };
         let mut ticket = Ticket {
             shared: self.shared.clone(),
-            name: name.to_string(),
+            name: Arc::from(name),
             id,
             rx: Some(rx),
         };
@@ -517,7 +512,7 @@ impl DistLock for MemoryStore {
         match granted {
             Ok(Ok(grant)) => {
                 ticket.rx = None;
-                Ok(self.guard(name, id, opts.ttl, grant.token))
+                Ok(self.guard(ticket.name.clone(), id, opts.ttl, grant.token))
             }
             Ok(Err(_)) => Err(Error::new(
                 ErrorKind::Unavailable,
@@ -529,7 +524,7 @@ impl DistLock for MemoryStore {
                 // Granted at the very deadline? Then take it rather than waste it.
                 if let Some(Ok(grant)) = ticket.rx.as_mut().map(|rx| rx.try_recv()) {
                     ticket.rx = None;
-                    return Ok(self.guard(name, id, opts.ttl, grant.token));
+                    return Ok(self.guard(ticket.name.clone(), id, opts.ttl, grant.token));
                 }
                 Err(Error::new(
                     ErrorKind::Timeout,
@@ -547,20 +542,16 @@ impl DistLock for MemoryStore {
     async fn try_lock(&self, name: &str, opts: &LockOptions) -> Result<Option<LockGuard>> {
         Self::caps().check_lock(name, opts)?;
         let taken = self.state().take_free(name);
-        Ok(taken.map(|(id, token)| self.guard(name, id, opts.ttl, token)))
+        Ok(taken.map(|(id, token, name)| self.guard(name, id, opts.ttl, token)))
     }
 }
 
-/// One hold of a lock, shared by its guard's handle and, once renewal was stopped, the task
-/// that lets it lapse.
+/// One hold of a lock: what ends it in the store.
+#[derive(Clone)]
 struct Hold {
     shared: Weak<Shared>,
-    name: String,
+    name: Arc<str>,
     id: u64,
-    ttl: Duration,
-    lost: CancellationToken,
-    /// When renewal was stopped: the TTL runs from then.
-    stopped_at: Mutex<Option<Instant>>,
 }
 
 impl Hold {
@@ -579,7 +570,11 @@ impl Hold {
 /// starts: `lost()` fires at the lease clock's deadline for a renewal confirmed at that
 /// instant ([`crate::lease::deadline`]), and the store frees the lock at the end of the TTL.
 struct MemoryLock {
-    hold: Arc<Hold>,
+    hold: Hold,
+    ttl: Duration,
+    lost: CancellationToken,
+    /// When renewal was stopped: the TTL runs from then.
+    stopped_at: Mutex<Option<Instant>>,
 }
 
 #[async_trait]
@@ -596,32 +591,25 @@ impl LockHandle for MemoryLock {
     fn suspend_keep_alive(&self) {
         let now = Instant::now();
         {
-            let mut at = self
-                .hold
-                .stopped_at
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let mut at = self.stopped_at.lock().unwrap_or_else(|p| p.into_inner());
             if at.is_some() {
                 return;
             }
             *at = Some(now);
         }
-        let hold = self.hold.clone();
+        // Ending a hold twice (here and by a release) is harmless: the store checks its id.
+        let (hold, ttl, lost) = (self.hold.clone(), self.ttl, self.lost.clone());
         tokio::spawn(async move {
-            tokio::time::sleep_until(crate::lease::deadline(now, hold.ttl)).await;
-            hold.lost.cancel();
-            tokio::time::sleep_until(deadline_after(now, hold.ttl)).await;
+            tokio::time::sleep_until(crate::lease::deadline(now, ttl)).await;
+            lost.cancel();
+            tokio::time::sleep_until(deadline_after(now, ttl)).await;
             hold.end();
         });
     }
 
     fn is_lost(&self) -> bool {
-        let at = *self
-            .hold
-            .stopped_at
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        at.is_some_and(|at| Instant::now() >= crate::lease::deadline(at, self.hold.ttl))
+        let at = *self.stopped_at.lock().unwrap_or_else(|p| p.into_inner());
+        at.is_some_and(|at| Instant::now() >= crate::lease::deadline(at, self.ttl))
     }
 }
 

@@ -335,7 +335,11 @@ pub fn nodelay_connections(port: u16, set: bool) -> (usize, usize) {
         return (0, 0);
     };
     for entry in entries.flatten() {
-        let Some(fd) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         // SAFETY: socket calls on a descriptor number with buffers of the sizes given; a
@@ -359,7 +363,13 @@ pub fn nodelay_connections(port: u16, set: bool) -> (usize, usize) {
             let mut value: libc::c_int = 0;
             let mut value_len = size;
             let out = &mut value as *mut libc::c_int as *mut libc::c_void;
-            if libc::getsockopt(fd, libc::IPPROTO_TCP, libc::TCP_NODELAY, out, &mut value_len) == 0
+            if libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                out,
+                &mut value_len,
+            ) == 0
             {
                 total += 1;
                 if value != 0 {
