@@ -194,8 +194,9 @@ impl Lease {
     /// # Panics
     /// Outside a tokio runtime (like `tokio::spawn`).
     pub fn start<R: Renew>(renewer: R, sent: Instant, ttl: Duration, policy: RenewPolicy) -> Lease {
-        let lease = Lease::unrenewed(sent, ttl);
+        let lease = Lease::clock(sent, ttl);
         let weak = Arc::downgrade(&lease.state);
+        // One task: the renewer also keeps the deadline (see `run`).
         tokio::spawn(run(weak, renewer, sent, ttl, policy));
         lease
     }
@@ -203,6 +204,13 @@ impl Lease {
     /// A lease clock without a renewer: its deadline only moves by [`confirm`](Self::confirm).
     /// For backends that renew by other means.
     pub fn unrenewed(sent: Instant, ttl: Duration) -> Lease {
+        let lease = Lease::clock(sent, ttl);
+        lease.spawn_deadline_timer();
+        lease
+    }
+
+    /// The clock alone, with nothing to fire it at its deadline.
+    fn clock(sent: Instant, ttl: Duration) -> Lease {
         let base = sent;
         let state = Arc::new(State {
             lost: CancellationToken::new(),
@@ -213,9 +221,7 @@ impl Lease {
             why: Mutex::new(None),
         });
         state.set_deadline(deadline(sent, ttl));
-        let lease = Lease { state };
-        lease.spawn_deadline_timer();
-        lease
+        Lease { state }
     }
 
     /// A timer, independent of the renewer, that fires `lost` at the deadline.
@@ -304,8 +310,18 @@ impl Lease {
     }
 }
 
+/// Whether the lease is gone at what was its deadline (then `lost` has fired); false if the
+/// deadline moved on meanwhile.
+fn gone_at_deadline(weak: &std::sync::Weak<State>) -> bool {
+    weak.upgrade().is_none_or(|s| s.expired())
+}
+
 /// The renewer task. It holds only a weak reference, so dropping every [`Lease`] handle ends
 /// it (and so ends the renewal of a lock whose guard was dropped without a runtime).
+///
+/// It also fires `lost` at the deadline, whatever it is doing: every wait, the renewal attempt
+/// included, also waits for the deadline (so a lease costs one task, and a renewal that hangs
+/// cannot hold the signal back).
 async fn run<R: Renew>(
     weak: std::sync::Weak<State>,
     mut renewer: R,
@@ -321,16 +337,25 @@ async fn run<R: Renew>(
         let Some(state) = weak.upgrade() else { return };
         let (lost, stop) = (state.lost.clone(), state.stop.clone());
         let suspended = state.suspended.load(Ordering::SeqCst);
+        let at = state.deadline();
         drop(state);
         if suspended {
             tokio::select! {
                 _ = lost.cancelled() => return,
                 _ = stop.cancelled() => return,
+                _ = tokio::time::sleep_until(at) => {
+                    if gone_at_deadline(&weak) { return }
+                    continue;
+                }
             }
         }
         tokio::select! {
             _ = lost.cancelled() => return,
             _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(at) => {
+                if gone_at_deadline(&weak) { return }
+                continue;
+            }
             _ = tokio::time::sleep_until(next) => {}
         }
         let Some(state) = weak.upgrade() else { return };
@@ -346,6 +371,12 @@ async fn run<R: Renew>(
         let outcome = tokio::select! {
             _ = lost.cancelled() => return,
             _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(at) => {
+                // The attempt is dropped: at the deadline the lease is gone, or its deadline
+                // was moved by a confirmation from elsewhere and the loop starts over.
+                if gone_at_deadline(&weak) { return }
+                continue;
+            }
             r = tokio::time::timeout(bound, renewer.renew()) => r,
         };
         let Some(state) = weak.upgrade() else { return };
