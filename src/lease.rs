@@ -108,6 +108,10 @@ pub trait Renew: Send + 'static {
     fn renew(&mut self) -> Pin<Box<dyn Future<Output = Result<Renewal>> + Send + '_>>;
 }
 
+/// A backend's own signal that a lease is gone (see [`Lease::start_watched`]): the reason, or
+/// `None` when there is nothing more to watch.
+pub type LossWatch = Pin<Box<dyn Future<Output = Option<String>> + Send>>;
+
 /// How a [`Lease`] renews.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RenewPolicy {
@@ -194,10 +198,27 @@ impl Lease {
     /// # Panics
     /// Outside a tokio runtime (like `tokio::spawn`).
     pub fn start<R: Renew>(renewer: R, sent: Instant, ttl: Duration, policy: RenewPolicy) -> Lease {
+        Self::start_watched(renewer, None, sent, ttl, policy)
+    }
+
+    /// As [`start`](Self::start), with `watch`: a future that resolves with the reason when the
+    /// backend learns that the lease is gone before the clock says so (its lock node deleted,
+    /// its session ended), or with `None` when there is nothing more to watch. It runs in the
+    /// renewer's task, until the lease is lost or stopped.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (like `tokio::spawn`).
+    pub fn start_watched<R: Renew>(
+        renewer: R,
+        watch: Option<LossWatch>,
+        sent: Instant,
+        ttl: Duration,
+        policy: RenewPolicy,
+    ) -> Lease {
         let lease = Lease::clock(sent, ttl);
         let weak = Arc::downgrade(&lease.state);
-        // One task: the renewer also keeps the deadline (see `run`).
-        tokio::spawn(run(weak, renewer, sent, ttl, policy));
+        // One task: the renewer also keeps the deadline and the watch (see `run`).
+        tokio::spawn(run(weak, renewer, watch, sent, ttl, policy));
         lease
     }
 
@@ -316,6 +337,26 @@ fn gone_at_deadline(weak: &std::sync::Weak<State>) -> bool {
     weak.upgrade().is_none_or(|s| s.expired())
 }
 
+/// The watch's answer; pending forever without one.
+async fn watched(watch: &mut Option<LossWatch>) -> Option<String> {
+    match watch {
+        Some(w) => w.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Handles the watch's answer: true if the lease is now lost (the task ends).
+fn on_watch(weak: &std::sync::Weak<State>, why: Option<String>) -> bool {
+    match (why, weak.upgrade()) {
+        (Some(why), Some(state)) => {
+            state.lose(why);
+            true
+        }
+        (Some(_), None) => true,
+        (None, _) => false,
+    }
+}
+
 /// The renewer task. It holds only a weak reference, so dropping every [`Lease`] handle ends
 /// it (and so ends the renewal of a lock whose guard was dropped without a runtime).
 ///
@@ -325,6 +366,7 @@ fn gone_at_deadline(weak: &std::sync::Weak<State>) -> bool {
 async fn run<R: Renew>(
     weak: std::sync::Weak<State>,
     mut renewer: R,
+    mut watch: Option<LossWatch>,
     sent: Instant,
     ttl: Duration,
     policy: RenewPolicy,
@@ -347,6 +389,11 @@ async fn run<R: Renew>(
                     if gone_at_deadline(&weak) { return }
                     continue;
                 }
+                why = watched(&mut watch) => {
+                    watch = None;
+                    if on_watch(&weak, why) { return }
+                    continue;
+                }
             }
         }
         tokio::select! {
@@ -354,6 +401,11 @@ async fn run<R: Renew>(
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep_until(at) => {
                 if gone_at_deadline(&weak) { return }
+                continue;
+            }
+            why = watched(&mut watch) => {
+                watch = None;
+                if on_watch(&weak, why) { return }
                 continue;
             }
             _ = tokio::time::sleep_until(next) => {}
@@ -375,6 +427,12 @@ async fn run<R: Renew>(
                 // The attempt is dropped: at the deadline the lease is gone, or its deadline
                 // was moved by a confirmation from elsewhere and the loop starts over.
                 if gone_at_deadline(&weak) { return }
+                continue;
+            }
+            why = watched(&mut watch) => {
+                // The attempt is dropped and, unless the lease is lost, made again.
+                watch = None;
+                if on_watch(&weak, why) { return }
                 continue;
             }
             r = tokio::time::timeout(bound, renewer.renew()) => r,
@@ -555,6 +613,34 @@ mod tests {
         lease.lost_token().cancelled().await;
         assert!(t.elapsed() < ttl);
         assert_eq!(lease.why().as_deref(), Some("revoked"));
+    }
+
+    /// A watch that reports the lease gone fires `lost` at once, with its reason, even while a
+    /// renewal hangs; one that ends with nothing to report leaves the renewals going.
+    #[tokio::test(start_paused = true)]
+    async fn the_watch_runs_beside_the_renewals() {
+        let ttl = Duration::from_secs(3);
+        let (r, _, _) = scripted(Duration::from_secs(3600), Ok(Renewal::Confirmed(ttl)));
+        let start = Instant::now();
+        let watch: LossWatch = Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            Some("the lock node was deleted".to_string())
+        });
+        let lease = Lease::start_watched(r, Some(watch), start, ttl, POLICY);
+        lease.lost_token().cancelled().await;
+        assert_eq!(Instant::now(), start + Duration::from_millis(1500));
+        assert_eq!(lease.why().as_deref(), Some("the lock node was deleted"));
+
+        let (r, calls, _) = scripted(Duration::from_millis(10), Ok(Renewal::Confirmed(ttl)));
+        let watch: LossWatch = Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            None
+        });
+        let lease = Lease::start_watched(r, Some(watch), Instant::now(), ttl, POLICY);
+        tokio::time::sleep(ttl * 3).await;
+        assert!(!lease.is_lost(), "lost: {:?}", lease.why());
+        assert!(calls.load(Ordering::SeqCst) >= 8);
+        lease.stop();
     }
 
     #[tokio::test(start_paused = true)]

@@ -757,16 +757,25 @@ impl ZkStore {
             session: Arc::downgrade(&session),
             path: acq.path.clone(),
         };
-        let lease = Lease::start(
+        let stop = CancellationToken::new();
+        let suspend = CancellationToken::new();
+        let monitor = Monitor {
+            session: Arc::downgrade(&session),
+            path: acq.path.clone(),
+            state: acq.client.state_watcher(),
+            stop: stop.clone(),
+            suspend: suspend.clone(),
+        };
+        // The monitor runs in the lease's task: one task per held lock.
+        let lease = Lease::start_watched(
             renewer,
+            Some(Box::pin(monitor.run())),
             acq.sent,
             timeout,
             RenewPolicy {
                 attempt_timeout: self.inner.cfg.request_timeout,
             },
         );
-        let stop = CancellationToken::new();
-        let suspend = CancellationToken::new();
         let handle = ZkLock {
             inner: self.inner.clone(),
             name: name.to_string(),
@@ -787,16 +796,7 @@ impl ZkStore {
                 "the lock session's deadline passed while the lock was granted",
             ));
         }
-        let monitor = Monitor {
-            session: Arc::downgrade(&session),
-            path: acq.path,
-            state: acq.client.state_watcher(),
-            lease: lease.clone(),
-            stop,
-            suspend,
-        };
         drop(acq.client);
-        tokio::spawn(monitor.run());
         Ok(LockGuard::new(
             name,
             FencingToken::from_raw(acq.czxid as u64),
@@ -944,7 +944,6 @@ struct Monitor {
     session: Weak<Mutex<Option<zk::Client>>>,
     path: String,
     state: zk::StateWatcher,
-    lease: Lease,
     stop: CancellationToken,
     suspend: CancellationToken,
 }
@@ -978,17 +977,18 @@ impl Monitor {
         }))
     }
 
-    async fn run(mut self) {
-        if let Some(why) = self.watch().await {
+    /// The lease's [`LossWatch`](crate::lease::LossWatch): why the lock is lost, or `None`
+    /// when there is nothing left to watch (released, suspended, dropped). The lease's task
+    /// drops it once the lease is lost or stopped.
+    async fn run(mut self) -> Option<String> {
+        let why = self.watch().await;
+        if let Some(why) = &why {
             tracing::info!(backend = NAME, lock = %self.path, "lock lost: {why}");
-            self.lease.lose(why);
         }
+        why
     }
 
-    /// Returns why the lock is lost, or `None` when there is nothing left to watch (released,
-    /// suspended, dropped, or the lease clock already fired).
     async fn watch(&mut self) -> Option<String> {
-        let lost = self.lease.lost_token();
         // The watch is armed only once the lock has been held for `ARM_DELAY`: a short hold
         // (lock, work, release) costs no packet for it. Until then a deleted node or an ended
         // session is noticed by the next renewal or the session's state, and the lease clock
@@ -997,7 +997,6 @@ impl Monitor {
             biased;
             _ = self.stop.cancelled() => return None,
             _ = self.suspend.cancelled() => return None,
-            _ = lost.cancelled() => return None,
             _ = tokio::time::sleep(ARM_DELAY) => {}
         }
         let mut node = Some(self.arm()?);
@@ -1007,7 +1006,6 @@ impl Monitor {
                 biased;
                 _ = self.stop.cancelled() => return None,
                 _ = self.suspend.cancelled() => return None,
-                _ = lost.cancelled() => return None,
                 out = poll_opt(&mut node) => {
                     node = None;
                     match out {
