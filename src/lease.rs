@@ -357,6 +357,43 @@ fn on_watch(weak: &std::sync::Weak<State>, why: Option<String>) -> bool {
     }
 }
 
+/// How a wait of the renewer task ended.
+enum Wait<T> {
+    /// The awaited future finished.
+    Done(T),
+    /// The lease is lost or stopped: the task ends.
+    End,
+    /// The deadline moved on, or the watch ended with nothing to report: look again.
+    Again,
+}
+
+/// Runs `fut` unless the lease ends first: lost, stopped, its deadline `at` passed, or the
+/// watch found it gone.
+async fn unless_ended<T>(
+    weak: &std::sync::Weak<State>,
+    lost: &CancellationToken,
+    stop: &CancellationToken,
+    at: Instant,
+    watch: &mut Option<LossWatch>,
+    fut: impl Future<Output = T>,
+) -> Wait<T> {
+    let watch_said = tokio::select! {
+        _ = lost.cancelled() => return Wait::End,
+        _ = stop.cancelled() => return Wait::End,
+        _ = tokio::time::sleep_until(at) => {
+            return if gone_at_deadline(weak) { Wait::End } else { Wait::Again };
+        }
+        why = watched(watch) => why,
+        r = fut => return Wait::Done(r),
+    };
+    *watch = None;
+    if on_watch(weak, watch_said) {
+        Wait::End
+    } else {
+        Wait::Again
+    }
+}
+
 /// The renewer task. It holds only a weak reference, so dropping every [`Lease`] handle ends
 /// it (and so ends the renewal of a lock whose guard was dropped without a runtime).
 ///
@@ -381,34 +418,17 @@ async fn run<R: Renew>(
         let suspended = state.suspended.load(Ordering::SeqCst);
         let at = state.deadline();
         drop(state);
-        if suspended {
-            tokio::select! {
-                _ = lost.cancelled() => return,
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep_until(at) => {
-                    if gone_at_deadline(&weak) { return }
-                    continue;
-                }
-                why = watched(&mut watch) => {
-                    watch = None;
-                    if on_watch(&weak, why) { return }
-                    continue;
-                }
+        // Suspended: no renewal, only the deadline (or the watch) ends the wait.
+        let pause = async {
+            if suspended {
+                std::future::pending::<()>().await;
             }
-        }
-        tokio::select! {
-            _ = lost.cancelled() => return,
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep_until(at) => {
-                if gone_at_deadline(&weak) { return }
-                continue;
-            }
-            why = watched(&mut watch) => {
-                watch = None;
-                if on_watch(&weak, why) { return }
-                continue;
-            }
-            _ = tokio::time::sleep_until(next) => {}
+            tokio::time::sleep_until(next).await;
+        };
+        match unless_ended(&weak, &lost, &stop, at, &mut watch, pause).await {
+            Wait::Done(()) => {}
+            Wait::End => return,
+            Wait::Again => continue,
         }
         let Some(state) = weak.upgrade() else { return };
         if state.suspended.load(Ordering::SeqCst) {
@@ -420,22 +440,13 @@ async fn run<R: Renew>(
             .min(ttl / 3)
             .max(Duration::from_millis(10));
         let attempt_sent = Instant::now();
-        let outcome = tokio::select! {
-            _ = lost.cancelled() => return,
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep_until(at) => {
-                // The attempt is dropped: at the deadline the lease is gone, or its deadline
-                // was moved by a confirmation from elsewhere and the loop starts over.
-                if gone_at_deadline(&weak) { return }
-                continue;
-            }
-            why = watched(&mut watch) => {
-                // The attempt is dropped and, unless the lease is lost, made again.
-                watch = None;
-                if on_watch(&weak, why) { return }
-                continue;
-            }
-            r = tokio::time::timeout(bound, renewer.renew()) => r,
+        // An attempt cut short by the deadline or the watch is dropped: the lease is gone,
+        // or its deadline moved (a confirmation from elsewhere) and the loop starts over.
+        let attempt = tokio::time::timeout(bound, renewer.renew());
+        let outcome = match unless_ended(&weak, &lost, &stop, at, &mut watch, attempt).await {
+            Wait::Done(r) => r,
+            Wait::End => return,
+            Wait::Again => continue,
         };
         let Some(state) = weak.upgrade() else { return };
         match outcome {
