@@ -92,12 +92,10 @@ fn in_span<'a, T: Send + 'a>(span: Span, call: Call<'a, T>, done: fn(&Span, &T))
     }
     Box::pin(async move {
         let r = call.instrument(span.clone()).await;
-        match &r {
-            Ok(v) => done(&span, v),
-            Err(e) => {
-                span.record("error", e.kind().as_str());
-            }
+        if let Ok(v) = &r {
+            done(&span, v);
         }
+        finish(&span, &r);
         r
     })
 }

@@ -477,7 +477,7 @@ impl Drop for Ticket {
 impl DistLock for MemoryStore {
     async fn lock(&self, name: &str, opts: &LockOptions) -> Result<LockGuard> {
         Self::caps().check_lock(name, opts)?;
-        let (id, rx) = {
+        let (id, rx, key) = {
             let mut state = self.state();
             if let Some((id, token, name)) = state.take_free(name) {
                 drop(state);
@@ -487,18 +487,19 @@ impl DistLock for MemoryStore {
             let (tx, rx) = oneshot::channel();
             state.next_id += 1;
             let id = state.next_id;
+            let key: Arc<str> = Arc::from(name);
             state
                 .locks
-                .entry(Arc::from(name))
+                .entry(key.clone())
                 .or_default()
                 .waiters
                 .push_back(Waiter { id, tx });
             state.grant_next(name);
-            (id, rx)
+            (id, rx, key)
         };
         let mut ticket = Ticket {
             shared: self.shared.clone(),
-            name: Arc::from(name),
+            name: key,
             id,
             rx: Some(rx),
         };
