@@ -205,15 +205,37 @@ impl Proc {
         self.signal(libc::SIGINT);
     }
 
-    /// SIGSTOP: the process stops answering (a black hole).
+    /// SIGSTOP: the process stops answering (a black hole). Returns once every thread of it
+    /// has stopped (the signal takes effect asynchronously; a request sent meanwhile could
+    /// still be answered), or after a second.
     pub fn pause(&self) {
         self.signal(libc::SIGSTOP);
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until && !all_stopped(&tasks) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// SIGCONT.
     pub fn resume(&self) {
         self.signal(libc::SIGCONT);
     }
+}
+
+/// Whether every thread under `/proc/PID/task` is stopped (state `T`, or `t` when traced).
+fn all_stopped(tasks: &Path) -> bool {
+    let Ok(entries) = std::fs::read_dir(tasks) else {
+        return true; // gone
+    };
+    entries.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat")).map_or(true, |stat| {
+            // The state follows the parenthesized command name.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|st| st == "T" || st == "t")
+        })
+    })
 }
 
 impl Drop for Proc {
