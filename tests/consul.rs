@@ -877,7 +877,7 @@ fn requests_between(
 
 /// One session per client and TTL: every lock of a client with one TTL is taken with the same
 /// session, created by the first of them; another TTL gets a session of its own; a lock+unlock
-/// on the kept session costs two transactions and no session request. Tasks of the client
+/// on the kept session costs one transaction and one delete, and no session request. Tasks of the client
 /// still exclude each other on one lock (the second waits, `try_lock` finds it held), with
 /// increasing tokens. Invalidating the session makes every guard on it lost, and the next lock
 /// creates a new session.
@@ -919,7 +919,13 @@ async fn locks_of_one_client_and_ttl_share_one_session() {
     for kind in ["session create", "session destroy"] {
         assert_eq!(requests_between(&before, &after, kind), 0, "{kind}");
     }
-    assert_eq!(requests_between(&before, &after, "txn"), 40, "{after:?}");
+    // The acquire is a `lock` transaction, the release one `DELETE ?cas=`.
+    assert_eq!(requests_between(&before, &after, "txn"), 20, "{after:?}");
+    assert_eq!(
+        requests_between(&before, &after, "kv DELETE"),
+        20,
+        "{after:?}"
+    );
 
     // Two tasks of the client on one lock.
     let first = store.lock("seq", &opts).await.unwrap();
@@ -1173,4 +1179,45 @@ async fn watch_ends_when_its_token_is_revoked() {
     }
     let after = tokio::time::timeout(Duration::from_secs(5), w.next()).await;
     assert!(matches!(after, Ok(None)), "the stream must end: {after:?}");
+}
+
+/// The release deletes with `?cas=` the acquiring ModifyIndex. When the key was written while
+/// held (a plain PUT keeps its session, and moves its ModifyIndex), that delete is refused, and
+/// the release still frees the lock (check-session + delete): another client takes it at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_key_written_while_held_is_still_released() {
+    let sim = ConsulSim::start();
+    let a = store_on(&sim, |_| {}).await;
+    let b = store_on(&sim, |_| {}).await;
+    let opts = LockOptions::new().ttl(Duration::from_secs(15));
+    let g = a.lock("written", &opts).await.unwrap();
+    let session = holder_of(&sim, "locks/written").await.unwrap();
+    let put = reqwest::Client::new()
+        .put(format!("{}/v1/kv/locks/written", sim.http_base()))
+        .body("overwritten")
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success());
+    assert_eq!(
+        holder_of(&sim, "locks/written").await.as_deref(),
+        Some(session.as_str()),
+        "a plain write keeps the lock's session"
+    );
+    let before = sim.request_counts();
+    g.release().await.unwrap();
+    let after = sim.request_counts();
+    assert_eq!(
+        requests_between(&before, &after, "kv DELETE"),
+        1,
+        "{after:?}"
+    );
+    assert_eq!(requests_between(&before, &after, "txn"), 1, "{after:?}");
+    assert_eq!(holder_of(&sim, "locks/written").await, None);
+    let taken = b.try_lock("written", &opts).await.unwrap();
+    assert!(
+        taken.is_some(),
+        "the released lock is free for another client"
+    );
+    taken.unwrap().release().await.unwrap();
 }

@@ -372,9 +372,14 @@ impl Client {
 
     /// `DELETE /v1/kv/<key>`.
     pub async fn kv_delete(&self, key: &str) -> Result<bool> {
+        self.kv_delete_with(key, &[]).await
+    }
+
+    /// `DELETE /v1/kv/<key>` with query flags (`cas`); the `true`/`false` answer.
+    pub async fn kv_delete_with(&self, key: &str, query: &[(&str, String)]) -> Result<bool> {
         let path = format!("/v1/kv/{}", encode_path(key));
         let a = self
-            .send(Method::DELETE, &path, &[], None, Duration::ZERO, key)
+            .send(Method::DELETE, &path, query, None, Duration::ZERO, key)
             .await?;
         if a.status != StatusCode::OK {
             return Err(self.unexpected("kv delete", &a, key));

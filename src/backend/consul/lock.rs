@@ -449,6 +449,25 @@ impl Drop for Pending {
     }
 }
 
+/// Releases a lock this client acquired at `index`: one `DELETE ?cas=<index>`, which deletes the
+/// key only if it has not changed since the acquisition, so only while `session` still holds it
+/// (a release or an invalidation of the session, or another session's acquire, all bump the
+/// ModifyIndex). If the key did change (a plain write to a held lock key keeps its session), the
+/// atomic check-session + delete transaction decides. Returns whether the key was deleted (or
+/// already gone).
+async fn release_acquired(
+    store: &ConsulStore,
+    key: &str,
+    index: u64,
+    session: &str,
+) -> Result<bool> {
+    let q = [("cas", index.to_string())];
+    if store.inner.client.kv_delete_with(key, &q).await? {
+        return Ok(true);
+    }
+    release_key(store, key, session).await
+}
+
 /// Deletes the lock key if (and only if) `session` holds it, atomically. A delete sets no
 /// lock-delay (only an invalidated session does).
 async fn release_key(store: &ConsulStore, key: &str, session: &str) -> Result<bool> {
@@ -584,6 +603,7 @@ impl ConsulStore {
         let handle = ConsulLock {
             store: self.clone(),
             key,
+            index: token,
             held: Some((place, session)),
             lost: lost.clone(),
             stop,
@@ -888,6 +908,8 @@ impl DistLock for ConsulStore {
 struct ConsulLock {
     store: ConsulStore,
     key: String,
+    /// The key's ModifyIndex as this lock's acquisition left it (the fencing token).
+    index: u64,
     held: Option<(Place, SessionUse)>,
     /// This lock's lost signal (a child of the session's).
     lost: CancellationToken,
@@ -903,10 +925,11 @@ impl ConsulLock {
     async fn release_held(
         store: ConsulStore,
         key: String,
+        index: u64,
         place: Place,
         session: SessionUse,
     ) -> Result<()> {
-        let first = release_key(&store, &key, &session.id).await;
+        let first = release_acquired(&store, &key, index, &session.id).await;
         let Err(e) = first else {
             return Ok(());
         };
@@ -919,7 +942,7 @@ impl ConsulLock {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = lost.cancelled() => break,
                 }
-                match release_key(&store, &key, &session.id).await {
+                match release_acquired(&store, &key, index, &session.id).await {
                     Ok(_) => break,
                     Err(e) => {
                         tracing::debug!(lock = %key, error = %e, "releasing a consul lock failed; retrying");
@@ -945,9 +968,9 @@ impl Drop for ConsulLock {
         };
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             let store = self.store.clone();
-            let key = std::mem::take(&mut self.key);
+            let (key, index) = (std::mem::take(&mut self.key), self.index);
             rt.spawn(async move {
-                let _ = ConsulLock::release_held(store, key, place, session).await;
+                let _ = ConsulLock::release_held(store, key, index, place, session).await;
             });
             return;
         }
@@ -972,7 +995,7 @@ impl LockHandle for ConsulLock {
         // https://developer.hashicorp.com/consul/docs/dynamic-app-config/sessions). The
         // session stays for the client's next lock with this TTL.
         let key = std::mem::take(&mut self.key);
-        ConsulLock::release_held(self.store.clone(), key, place, session).await
+        ConsulLock::release_held(self.store.clone(), key, self.index, place, session).await
     }
 
     fn suspend_keep_alive(&self) {
