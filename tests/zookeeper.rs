@@ -1528,6 +1528,51 @@ async fn reading_a_permanent_key_costs_one_packet() {
     assert_eq!(t.value, b"t");
 }
 
+/// A free lock is taken after one round trip's wait: the create of the lock node and the
+/// listing of the lock directory both go out before the first answer comes back (the server
+/// answers a session's requests in order, so the listing shows the new node). With the
+/// server's answers held back, the server receives exactly those two requests; once they are
+/// let through, the lock is granted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_free_lock_sends_its_create_and_listing_together() {
+    use support::proxy::{Mode, Proxy};
+    let zk = support::zookeeper::ZkStandalone::start();
+    let proxy = Proxy::to_port(zk.port());
+    let store = ZkStore::connect(
+        ZkConfig::from_url_str(&format!("zk://127.0.0.1:{}", proxy.port())).expect("url"),
+    )
+    .await
+    .expect("connect");
+    // A long TTL (the lock session's timeout): no session ping falls in the window below.
+    let opts = LockOptions::new()
+        .ttl(Duration::from_secs(30))
+        .wait(Duration::from_secs(20));
+    // The lock session and the lock's directory exist after a first lock.
+    let g = store.lock("pipelined", &opts).await.expect("first lock");
+    g.release().await.expect("release");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // What asking for the count adds to it (the question itself may be counted).
+    let asked = received(zk.port());
+    let before = received(zk.port());
+    let asking = before - asked;
+    proxy.set_mode(Mode::HoldReplies);
+    let pending = {
+        let (store, opts) = (store.clone(), opts.clone());
+        tokio::spawn(async move { store.lock("pipelined", &opts).await })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let sent = received(zk.port()) - before - asking;
+    assert!(!pending.is_finished(), "granted without an answer");
+    proxy.heal();
+    let g = tokio::time::timeout(Duration::from_secs(10), pending)
+        .await
+        .expect("granted once the answers arrive")
+        .expect("task")
+        .expect("lock");
+    assert_eq!(sent, 2, "requests sent before the first answer");
+    g.release().await.expect("release");
+}
+
 /// Waits (at most 5 s) until this process has a connection to `port` and all of them have
 /// `TCP_NODELAY`; the last `(connections, with TCP_NODELAY)` seen.
 async fn nodelay_on_all(port: u16) -> (usize, usize) {

@@ -90,9 +90,9 @@ pub struct Counts {
 
 impl Counts {
     pub const FULL: Counts = Counts {
-        kv: 1000,
-        lock: 500,
-        block: 250,
+        kv: 2000,
+        lock: 2000,
+        block: 50,
         rounds: 1000,
         mem: 100_000,
         rtt: 200,

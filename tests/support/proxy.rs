@@ -11,6 +11,9 @@
 //!   connected onwards. Neither side sees an error: writes fill socket buffers, reads wait.
 //! - [`Mode::Reset`]: every connection is closed with a TCP reset (both sides), and new ones are
 //!   reset as soon as they are accepted.
+//! - [`Mode::HoldReplies`]: what the client sends reaches the target, what the target sends
+//!   back is held (as in a stall): a test sees which requests a client sends before it has any
+//!   answer.
 //!
 //! [`Proxy::heal`] goes back to `Forward`. As after a real partition that ends before TCP gives
 //! up, stalled connections resume: data held back during the stall (at most one buffer per
@@ -41,6 +44,25 @@ pub enum Mode {
     Stall,
     /// Reset every connection, and every new one.
     Reset,
+    /// Forward towards the target only; hold what comes back.
+    HoldReplies,
+}
+
+/// The direction a pump copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    ToTarget,
+    ToClient,
+}
+
+/// Whether bytes flow in `dir` in `mode`; `Err` in `Reset`.
+fn flows(mode: Mode, dir: Dir) -> Result<bool, End> {
+    match mode {
+        Mode::Forward => Ok(true),
+        Mode::Stall => Ok(false),
+        Mode::HoldReplies => Ok(dir == Dir::ToTarget),
+        Mode::Reset => Err(End::Reset),
+    }
 }
 
 /// Counters of a proxy.
@@ -237,13 +259,11 @@ enum End {
     Aborted,
 }
 
-/// Waits until the mode is `Forward` (Ok) or `Reset` (Err).
-async fn until_forward(mode: &mut watch::Receiver<Mode>) -> Result<(), End> {
+/// Waits until bytes flow in `dir` (Ok) or the mode is `Reset` (Err).
+async fn until_forward(mode: &mut watch::Receiver<Mode>, dir: Dir) -> Result<(), End> {
     loop {
-        match *mode.borrow_and_update() {
-            Mode::Forward => return Ok(()),
-            Mode::Reset => return Err(End::Reset),
-            Mode::Stall => {}
+        if flows(*mode.borrow_and_update(), dir)? {
+            return Ok(());
         }
         if mode.changed().await.is_err() {
             // The proxy is gone.
@@ -280,7 +300,7 @@ async fn connection(
 ) {
     let stats = open.0.clone();
     // A connection accepted during a stall is connected onwards only once forwarding resumes.
-    if until_forward(&mut mode).await.is_err() {
+    if until_forward(&mut mode, Dir::ToTarget).await.is_err() {
         reset_close(client);
         return;
     }
@@ -307,8 +327,22 @@ async fn connection(
         let (cr, cw) = client.split();
         let (ur, uw) = upstream.split();
         tokio::join!(
-            pump(cr, uw, mode.clone(), &stats.to_target, &abort),
-            pump(ur, cw, mode.clone(), &stats.to_client, &abort),
+            pump(
+                cr,
+                uw,
+                Dir::ToTarget,
+                mode.clone(),
+                &stats.to_target,
+                &abort
+            ),
+            pump(
+                ur,
+                cw,
+                Dir::ToClient,
+                mode.clone(),
+                &stats.to_client,
+                &abort
+            ),
         )
     };
     if ends_up == End::Reset || ends_down == End::Reset {
@@ -322,11 +356,12 @@ async fn connection(
 async fn pump(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
+    dir: Dir,
     mut mode: watch::Receiver<Mode>,
     counter: &AtomicU64,
     abort: &CancellationToken,
 ) -> End {
-    let end = pump_inner(&mut from, &mut to, &mut mode, counter, abort).await;
+    let end = pump_inner(&mut from, &mut to, dir, &mut mode, counter, abort).await;
     if end != End::Eof {
         abort.cancel();
     }
@@ -336,6 +371,7 @@ async fn pump(
 async fn pump_inner(
     from: &mut (impl AsyncRead + Unpin),
     to: &mut (impl AsyncWrite + Unpin),
+    dir: Dir,
     mode: &mut watch::Receiver<Mode>,
     counter: &AtomicU64,
     abort: &CancellationToken,
@@ -355,7 +391,7 @@ async fn pump_inner(
         tokio::select! {
             biased;
             _ = abort.cancelled() => return End::Aborted,
-            r = until_forward(mode) => if let Err(e) = r { return e; },
+            r = until_forward(mode, dir) => if let Err(e) = r { return e; },
         }
         if n == 0 {
             let _ = to.shutdown().await;
@@ -368,12 +404,12 @@ async fn pump_inner(
             tokio::select! {
                 biased;
                 _ = abort.cancelled() => return End::Aborted,
-                r = until_forward(mode) => if let Err(e) = r { return e; },
+                r = until_forward(mode, dir) => if let Err(e) = r { return e; },
             }
             tokio::select! {
                 biased;
                 _ = abort.cancelled() => return End::Aborted,
-                _ = until_not_forward(mode) => continue,
+                _ = until_not_forward(mode, dir) => continue,
                 w = to.write(&buf[off..n]) => match w {
                     Ok(0) | Err(_) => return End::Failed,
                     Ok(k) => {
@@ -386,10 +422,10 @@ async fn pump_inner(
     }
 }
 
-/// Resolves when the mode is anything but `Forward`.
-async fn until_not_forward(mode: &mut watch::Receiver<Mode>) {
+/// Resolves when bytes stop flowing in `dir`.
+async fn until_not_forward(mode: &mut watch::Receiver<Mode>, dir: Dir) {
     loop {
-        if *mode.borrow_and_update() != Mode::Forward {
+        if flows(*mode.borrow_and_update(), dir) != Ok(true) {
             return;
         }
         if mode.changed().await.is_err() {
