@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, LeaseClient, PutOptions, Txn, TxnOp,
-    TxnOpResponse,
+    Compare, CompareOp, GetOptions, KeyValue, LeaseClient, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 use tokio::sync::OwnedMutexGuard;
 use tokio::time::Instant;
@@ -196,10 +195,16 @@ async fn revoke_on_shutdown(
 
 /// A lock key that must be deleted, because the attempt or the lock it belonged to has ended,
 /// while its lease may go on being renewed for other locks.
+///
+/// A plain delete of the key is enough, with no compare of its create revision (as etcd's own
+/// `concurrency.Mutex` unlocks): a lock key is `<dir><lease id in hex>`, so only this client's
+/// session on that lease ever creates it, and this client's attempts on one lock go through
+/// its local queue one at a time, whose place every release and cleanup holds until the key is
+/// gone. So when the delete is sent, the key is the ended hold's own or already gone. (A
+/// cleanup that stops because the lease is lost gives the place back early; the next attempt
+/// then grants a new lease, whose key has another name.)
 struct Cleanup {
     key: String,
-    /// The key's create revision if known: then only that incarnation is deleted.
-    rev: Option<i64>,
     name: String,
     /// The local queue (the contenders' directory) the place belongs to.
     queue: String,
@@ -225,7 +230,7 @@ fn spawn_cleanup(inner: &Arc<Inner>, mut c: Cleanup) {
                 // The key dies with its lease, which is no longer renewed.
                 break;
             }
-            let r = delete_key_rev(&inner, &c.key, c.rev, &c.name).await;
+            let r = delete_key(&inner, &c.key, &c.name).await;
             match r {
                 Ok(()) => break,
                 Err(e) if matches!(e.kind(), ErrorKind::PermissionDenied | ErrorKind::InvalidArgument | ErrorKind::InvalidKey) => {
@@ -255,32 +260,6 @@ fn spawn_cleanup(inner: &Arc<Inner>, mut c: Cleanup) {
             inner.leave_local(&c.queue, local);
         }
     });
-}
-
-/// Deletes `key` (only its incarnation created at `rev`, if given).
-async fn delete_key_rev(inner: &Inner, key: &str, rev: Option<i64>, name: &str) -> Result<()> {
-    match rev {
-        None => delete_key(inner, key, name).await,
-        Some(rev) => {
-            let txn = Txn::new()
-                .when(vec![Compare::create_revision(
-                    key.to_string(),
-                    CompareOp::Equal,
-                    rev,
-                )])
-                .and_then(vec![TxnOp::delete(
-                    key.to_string(),
-                    Some(DeleteOptions::new()),
-                )]);
-            inner
-                .call("releasing the lock", Some(name), || {
-                    let (mut kv, t) = (inner.kv.clone(), txn.clone());
-                    async move { kv.txn(t).await }
-                })
-                .await
-                .map(|_| ())
-        }
-    }
 }
 
 /// A lock key put (or being put) by this client. An attempt that gives up (timeout) deletes it
@@ -343,7 +322,6 @@ impl Drop for Enqueued {
             &self.inner,
             Cleanup {
                 key: std::mem::take(&mut self.key),
-                rev: None,
                 name: self.name.clone(),
                 queue: self.queue.clone(),
                 session: Some(self.session.clone()),
@@ -353,6 +331,7 @@ impl Drop for Enqueued {
     }
 }
 
+/// Deletes `key`: one `DeleteRange` (see [`Cleanup`] for why it needs no compare).
 async fn delete_key(inner: &Inner, key: &str, name: &str) -> Result<()> {
     inner
         .call("deleting a lock key", Some(name), || {
@@ -591,7 +570,6 @@ impl EtcdStore {
             name: name.to_string(),
             queue: dir.clone(),
             key: my_key.clone(),
-            rev: my_rev,
             session,
             stop,
             releasing,
@@ -851,7 +829,6 @@ struct EtcdLockHandle {
     name: String,
     queue: String,
     key: String,
-    rev: i64,
     session: Arc<Session>,
     stop: CancellationToken,
     releasing: Arc<AtomicBool>,
@@ -870,7 +847,6 @@ impl EtcdLockHandle {
             &self.inner,
             Cleanup {
                 key: std::mem::take(&mut self.key),
-                rev: Some(self.rev),
                 name: self.name.clone(),
                 queue: self.queue.clone(),
                 session: Some(self.session.clone()),
@@ -886,7 +862,8 @@ impl LockHandle for EtcdLockHandle {
         // The monitor (and its watch) stays until the delete is done: cancelling a watch while
         // the delete is in flight measurably slows the delete on a busy etcd.
         self.releasing.store(true, Ordering::SeqCst);
-        let r = delete_key_rev(&self.inner, &self.key, Some(self.rev), &self.name).await;
+        // One plain delete, the raw recipe's (see `Cleanup` for why no compare is needed).
+        let r = delete_key(&self.inner, &self.key, &self.name).await;
         if r.is_ok() {
             self.key.clear();
             self.stop.cancel();
