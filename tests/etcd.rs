@@ -401,27 +401,41 @@ async fn timed_out_lock_leaves_no_key_behind() {
     next.release().await.expect("release b");
 }
 
+/// Two clients `a` and `b` of the shared server, lock options with a 20 s TTL, and a lock of
+/// `a` that keeps `a`'s lease alive, and so the name of its lock keys the same, for the test.
+async fn clients_with_a_kept_lease(
+    name: &str,
+) -> (
+    std::sync::Arc<dyn coordkit::Backend>,
+    std::sync::Arc<dyn coordkit::Backend>,
+    LockOptions,
+    coordkit::LockGuard,
+) {
+    let a = coordkit::connect(&shared().url()).await.expect("connect a");
+    let b = coordkit::connect(&shared().url()).await.expect("connect b");
+    let opts = LockOptions::new().ttl(Duration::from_secs(20));
+    let keep = a
+        .lock(&format!("{name}-keep"), &opts)
+        .await
+        .expect("lock keep");
+    (a, b, opts, keep)
+}
+
+/// Starts the release of `held`, polls it once and drops it: the delete never completes in it.
+async fn cut_release(held: coordkit::LockGuard) {
+    let mut release = Box::pin(held.release());
+    let _ = futures::poll!(release.as_mut());
+}
+
 /// A release cut short (its future dropped before etcd answered) must not leave the lock key
 /// on the client's lease, which goes on being renewed for the client's other locks: the key
 /// is deleted in the background, and another client gets the lock at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_release_leaves_no_key_on_the_kept_alive_lease() {
     let name = format!("cut-release-{}", std::process::id());
-    let a = coordkit::connect(&shared().url()).await.expect("connect a");
-    let b = coordkit::connect(&shared().url()).await.expect("connect b");
-    let opts = LockOptions::new().ttl(Duration::from_secs(20));
-    // Keeps the shared lease alive for as long as the test runs.
-    let keep = a
-        .lock(&format!("{name}-keep"), &opts)
-        .await
-        .expect("lock keep");
+    let (a, b, opts, keep) = clients_with_a_kept_lease(&name).await;
     for round in 0..3 {
-        let held = a.lock(&name, &opts).await.expect("a locks");
-        {
-            let mut release = Box::pin(held.release());
-            // One poll, then the future is dropped: the delete never completes in it.
-            let _ = futures::poll!(release.as_mut());
-        }
+        cut_release(a.lock(&name, &opts).await.expect("a locks")).await;
         let started = Instant::now();
         let next = b
             .lock(&name, &opts.clone().wait(Duration::from_secs(15)))
@@ -446,20 +460,9 @@ async fn an_interrupted_release_leaves_no_key_on_the_kept_alive_lease() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relock_after_an_interrupted_release_keeps_its_key() {
     let name = format!("relock-{}", std::process::id());
-    let a = coordkit::connect(&shared().url()).await.expect("connect a");
-    let b = coordkit::connect(&shared().url()).await.expect("connect b");
-    let opts = LockOptions::new().ttl(Duration::from_secs(20));
-    // Keeps the shared lease, and so the key name, the same in every round.
-    let keep = a
-        .lock(&format!("{name}-keep"), &opts)
-        .await
-        .expect("lock keep");
+    let (a, b, opts, keep) = clients_with_a_kept_lease(&name).await;
     for round in 0..5 {
-        let held = a.lock(&name, &opts).await.expect("a locks");
-        {
-            let mut release = Box::pin(held.release());
-            let _ = futures::poll!(release.as_mut());
-        }
+        cut_release(a.lock(&name, &opts).await.expect("a locks")).await;
         let again = a
             .lock(&name, &opts.clone().wait(Duration::from_secs(15)))
             .await

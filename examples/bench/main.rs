@@ -853,7 +853,10 @@ async fn ck_contenders(url: &str) -> R<Vec<Arc<dyn Contender>>> {
 fn measure_rss(s: &mut Section, url: &str, n: usize) {
     let rt = tokio::runtime::Handle::current();
     tokio::task::block_in_place(|| rt.block_on(cool("the memory child")));
-    eprintln!("   memory: {n} locks + {n} watches in a child process (load {:.2})", load1());
+    eprintln!(
+        "   memory: {n} locks + {n} watches in a child process (load {:.2})",
+        load1()
+    );
     match tokio::task::block_in_place(|| rss::measure(url, n, n)) {
         Ok((connected_kb, peak_kb, _)) => {
             s.rss = Some(Rss {
