@@ -749,8 +749,9 @@ fn requests_between(
 }
 
 /// An uncontended lock+unlock costs two requests, counted by the server, the raw recipe's: the
-/// transaction that enqueues (and reads the queue) and the plain delete that releases. Only the client's first lock of a
-/// name also opens the watch of that lock (and grants the lease), which later locks reuse.
+/// transaction that enqueues (and reads the queue) and the plain delete that releases. Only the
+/// client's first lock of a name also opens the watch of that lock (and grants the lease),
+/// which later locks reuse.
 /// The server is this test's own, so that no other test's requests are counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uncontended_lock_and_unlock_is_two_requests() {

@@ -296,51 +296,41 @@ enum Validity {
     Invalid(String),
 }
 
-/// The 1-minute load above which a part waits before it starts.
-const SETTLE_LOAD: f64 = 0.8;
-
-/// The longest wait for the load to settle before a part.
-const SETTLE_MAX: Duration = Duration::from_secs(120);
-
-/// Waits (at most [`SETTLE_MAX`]) until the 1-minute load is at most [`SETTLE_LOAD`], so that
-/// each backend's part starts on a quiet machine rather than on the load the previous part left
-/// (client and server together keep both cores busy, and the 1-minute average lags a minute).
-async fn settle(next: &str) {
-    let t = Instant::now();
-    if load1() <= SETTLE_LOAD {
+/// When the 1-minute load is above `above`, waits (at most `max`, measuring nothing) until it
+/// is at most `to`, saying so before `next`.
+async fn wait_for_load(next: &str, above: f64, to: f64, max: Duration) {
+    let l = load1();
+    if l <= above {
         return;
     }
-    eprintln!(
-        "   waiting for the load to settle before {next} ({:.2})",
-        load1()
-    );
-    while load1() > SETTLE_LOAD && t.elapsed() < SETTLE_MAX {
-        tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("   waiting for the load to fall before {next} ({l:.2})");
+    let t = Instant::now();
+    while load1() > to && t.elapsed() < max {
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
-/// The 1-minute load above which the next row of a part waits first, and the load it waits
-/// for. A part's client and server keep both cores busy, so over a long part the 1-minute
-/// average climbs toward their own thread count; a pause between rows keeps it from reaching
-/// the validity limit of 2.0 on the benchmark's own load, so the limit still flags other load.
-const COOL_ABOVE: f64 = 1.2;
-const COOL_TO: f64 = 0.9;
+/// Before each backend's part: waits (at most 2 minutes) until the 1-minute load is at most
+/// 0.8, so that the part starts on a quiet machine rather than on the load the previous part
+/// left (client and server together keep both cores busy, and the 1-minute average lags a
+/// minute).
+async fn settle(next: &str) {
+    wait_for_load(next, 0.8, 0.8, Duration::from_secs(120)).await;
+}
 
-/// The longest pause between two rows.
-const COOL_MAX: Duration = Duration::from_secs(90);
-
-/// Before the row `next`: when the 1-minute load is above [`COOL_ABOVE`], waits (at most
-/// [`COOL_MAX`]) until it is at most [`COOL_TO`]. Nothing is measured during the wait.
+/// Before each row, handoff, peer and memory child of a part: when the 1-minute load is above
+/// 1.2, waits (at most 90 s) until it is at most 0.9. Over a long part the 1-minute average
+/// climbs toward the benchmark's own thread count; the pause keeps it from reaching the
+/// validity limit of 2.0 on the benchmark's own load, so the limit still flags other load.
 async fn cool(next: &str) {
-    let l = load1();
-    if l <= COOL_ABOVE {
-        return;
-    }
-    eprintln!("   pausing before {next} (load {l:.2})");
-    let t = Instant::now();
-    while load1() > COOL_TO && t.elapsed() < COOL_MAX {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    wait_for_load(next, 1.2, 0.9, Duration::from_secs(90)).await;
+}
+
+/// [`cool`] from synchronous code running on the runtime (peers and the memory child run
+/// through `block_in_place`).
+fn cool_blocking(next: &str) {
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::block_in_place(|| rt.block_on(cool(next)));
 }
 
 /// The 1-minute load average.
@@ -851,8 +841,7 @@ async fn ck_contenders(url: &str) -> R<Vec<Arc<dyn Contender>>> {
 }
 
 fn measure_rss(s: &mut Section, url: &str, n: usize) {
-    let rt = tokio::runtime::Handle::current();
-    tokio::task::block_in_place(|| rt.block_on(cool("the memory child")));
+    cool_blocking("the memory child");
     eprintln!(
         "   memory: {n} locks + {n} watches in a child process (load {:.2})",
         load1()
@@ -879,8 +868,7 @@ fn add_peer(
     addr: &str,
     c: Counts,
 ) {
-    let rt = tokio::runtime::Handle::current();
-    tokio::task::block_in_place(|| rt.block_on(cool(label)));
+    cool_blocking(label);
     eprintln!("   peer: {label} (load {:.2})", load1());
     let counts = (c.kv, c.lock, c.rounds, CONTENDERS);
     match tokio::task::block_in_place(|| peers::run(python, out, mode, label, addr, counts)) {
