@@ -96,11 +96,40 @@ pub fn validate_lock_name(name: &str) -> Result<()> {
 }
 
 fn validate_named(what: &str, key: &str) -> Result<()> {
+    if well_formed(key.as_bytes(), true) {
+        return Ok(());
+    }
     if key.is_empty() {
         return Err(invalid(what, key, "is empty"));
     }
     check_chars(what, key)?;
     check_segments(what, key, key.split('/'))
+}
+
+/// The grammar in one pass over the bytes, for the common case of valid input: at most
+/// [`MAX_KEY_LEN`] bytes, only allowed bytes and `/`, and no empty, `.` or `..` segment. With
+/// `last_segment` false (a prefix), the piece after the last `/` is not checked as a segment.
+/// The checks that say what is wrong run only when this returns false.
+fn well_formed(input: &[u8], last_segment: bool) -> bool {
+    if input.len() > MAX_KEY_LEN {
+        return false;
+    }
+    // The length of the current segment, and how many of its bytes are dots.
+    let (mut len, mut dots) = (0usize, 0usize);
+    for &b in input {
+        if b == b'/' {
+            if len == dots && len <= 2 {
+                return false;
+            }
+            (len, dots) = (0, 0);
+        } else if allowed(b) {
+            len += 1;
+            dots += usize::from(b == b'.');
+        } else {
+            return false;
+        }
+    }
+    !last_segment || len != dots || len > 2
 }
 
 /// Checks that `prefix` is a valid prefix: empty, or key characters without a leading `/` or
@@ -109,7 +138,7 @@ fn validate_named(what: &str, key: &str) -> Result<()> {
 /// # Errors
 /// [`ErrorKind::InvalidKey`], naming the prefix.
 pub fn validate_prefix(prefix: &str) -> Result<()> {
-    if prefix.is_empty() {
+    if well_formed(prefix.as_bytes(), false) {
         return Ok(());
     }
     check_chars("prefix", prefix)?;
@@ -155,6 +184,44 @@ mod tests {
             let e = validate_key(k).unwrap_err();
             assert_eq!(e.kind(), ErrorKind::InvalidKey, "{k:?}");
         }
+    }
+
+    /// The one-pass check gives the same verdict as the descriptive checks, on every string
+    /// of up to six characters over an alphabet that reaches each rule.
+    #[test]
+    fn the_one_pass_check_agrees_with_the_descriptive_checks() {
+        let slow_key = |k: &str| {
+            !k.is_empty()
+                && check_chars("key", k).is_ok()
+                && check_segments("key", k, k.split('/')).is_ok()
+        };
+        let slow_prefix = |p: &str| {
+            p.is_empty()
+                || (check_chars("prefix", p).is_ok()
+                    && p.rsplit_once('/').is_none_or(|(complete, _)| {
+                        check_segments("prefix", p, complete.split('/')).is_ok()
+                    }))
+        };
+        let alphabet = ['a', '.', '/', '-', ' '];
+        let mut words = vec![String::new()];
+        let mut checked = 0;
+        for _ in 0..=6 {
+            for w in &words {
+                assert_eq!(well_formed(w.as_bytes(), true), slow_key(w), "key {w:?}");
+                assert_eq!(validate_key(w).is_ok(), slow_key(w), "key {w:?}");
+                assert_eq!(validate_prefix(w).is_ok(), slow_prefix(w), "prefix {w:?}");
+                checked += 1;
+            }
+            words = words
+                .iter()
+                .flat_map(|w| alphabet.map(|c| format!("{w}{c}")))
+                .collect();
+        }
+        assert_eq!(checked, (0..=6).map(|n| 5usize.pow(n)).sum::<usize>());
+        let long = "k".repeat(MAX_KEY_LEN + 1);
+        assert!(!well_formed(long.as_bytes(), true));
+        assert!(!well_formed(long.as_bytes(), false));
+        assert!(well_formed("k".repeat(MAX_KEY_LEN).as_bytes(), true));
     }
 
     #[test]

@@ -112,10 +112,12 @@ pub trait LockHandle: Send + Sync + 'static {
     }
 
     /// Stops renewing the lease, as if the holder process were paused; the lock is then lost
-    /// once the TTL runs out. A hook for fault tests, reached through
+    /// once the TTL runs out, and `lost`, the guard's signal, must fire before that. It is
+    /// passed here for a backend that fires it from nowhere else, so that such a backend need
+    /// not keep a second handle on it. A hook for fault tests, reached through
     /// `LockGuard::suspend_keep_alive` (feature `test-hooks`); not part of the API.
     #[doc(hidden)]
-    fn suspend_keep_alive(&self);
+    fn suspend_keep_alive(&self, lost: &CancellationToken);
 
     /// Whether the backend already knows, without asking the server, that the lock may no
     /// longer be held. [`LockGuard::is_lost`] consults it; the default is `false` (the backend
@@ -217,7 +219,7 @@ impl LockGuard {
     #[cfg(feature = "test-hooks")]
     pub fn suspend_keep_alive(&self) {
         if let Some(h) = &self.handle {
-            h.suspend_keep_alive();
+            h.suspend_keep_alive(&self.lost);
         }
     }
 
@@ -286,10 +288,10 @@ impl LockHandle for Parts {
         drop(self);
     }
 
-    fn suspend_keep_alive(&self) {
+    fn suspend_keep_alive(&self, _lost: &CancellationToken) {
         for p in &self.0 {
             if let Some(h) = &p.handle {
-                h.suspend_keep_alive();
+                h.suspend_keep_alive(&p.lost);
             }
         }
     }
@@ -309,8 +311,9 @@ impl Drop for LockGuard {
                 _ => None,
             };
             h.release_detached();
+            // Without a handle the guard was released, which fired the signal already.
+            self.lost.cancel();
         }
-        self.lost.cancel();
     }
 }
 
@@ -459,7 +462,7 @@ mod tests {
             self.0.store(true, Ordering::SeqCst);
             Ok(())
         }
-        fn suspend_keep_alive(&self) {}
+        fn suspend_keep_alive(&self, _lost: &CancellationToken) {}
     }
 
     #[async_trait]

@@ -100,6 +100,13 @@ fn in_span<'a, T: Send + 'a>(span: Span, call: Call<'a, T>, done: fn(&Span, &T))
     })
 }
 
+/// Whether no `tracing` dispatcher, global or scoped, was ever set in this process. Then no
+/// span can be wanted, and a call goes straight to the backend without building one (a
+/// disabled span still costs its fields' recording when `tracing`'s `log` feature is on).
+fn untraced() -> bool {
+    !tracing::dispatcher::has_been_set()
+}
+
 /// A `done` for calls without a result summary.
 fn nothing<T>(_: &Span, _: &T) {}
 
@@ -113,6 +120,9 @@ impl<B: KvStore + ?Sized> KvStore for Traced<B> {
         'k: 'f,
         Self: 'f,
     {
+        if untraced() {
+            return self.inner.get(key, consistency);
+        }
         let span = debug_span!("coordkit.get", backend = self.backend, key, consistency = ?consistency, found = Empty, error = Empty);
         in_span(span, self.inner.get(key, consistency), |span, found| {
             span.record("found", found.is_some());
@@ -130,6 +140,9 @@ impl<B: KvStore + ?Sized> KvStore for Traced<B> {
         'k: 'f,
         Self: 'f,
     {
+        if untraced() {
+            return self.inner.put(key, value, opts);
+        }
         let span = debug_span!(
             "coordkit.put",
             backend = self.backend,
@@ -150,6 +163,9 @@ impl<B: KvStore + ?Sized> KvStore for Traced<B> {
         'k: 'f,
         Self: 'f,
     {
+        if untraced() {
+            return self.inner.delete(key);
+        }
         let span = debug_span!(
             "coordkit.delete",
             backend = self.backend,
@@ -170,6 +186,9 @@ impl<B: KvStore + ?Sized> KvStore for Traced<B> {
         'k: 'f,
         Self: 'f,
     {
+        if untraced() {
+            return self.inner.compare_and_swap(key, expect, new);
+        }
         let span = debug_span!("coordkit.cas", backend = self.backend, key, expect = ?expect, delete = new.is_none(), error = Empty);
         in_span(span, self.inner.compare_and_swap(key, expect, new), nothing)
     }
@@ -180,6 +199,9 @@ impl<B: KvStore + ?Sized> KvStore for Traced<B> {
         'p: 'f,
         Self: 'f,
     {
+        if untraced() {
+            return self.inner.list(prefix, consistency);
+        }
         let span = debug_span!("coordkit.list", backend = self.backend, prefix, consistency = ?consistency, count = Empty, error = Empty);
         in_span(
             span,
@@ -196,6 +218,9 @@ impl<B: KvStore + ?Sized> KvStore for Traced<B> {
         'p: 'f,
         Self: 'f,
     {
+        if untraced() {
+            return self.inner.watch(prefix);
+        }
         let span = debug_span!(
             "coordkit.watch",
             backend = self.backend,
@@ -219,6 +244,9 @@ impl<B: KvStore + DistLock + ?Sized> DistLock for Traced<B> {
         'o: 'f,
         Self: 'f,
     {
+        if untraced() {
+            return self.inner.lock(name, opts);
+        }
         let span = debug_span!("coordkit.lock", backend = self.backend, lock = name, ttl = ?opts.ttl, wait = ?opts.wait, token = Empty, error = Empty);
         in_span(span, self.inner.lock(name, opts), |span, g| {
             span.record("token", g.token().get());
@@ -236,6 +264,9 @@ impl<B: KvStore + DistLock + ?Sized> DistLock for Traced<B> {
         'o: 'f,
         Self: 'f,
     {
+        if untraced() {
+            return self.inner.try_lock(name, opts);
+        }
         let span = debug_span!("coordkit.try_lock", backend = self.backend, lock = name, ttl = ?opts.ttl, acquired = Empty, token = Empty, error = Empty);
         in_span(span, self.inner.try_lock(name, opts), |span, g| {
             span.record("acquired", g.is_some());

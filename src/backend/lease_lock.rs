@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use super::host_clock::HostClock;
 use crate::caps::Capabilities;
@@ -252,7 +253,7 @@ impl<R: LeaseRecords> LockHandle for Handle<R> {
             .map_err(|e| e.with_key(&self.hold.name))
     }
 
-    fn suspend_keep_alive(&self) {
+    fn suspend_keep_alive(&self, _lost: &CancellationToken) {
         self.lease.suspend();
     }
 }

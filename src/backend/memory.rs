@@ -8,7 +8,7 @@
 //! etcd's revision, so tokens are comparable across locks.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -292,7 +292,7 @@ impl MemoryStore {
 
     /// What the store supports; every argument check goes through these limits.
     fn caps() -> &'static Capabilities {
-        static CAPS: std::sync::OnceLock<Capabilities> = std::sync::OnceLock::new();
+        static CAPS: OnceLock<Capabilities> = OnceLock::new();
         CAPS.get_or_init(Self::make_caps)
     }
 
@@ -332,7 +332,6 @@ impl MemoryStore {
     }
 
     fn guard(&self, name: Arc<str>, id: u64, ttl: Duration, token: u64) -> LockGuard {
-        let lost = CancellationToken::new();
         let handle = MemoryLock {
             hold: Hold {
                 shared: Arc::downgrade(&self.shared),
@@ -340,9 +339,9 @@ impl MemoryStore {
                 id,
             },
             ttl,
-            lost: lost.clone(),
-            stopped_at: Mutex::new(None),
+            stopped_at: OnceLock::new(),
         };
+        let lost = CancellationToken::new();
         LockGuard::new(name, FencingToken::from_raw(token), lost, Box::new(handle))
     }
 }
@@ -573,9 +572,8 @@ impl Hold {
 struct MemoryLock {
     hold: Hold,
     ttl: Duration,
-    lost: CancellationToken,
     /// When renewal was stopped: the TTL runs from then.
-    stopped_at: Mutex<Option<Instant>>,
+    stopped_at: OnceLock<Instant>,
 }
 
 #[async_trait]
@@ -589,17 +587,13 @@ impl LockHandle for MemoryLock {
         self.hold.end();
     }
 
-    fn suspend_keep_alive(&self) {
+    fn suspend_keep_alive(&self, lost: &CancellationToken) {
         let now = Instant::now();
-        {
-            let mut at = self.stopped_at.lock().unwrap_or_else(|p| p.into_inner());
-            if at.is_some() {
-                return;
-            }
-            *at = Some(now);
+        if self.stopped_at.set(now).is_err() {
+            return;
         }
         // Ending a hold twice (here and by a release) is harmless: the store checks its id.
-        let (hold, ttl, lost) = (self.hold.clone(), self.ttl, self.lost.clone());
+        let (hold, ttl, lost) = (self.hold.clone(), self.ttl, lost.clone());
         tokio::spawn(async move {
             tokio::time::sleep_until(crate::lease::deadline(now, ttl)).await;
             lost.cancel();
@@ -609,8 +603,9 @@ impl LockHandle for MemoryLock {
     }
 
     fn is_lost(&self) -> bool {
-        let at = *self.stopped_at.lock().unwrap_or_else(|p| p.into_inner());
-        at.is_some_and(|at| Instant::now() >= crate::lease::deadline(at, self.ttl))
+        self.stopped_at
+            .get()
+            .is_some_and(|&at| Instant::now() >= crate::lease::deadline(at, self.ttl))
     }
 }
 

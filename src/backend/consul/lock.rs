@@ -998,7 +998,7 @@ impl LockHandle for ConsulLock {
         ConsulLock::release_held(self.store.clone(), key, self.index, place, session).await
     }
 
-    fn suspend_keep_alive(&self) {
+    fn suspend_keep_alive(&self, _lost: &CancellationToken) {
         if let Some((_, s)) = &self.held {
             s.lease.suspend();
         }

@@ -881,7 +881,7 @@ impl LockHandle for EtcdLockHandle {
         drop(self);
     }
 
-    fn suspend_keep_alive(&self) {
+    fn suspend_keep_alive(&self, _lost: &CancellationToken) {
         self.session.suspend();
     }
 }

@@ -346,7 +346,7 @@ impl LockHandle for PgLock {
         .map_err(|e| e.with_key(&self.name))
     }
 
-    fn suspend_keep_alive(&self) {
+    fn suspend_keep_alive(&self, _lost: &CancellationToken) {
         self.lease.suspend();
     }
 }

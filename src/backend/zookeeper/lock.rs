@@ -965,7 +965,7 @@ impl LockHandle for ZkLock {
         }
     }
 
-    fn suspend_keep_alive(&self) {
+    fn suspend_keep_alive(&self, _lost: &CancellationToken) {
         if self.suspended.swap(true, Ordering::SeqCst) {
             return;
         }
