@@ -26,8 +26,38 @@ use crate::error::{Error, ErrorKind, Result};
 /// The longest key, prefix or lock name, in bytes.
 pub const MAX_KEY_LEN: usize = 512;
 
+/// What a byte is to the grammar: not allowed, a segment byte other than a dot, a dot, or the
+/// separator.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Class {
+    Not,
+    Plain,
+    Dot,
+    Slash,
+}
+
+/// The [`Class`] of every byte.
+static CLASSES: [Class; 256] = classes();
+
+const fn classes() -> [Class; 256] {
+    let mut table = [Class::Not; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        table[i] = match b {
+            b'/' => Class::Slash,
+            b'.' => Class::Dot,
+            b'_' | b'-' => Class::Plain,
+            _ if b.is_ascii_alphanumeric() => Class::Plain,
+            _ => Class::Not,
+        };
+        i += 1;
+    }
+    table
+}
+
 fn allowed(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
+    matches!(CLASSES[usize::from(b)], Class::Plain | Class::Dot)
 }
 
 fn invalid(what: &str, input: &str, why: &str) -> Error {
@@ -117,16 +147,12 @@ fn well_formed(input: &[u8], last_segment: bool) -> bool {
     // The length of the current segment, and how many of its bytes are dots.
     let (mut len, mut dots) = (0usize, 0usize);
     for &b in input {
-        if b == b'/' {
-            if len == dots && len <= 2 {
-                return false;
-            }
-            (len, dots) = (0, 0);
-        } else if allowed(b) {
-            len += 1;
-            dots += usize::from(b == b'.');
-        } else {
-            return false;
+        match CLASSES[usize::from(b)] {
+            Class::Plain => len += 1,
+            Class::Dot => (len, dots) = (len + 1, dots + 1),
+            Class::Slash if len == dots && len <= 2 => return false,
+            Class::Slash => (len, dots) = (0, 0),
+            Class::Not => return false,
         }
     }
     !last_segment || len != dots || len > 2
