@@ -145,6 +145,8 @@ pub struct LockGuard {
     /// The runtime the guard was made on: a guard dropped outside any runtime releases there.
     rt: Option<tokio::runtime::Handle>,
     handle: Option<Box<dyn LockHandle>>,
+    /// Whether [`release`](Self::release) has fired `lost`, so that the drop need not again.
+    fired: bool,
 }
 
 impl fmt::Debug for LockGuard {
@@ -173,6 +175,7 @@ impl LockGuard {
             lease: None,
             rt: tokio::runtime::Handle::try_current().ok(),
             handle: Some(handle),
+            fired: false,
         }
     }
 
@@ -236,6 +239,7 @@ impl LockGuard {
             None => Ok(()),
         };
         self.lost.cancel();
+        self.fired = true;
         result?;
         if was_lost {
             return Err(Error::new(
@@ -311,7 +315,9 @@ impl Drop for LockGuard {
                 _ => None,
             };
             h.release_detached();
-            // Without a handle the guard was released, which fired the signal already.
+        }
+        // A release whose future was dropped before the backend answered did not fire it.
+        if !self.fired {
             self.lost.cancel();
         }
     }
@@ -455,6 +461,37 @@ mod tests {
     }
 
     struct Handle(Arc<AtomicBool>);
+
+    /// A handle whose release never completes.
+    struct Stuck;
+
+    #[async_trait]
+    impl LockHandle for Stuck {
+        async fn release(self: Box<Self>) -> Result<()> {
+            futures::future::pending().await
+        }
+        fn suspend_keep_alive(&self, _lost: &CancellationToken) {}
+    }
+
+    /// `lost()` resolves once the guard is gone, also when its release was abandoned before the
+    /// backend answered (a release under a timeout).
+    #[tokio::test]
+    async fn an_abandoned_release_still_fires_lost() {
+        let guard = LockGuard::new(
+            "l",
+            FencingToken::from_raw(1),
+            CancellationToken::new(),
+            Box::new(Stuck),
+        );
+        let lost = guard.lost();
+        let released = tokio::time::timeout(Duration::from_millis(20), guard.release()).await;
+        assert!(released.is_err(), "the stuck release completed");
+        let fired = tokio::time::timeout(Duration::from_secs(5), lost).await;
+        assert!(
+            fired.is_ok(),
+            "lost() did not resolve after the guard was dropped"
+        );
+    }
 
     #[async_trait]
     impl LockHandle for Handle {
