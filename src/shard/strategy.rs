@@ -502,16 +502,27 @@ impl Jump {
     }
 }
 
-/// The jump consistent hash of `key` over `buckets` buckets (the published algorithm).
+/// The jump consistent hash of `key` over `buckets` buckets (the published algorithm), for
+/// `buckets` from 1 to 2^31 as [`Jump::new`] allows.
+///
+/// The result is the published loop's, bit for bit; the steps are arranged so that the loop's
+/// exit is decided before the float-to-integer conversion. Each candidate bucket
+/// `(b + 1) * (2^31 / ((key >> 33) + 1))` is compared with `buckets` as a float (for a
+/// non-negative number and a whole one, truncating first does not change the comparison) and
+/// truncated only when it is below `buckets`.
 pub fn jump_hash(mut key: u64, buckets: usize) -> usize {
-    let mut b: i64 = -1;
-    let mut j: i64 = 0;
-    while j < buckets as i64 {
-        b = j;
+    let n = buckets as i64 as f64;
+    // The bucket most recently jumped to; 0 is always below `buckets` (at least 1).
+    let mut b: i64 = 0;
+    loop {
         key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
-        j = (((b + 1) as f64) * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+        let next = ((b + 1) as f64) * ((1i64 << 31) as f64 / ((key >> 33) as i64 + 1) as f64);
+        if !(next < n) {
+            return b as usize;
+        }
+        // `next` is finite and in [1, buckets), so the conversion is exact truncation.
+        b = next as i64;
     }
-    b.max(0) as usize
 }
 
 impl HashStrategy for Jump {
@@ -553,6 +564,43 @@ mod tests {
             let d = md5(key.as_bytes());
             let want = u64::from_be_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
             assert_eq!(key_hash(&key), want, "length {len}");
+        }
+    }
+
+    /// The loop exactly as Lamping and Veach published it.
+    fn published_jump(mut key: u64, buckets: usize) -> usize {
+        let mut b: i64 = -1;
+        let mut j: i64 = 0;
+        while j < buckets as i64 {
+            b = j;
+            key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
+            j = (((b + 1) as f64) * ((1u64 << 31) as f64 / ((key >> 33) + 1) as f64)) as i64;
+        }
+        b.max(0) as usize
+    }
+
+    #[test]
+    fn jump_hash_agrees_with_the_published_loop() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut hashes: Vec<u64> = (0..2_000)
+            .map(|_| {
+                // xorshift64: spread hashes, repeatable.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            })
+            .collect();
+        hashes.extend([0, 1, u64::MAX, 1 << 33, (1 << 33) - 1]);
+        let counts = (1..=300).chain([1000, 4096, 65_536, 1 << 20, (1 << 31) - 1, 1 << 31]);
+        for n in counts {
+            for &h in &hashes {
+                assert_eq!(
+                    jump_hash(h, n),
+                    published_jump(h, n),
+                    "hash {h:#x}, {n} buckets"
+                );
+            }
         }
     }
 
