@@ -517,7 +517,7 @@ pub fn jump_hash(mut key: u64, buckets: usize) -> usize {
     loop {
         key = key.wrapping_mul(2_862_933_555_777_941_757).wrapping_add(1);
         let next = ((b + 1) as f64) * ((1i64 << 31) as f64 / ((key >> 33) as i64 + 1) as f64);
-        if !(next < n) {
+        if next >= n {
             return b as usize;
         }
         // `next` is finite and in [1, buckets), so the conversion is exact truncation.
